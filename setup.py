@@ -1,0 +1,33 @@
+"""vlm_dist: train multi-image vision-language models (Qwen3 + SigLIP) with DeepSpeed."""
+from setuptools import find_packages, setup
+
+setup(
+    name="vlm_dist",
+    version="0.1.0",
+    description="DeepSpeed training system for multi-image VLMs: Qwen3 + frozen SigLIP + Perceiver resampler",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vlm_dist", "vlm_dist.*", "preprocess", "preprocess.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.56",   # Qwen3 (>=4.51) and packed-sequence masks from position_ids
+        "peft>=0.14",
+        "bitsandbytes>=0.45",
+        "pyarrow>=16",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "pytest>=8",
+    ],
+    extras_require={"mpi": ["mpi4py>=3.1"]},
+    entry_points={
+        "console_scripts": [
+            "vlm-cache=preprocess.cache_cli:main",
+            "vlm-convert=preprocess.convert:main",
+            "vlm-generate=vlm_dist.generate_cli:main",
+            "vlm-eval=vlm_dist.eval_cli:main",
+        ]
+    },
+)

@@ -1,0 +1,91 @@
+"""The sample contract: one JSON record per line.
+
+    {"id": str, "images": [image keys], "conversations": [{"role": ..., "content": ...}]}
+
+The k-th `<image>` across the conversation is `images[k]`. `validate_record`
+raises `RecordError` naming the record id and the rule broken; `read_records`
+validates every line of a JSONL file and names the file and line on error.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A record breaks the sample contract. The message names the record and the rule."""
+
+
+def count_placeholders(record: dict, placeholder: str = IMAGE_PLACEHOLDER) -> int:
+    return sum(turn["content"].count(placeholder) for turn in record["conversations"])
+
+
+def validate_record(record, where: str = "") -> dict:
+    """Check one record against the contract; return it unchanged or raise RecordError."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    name = f"record {rid!r}" + (f" ({where})" if where else "")
+
+    def fail(rule: str):
+        raise RecordError(f"{name}: {rule}")
+
+    if not isinstance(record, dict):
+        fail(f"must be a JSON object, got {type(record).__name__}")
+    if not isinstance(rid, str) or not rid:
+        fail("'id' must be a non-empty string")
+    images = record.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(k, str) and k for k in images):
+        fail("'images' must be a list of non-empty strings (image keys)")
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        fail("'conversations' must be a non-empty list of {role, content} turns")
+    for i, turn in enumerate(convs):
+        if not isinstance(turn, dict) or set(turn) - {"role", "content"} or "role" not in turn \
+                or "content" not in turn:
+            fail(f"turn {i} must be an object with exactly 'role' and 'content'")
+        if turn["role"] not in ROLES:
+            fail(f"turn {i} has unknown role {turn['role']!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(turn["content"], str):
+            fail(f"turn {i} content must be a string, got {type(turn['content']).__name__}")
+        if not turn["content"].strip():
+            fail(f"turn {i} ({turn['role']}) has empty content")
+        if turn["role"] == "system" and i != 0:
+            fail(f"turn {i}: a system turn may only come first")
+    if not any(t["role"] == "assistant" for t in convs):
+        fail("no assistant turn: nothing would be supervised")
+    if any(IMAGE_PLACEHOLDER in t["content"] for t in convs if t["role"] == "assistant"):
+        fail(f"an assistant turn contains {IMAGE_PLACEHOLDER}: images are inputs, not targets")
+    n = count_placeholders(record)
+    if n != len(images):
+        fail(f"has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
+    return record
+
+
+def read_records(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield validated records from a JSONL file; errors name the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
+            yield validate_record(record, where)
+
+
+def write_records(path: str | os.PathLike, records) -> int:
+    """Write records as JSONL (validated, deterministic key order); return the count."""
+    n = 0
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            validate_record(r)
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n

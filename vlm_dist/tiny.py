@@ -1,0 +1,123 @@
+"""Tiny stand-ins for Qwen3, SigLIP and the Qwen3 tokenizer, built locally.
+
+Tests and the demo use them so nothing is downloaded. Each is written with
+`save_pretrained` and read back through the same `from_pretrained` path as the
+real checkpoints, so the code under test cannot tell the difference.
+
+    from vlm_dist.tiny import build_tiny_models
+    paths = build_tiny_models("/tmp/tiny")   # {"llm": ..., "vision": ..., "tokenizer": ...}
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# Qwen3's added tokens, in Qwen3's order. The real ids start at 151643; ours
+# follow the tiny vocabulary. Code must look tokens up by string, never by id.
+QWEN3_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+QWEN3_NORMAL_ADDED = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
+
+_CORPUS = """\
+A photo of a red circle on the left. A blue square at the top right of the image.
+A green triangle in the center. A yellow star near the bottom. Describe the image in one sentence.
+Describe each image in order. Image 1: a small purple circle. Image 2: an orange square.
+Which image shows the red square? The first image. The second image. The third image.
+Question answer user assistant system the a an of in on at to is are and with what where
+color shape position left right top bottom center middle large small big tiny picture
+The quick brown fox jumps over the lazy dog. Hello world. Yes. No. True. False.
+0 1 2 3 4 5 6 7 8 9 one two three four five six seven eight nine ten
+"""
+
+
+def build_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512):
+    """A byte-level BPE tokenizer carrying Qwen3's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN3_SPECIAL_TOKENS[1:],
+        model_max_length=32768,
+    )
+    hf.add_tokens(QWEN3_NORMAL_ADDED)
+    hf.save_pretrained(str(out_dir))
+    return hf
+
+
+def build_tiny_qwen3(out_dir: str | os.PathLike, vocab_size: int, hidden_size: int = 64,
+                     num_layers: int = 2, seed: int = 0):
+    """A randomly initialised Qwen3ForCausalLM with Qwen3-8B's shape ratios."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 3,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=hidden_size // 4, max_position_embeddings=4096, tie_word_embeddings=False,
+        rope_theta=1_000_000.0,
+    )
+    model = Qwen3ForCausalLM(config)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return model
+
+
+def build_tiny_siglip(out_dir: str | os.PathLike, image_size: int = 32, patch_size: int = 8,
+                      hidden_size: int = 32, num_layers: int = 3, seed: int = 0):
+    """A full SiglipModel (vision + text, as the hub checkpoints are) with its image processor."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(seed)
+    config = SiglipConfig(
+        vision_config=dict(
+            image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+            num_attention_heads=2,
+        ),
+        text_config=dict(
+            vocab_size=64, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+            pad_token_id=1, bos_token_id=2, eos_token_id=3,
+        ),
+    )
+    model = SiglipModel(config)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    processor = SiglipImageProcessor(
+        size={"height": image_size, "width": image_size}, resample=3,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    processor.save_pretrained(str(out_dir))
+    return model
+
+
+def build_tiny_models(root: str | os.PathLike, llm_hidden: int = 64, llm_layers: int = 2,
+                      seed: int = 0) -> dict[str, str]:
+    """Build tokenizer + tiny Qwen3 (in one directory, like a hub repo) and tiny SigLIP.
+
+    Idempotent: an existing complete build is reused.
+    """
+    root = Path(root)
+    llm_dir, vision_dir = root / "qwen3-tiny", root / "siglip-tiny"
+    done = root / "BUILT.json"
+    if not done.exists():
+        tok = build_tiny_tokenizer(llm_dir)
+        build_tiny_qwen3(llm_dir, vocab_size=len(tok), hidden_size=llm_hidden,
+                         num_layers=llm_layers, seed=seed)
+        build_tiny_siglip(vision_dir, seed=seed)
+        done.write_text(json.dumps({"llm": str(llm_dir), "vision": str(vision_dir)}))
+    return {"llm": str(llm_dir), "vision": str(vision_dir), "tokenizer": str(llm_dir)}
