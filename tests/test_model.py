@@ -1,0 +1,156 @@
+"""The VLM: splice, connector, gradients, trainable sets, generation, connector export."""
+import pytest
+import torch
+
+from vlm_dist.model.build import (build_vlm, load_connectors, load_llm, save_connectors, set_trainable,
+                                  trainable_table)
+from vlm_dist.model.connector import Connector
+from vlm_dist.model.vlm import SpliceError
+from vlm_dist.prompt import IGNORE, PromptEncoder
+
+N, P, DV = 4, 16, 32
+
+
+def make_vlm(tiny_models, tokenizer, mode="frozen", **conn):
+    torch.manual_seed(0)
+    llm = load_llm(tiny_models["llm"], mode, dtype=torch.float32)
+    vlm = build_vlm(llm, tokenizer, vision_dim=DV, num_patches=P,
+                    connector=dict(num_latents=N, depth=1, heads=4, **conn), dtype=torch.float32)
+    set_trainable(vlm, mode)
+    return vlm
+
+
+def batch_for(tokenizer, record, feats, template="plain"):
+    s = PromptEncoder(tokenizer, template, N).encode(record)
+    ids, lab = torch.tensor([s.input_ids]), torch.tensor([s.labels])
+    tgt = torch.full_like(lab, IGNORE)
+    tgt[:, :-1] = lab[:, 1:]
+    media = {"image": {"features": feats, "counts": torch.tensor([feats.shape[0]])}}
+    return dict(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], targets=tgt, media=media,
+                sample_ids=[[record["id"]]])
+
+
+def two_image_record():
+    return {"id": "two", "images": ["a", "b"], "conversations": [
+        {"role": "user", "content": "<image> and <image>\nDescribe each image in order."},
+        {"role": "assistant", "content": "Image 1: red. Image 2: blue."}]}
+
+
+def test_connector_shapes():
+    x = torch.randn(3, P, DV)
+    assert Connector(DV, 64, num_latents=N, depth=2, heads=4)(x).shape == (3, N, 64)
+    mlp = Connector(DV, 64, kind="mlp")
+    assert mlp(x).shape == (3, P, 64) and mlp.num_tokens(P) == P
+    with pytest.raises(ValueError, match="not divisible"):
+        Connector(DV, 64, heads=5)
+
+
+def test_swapping_images_swaps_exactly_their_blocks(tiny_models, tokenizer):
+    vlm = make_vlm(tiny_models, tokenizer)
+    feats = torch.randn(2, P, DV)
+    b = batch_for(tokenizer, two_image_record(), feats)
+    e1 = vlm.embed(b["input_ids"], b["media"])[0]
+    b["media"]["image"]["features"] = feats.flip(0)
+    e2 = vlm.embed(b["input_ids"], b["media"])[0]
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    slots = (b["input_ids"][0] == pad).nonzero().squeeze(1)
+    blk1, blk2 = slots[:N], slots[N:]
+    assert torch.equal(e1[blk1], e2[blk2]) and torch.equal(e1[blk2], e2[blk1])
+    assert not torch.equal(e1[blk1], e1[blk2])
+    other = torch.ones(e1.shape[0], dtype=torch.bool)
+    other[slots] = False
+    assert torch.equal(e1[other], e2[other])  # text rows untouched
+    # the k-th block holds exactly connector(features[k])
+    tokens = vlm.connectors["image"](feats)
+    torch.testing.assert_close(e1[blk1], tokens[0])
+    torch.testing.assert_close(e1[blk2], tokens[1])
+
+
+def test_slot_image_mismatch_names_the_sample(tiny_models, tokenizer):
+    vlm = make_vlm(tiny_models, tokenizer)
+    b = batch_for(tokenizer, two_image_record(), torch.randn(2, P, DV))
+    b["media"] = {"image": {"features": torch.randn(1, P, DV), "counts": torch.tensor([1])}}
+    with pytest.raises(SpliceError, match=r"\['two'\].*8 image slots.*1 image"):
+        vlm(**b)
+    b["media"] = {"image": {"features": torch.randn(3, P, DV), "counts": torch.tensor([3])}}
+    with pytest.raises(SpliceError, match="two"):
+        vlm(**b)
+
+
+def test_frozen_llm_only_connector_gets_gradients(tiny_models, tokenizer):
+    vlm = make_vlm(tiny_models, tokenizer, "frozen")
+    b = batch_for(tokenizer, two_image_record(), torch.randn(2, P, DV))
+    out = vlm(**b)
+    assert out["num_supervised"] == b["targets"].ne(IGNORE).sum().item()
+    out["loss_sum"].backward()
+    with_grad = {n for n, p in vlm.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, _ in vlm.named_parameters() if n.startswith("connectors.")}
+    assert all(vlm.get_parameter(n).grad.abs().sum() > 0 for n in with_grad
+               if "latents" in n or "projector" in n)
+
+
+def test_gradient_checkpointing_with_frozen_llm_reaches_connector(tiny_models, tokenizer):
+    torch.manual_seed(0)
+    llm = load_llm(tiny_models["llm"], "frozen", dtype=torch.float32, gradient_checkpointing=True)
+    vlm = build_vlm(llm, tokenizer, DV, P, dict(num_latents=N, depth=1, heads=4), dtype=torch.float32)
+    set_trainable(vlm, "frozen")
+    vlm.train()
+    vlm(**batch_for(tokenizer, two_image_record(), torch.randn(2, P, DV)))["loss_sum"].backward()
+    assert vlm.connectors["image"].projector[0].weight.grad.abs().sum() > 0
+
+
+def test_text_only_batch_still_runs_the_connector(tiny_models, tokenizer):
+    vlm = make_vlm(tiny_models, tokenizer)
+    r = {"id": "t", "images": [], "conversations": [{"role": "user", "content": "Hi"},
+                                                      {"role": "assistant", "content": "Hello there."}]}
+    b = batch_for(tokenizer, r, torch.zeros(0, P, DV))
+    vlm(**b)["loss_sum"].backward()
+    # every connector parameter took part (zero gradient), as ZeRO-3 needs on every rank
+    grads = [p.grad for p in vlm.connectors.parameters()]
+    assert all(g is not None for g in grads) and all(g.abs().sum() == 0 for g in grads)
+
+
+@pytest.mark.parametrize("mode,expect", [
+    ("frozen", lambda n: n.startswith("connectors.")),
+    ("lora", lambda n: n.startswith("connectors.") or ("lora_A" in n or "lora_B" in n)),
+    ("qlora", lambda n: n.startswith("connectors.") or ("lora_A" in n or "lora_B" in n)),
+    ("full", lambda n: True),
+])
+def test_exact_trainable_set_per_mode(tiny_models, tokenizer, mode, expect):
+    vlm = make_vlm(tiny_models, tokenizer, mode)
+    names = [n for n, _ in vlm.named_parameters()]
+    trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in names if expect(n)}
+    if mode in ("lora", "qlora"):
+        layers = vlm.llm.get_base_model().config.num_hidden_layers
+        assert len([n for n in trainable if "lora_A" in n]) == 7 * layers  # q k v o gate up down
+    table = trainable_table(vlm)
+    assert "connectors.image.projector" in table and "trainable" in table
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 3])
+@pytest.mark.parametrize("template", ["plain", "chatml"])
+def test_generation_with_0_1_3_images(tiny_models, tokenizer, n_images, template):
+    vlm = make_vlm(tiny_models, tokenizer).eval()
+    enc = PromptEncoder(tokenizer, template, N)
+    ids, counts = enc.encode_prompt([{"role": "user", "content": "<image> " * n_images + "What?"}])
+    assert counts["image"] == n_images
+    media = {"image": {"features": torch.randn(n_images, P, DV), "counts": torch.tensor([n_images])}}
+    greedy = [vlm.generate(torch.tensor([ids]), media, max_new_tokens=6) for _ in range(2)]
+    assert greedy[0].shape == (1, 6) and torch.equal(greedy[0], greedy[1])
+    sampled = vlm.generate(torch.tensor([ids]), media, max_new_tokens=6, do_sample=True,
+                           temperature=1.0, top_p=0.9, seed=1)
+    assert sampled.shape[1] <= 6
+    assert isinstance(tokenizer.decode(greedy[0][0]), str)
+
+
+def test_connector_export_round_trip(tiny_models, tokenizer, tmp_path):
+    vlm = make_vlm(tiny_models, tokenizer)
+    save_connectors(vlm, tmp_path)
+    fresh = make_vlm(tiny_models, tokenizer)
+    with torch.no_grad():
+        for p in fresh.connectors.parameters():
+            p.add_(1.0)
+    load_connectors(fresh, tmp_path)
+    b = batch_for(tokenizer, two_image_record(), torch.randn(2, P, DV))
+    torch.testing.assert_close(vlm(**b)["loss_sum"], fresh(**b)["loss_sum"], rtol=0, atol=0)

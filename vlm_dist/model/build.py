@@ -1,0 +1,153 @@
+"""Building the VLM: load Qwen3 in a mode, attach connectors, decide what trains.
+
+LLM modes:
+- frozen: no LLM weight trains (stage 1).
+- lora:   PEFT LoRA adapters on the attention and MLP projections.
+- qlora:  NF4 4-bit base weights (double quantisation, bf16 compute, storage in
+          bf16 so ZeRO-3 can partition them) + LoRA adapters.
+- full:   every LLM weight trains.
+
+`set_trainable` is the one place that decides the trainable set;
+`trainable_table` prints it at start.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlm_dist.model.connector import Connector
+from vlm_dist.model.vlm import VisionLanguageModel, media_pad_ids, unwrap_llm
+
+LLM_MODES = ("frozen", "lora", "qlora", "full")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONNECTOR_FILE, CONNECTOR_CONFIG = "connector.safetensors", "connector_config.json"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+def load_llm(name_or_path: str, mode: str = "frozen", dtype: torch.dtype = torch.bfloat16,
+             attn_implementation: str = "sdpa", lora: LoraSettings | None = None,
+             adapter: str | None = None, gradient_checkpointing: bool = False) -> nn.Module:
+    """Qwen3 causal LM in the given mode; `adapter` resumes LoRA weights from a PEFT directory."""
+    from transformers import AutoModelForCausalLM
+
+    if mode not in LLM_MODES:
+        raise ValueError(f"model.llm_mode must be one of {LLM_MODES}, got {mode!r}")
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    if mode == "qlora":
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    llm = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    llm.config.use_cache = False
+    if gradient_checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode in ("lora", "qlora"):
+        from peft import LoraConfig, PeftModel, get_peft_model
+        if adapter is not None:
+            llm = PeftModel.from_pretrained(llm, adapter, is_trainable=True)
+        else:
+            lora = lora or LoraSettings()
+            llm = get_peft_model(llm, LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM"))
+    return llm
+
+
+def build_vlm(llm: nn.Module, tokenizer, vision_dim: int, num_patches: int,
+              connector: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> VisionLanguageModel:
+    """Attach a fresh image connector (kwargs of Connector) to a loaded LLM."""
+    llm_dim = unwrap_llm(llm).config.hidden_size
+    conn = Connector(vision_dim=vision_dim, llm_dim=llm_dim, **(connector or {})).to(dtype)
+    return VisionLanguageModel(llm, {"image": conn}, media_pad_ids(tokenizer),
+                               {"image": conn.num_tokens(num_patches)})
+
+
+def set_trainable(vlm: VisionLanguageModel, llm_mode: str, train_connector: bool = True) -> None:
+    """The one place that decides which parameters train."""
+    if llm_mode not in LLM_MODES:
+        raise ValueError(f"model.llm_mode must be one of {LLM_MODES}, got {llm_mode!r}")
+    for p in vlm.connectors.parameters():
+        p.requires_grad_(train_connector)
+    for name, p in vlm.llm.named_parameters():
+        if llm_mode == "full":
+            p.requires_grad_(p.is_floating_point())
+        elif llm_mode in ("lora", "qlora"):
+            p.requires_grad_("lora_" in name)
+        else:
+            p.requires_grad_(False)
+
+
+def trainable_table(vlm: nn.Module) -> str:
+    """Module | parameters | trainable, grouped at a readable depth."""
+    rows: dict[str, list[int]] = {}
+    for name, p in vlm.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "connectors":
+            key = ".".join(parts[:3])
+        else:
+            key = "llm.lora" if "lora_" in name else "llm." + ("lm_head" if "lm_head" in name else
+                                                              "embed_tokens" if "embed_tokens" in name
+                                                              else "layers" if ".layers." in name else "norm")
+        n = _numel(p)
+        r = rows.setdefault(key, [0, 0])
+        r[0] += n
+        r[1] += n if p.requires_grad else 0
+    width = max(len(k) for k in rows) + 2
+    lines = [f"{'module':<{width}}{'parameters':>16}{'trainable':>16}"]
+    for k, (n, t) in rows.items():
+        lines.append(f"{k:<{width}}{n:>16,}{t:>16,}")
+    tot, tr = sum(r[0] for r in rows.values()), sum(r[1] for r in rows.values())
+    lines.append(f"{'total':<{width}}{tot:>16,}{tr:>16,}  ({100 * tr / max(tot, 1):.3f}% trainable)")
+    return "\n".join(lines)
+
+
+def _numel(p: torch.Tensor) -> int:
+    # ZeRO-3 partitions parameters (ds_numel is the full size); bitsandbytes packs
+    # 4-bit weights two to a byte (quant_state.shape is the logical shape)
+    if hasattr(p, "ds_numel"):
+        return p.ds_numel
+    quant_state = getattr(p, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else p.numel()
+
+
+# -- export / import of the trainable connector --------------------------------
+def save_connectors(vlm: VisionLanguageModel, out_dir: str | Path, state: dict | None = None) -> None:
+    """Write connector.safetensors (+ its config). `state` overrides (e.g. ZeRO-3 gathered)."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        state = {k: v for k, v in vlm.connectors.state_dict().items()}
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / CONNECTOR_FILE))
+    cfg = {name: dict(c.config, num_tokens=vlm.num_tokens[name]) for name, c in vlm.connectors.items()}
+    (out / CONNECTOR_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def load_connectors(vlm: VisionLanguageModel, export_dir: str | Path) -> None:
+    """Load connector weights written by save_connectors; shapes must match exactly."""
+    from safetensors.torch import load_file
+    path = Path(export_dir) / CONNECTOR_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {CONNECTOR_FILE} in {export_dir} (expected a vlm_dist export)")
+    state = load_file(str(path))
+    missing, unexpected = vlm.connectors.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: connector weights do not match the configured connector "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def read_connector_config(export_dir: str | Path) -> dict:
+    return json.loads((Path(export_dir) / CONNECTOR_CONFIG).read_text())
+
