@@ -1,0 +1,109 @@
+"""Decode any common image file into an upright 8-bit RGB PIL image, or say why not.
+
+    from vlm_dist.images import load_image, ImageError
+    img = load_image("photo.jpg")          # or load_image(raw_bytes)
+
+Every mode comes out as RGB: alpha (RGBA, LA, P with transparency) is
+composited on white, CMYK and palette images are converted, 16-bit and 32-bit
+integer greyscale is scaled down to 8 bits, and the EXIF orientation tag is
+applied. Files that cannot be decoded (zero-byte, truncated, not an image,
+more pixels than `max_pixels`) raise `ImageError(path, reason)`; the feature
+cache lists them in failures.jsonl instead of stopping.
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# PIL's own default limit (about 89.5M pixels, 1/4 GiB of 24-bit pixels).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# What PIL raises on malformed input: it has no common base class for decode
+# errors, so the ones seen in practice are named here.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError,
+                  TypeError, KeyError, ZeroDivisionError, Image.DecompressionBombError,
+                  Image.DecompressionBombWarning)
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used. `path` names it, `reason` says why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def load_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+               name: str | None = None) -> Image.Image:
+    """Decode a file path or raw bytes into an upright RGB image.
+
+    `name` is what errors call the image (defaults to the path, or "<bytes>").
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, where = bytes(source), name or "<bytes>"
+    else:
+        where = name or os.fspath(source)
+        try:
+            with open(source, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ImageError(where, f"unreadable file ({e.strerror or e})") from e
+    if not data:
+        raise ImageError(where, "zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            # A bomb over PIL's limit is only a warning in PIL; here it is an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(where, f"decompression bomb: {w}x{h} = {w * h} pixels "
+                                        f"exceeds the limit of {max_pixels}")
+            img.load()                       # decode now so truncation is caught here
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError as e:
+        raise ImageError(where, "not an image (format not recognised)") from e
+    except _DECODE_ERRORS as e:
+        raise ImageError(where, f"cannot decode: {type(e).__name__}: {e}") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert an image of any PIL mode to 8-bit RGB (alpha composited on white)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        img = Image.fromarray(_to_uint8(np.asarray(img), sixteen_bit=img.mode.startswith("I;16")))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode == "1":
+        img = img.convert("L")
+    return img.convert("RGB")
+
+
+def _to_uint8(arr: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """Scale high-bit-depth greyscale to 0..255.
+
+    16-bit modes use the full 0..65535 range; 32-bit integer images (how some
+    16-bit files open) are treated as 16-bit when any value exceeds 255;
+    float images are taken as 0..1 when they fit in it, else as 0..255.
+    """
+    if arr.dtype.kind == "f":
+        scale = 255.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 1.0
+        out = np.nan_to_num(arr.astype(np.float64)) * scale
+    else:
+        sixteen_bit = sixteen_bit or int(arr.max(initial=0)) > 255
+        out = arr.astype(np.float64) / (257.0 if sixteen_bit else 1.0)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

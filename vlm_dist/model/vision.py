@@ -1,0 +1,215 @@
+"""The frozen vision tower: SigLIP / SigLIP2 patch features of one hidden layer.
+
+    tower = VisionTower.from_pretrained("google/siglip-so400m-patch14-384")   # or a local dir
+    feats = tower(tower.preprocess([img1, img2]))                              # (B, P, D)
+
+Loads only the vision half of a full SiglipModel / Siglip2Model checkpoint
+(a vision-only checkpoint loads too), frozen and in eval mode. The output is
+`hidden_states[feature_layer]` (default -2, the penultimate layer, as LLaVA
+does); the pooling head and the layers above the chosen one are dropped, so
+they cost nothing. Preprocessing is the checkpoint's own image processor.
+
+The feature cache (`vlm-cache build`) encodes with this class, and generation
+encodes online with it: the same preprocessing, dtype and pooling give the
+same features, and `fingerprint()` is what a cache is checked against.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_VISION_MODEL = "google/siglip-so400m-patch14-384"
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """SHA-256 over every tensor of the state dict (name, dtype, shape, raw bytes), by name."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{dtype_name(t.dtype)}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def pool_patches(features: torch.Tensor, pool: int) -> torch.Tensor:
+    """Average-pool a square patch grid `pool` x `pool`: (B, S*S, D) -> (B, ceil(S/pool)^2, D).
+
+    An odd grid keeps its last row and column (27x27 -> 14x14), averaged over
+    the patches that exist.
+    """
+    if pool == 1:
+        return features
+    b, p, d = features.shape
+    side = math.isqrt(p)
+    if side * side != p:
+        raise ValueError(f"pooling needs a square patch grid, got {p} patches")
+    grid = features.float().transpose(1, 2).reshape(b, d, side, side)           # (B, D, S, S)
+    pooled = F.avg_pool2d(grid, pool, stride=pool, ceil_mode=True)              # (B, D, S', S')
+    return pooled.flatten(2).transpose(1, 2).to(features.dtype)                 # (B, S'^2, D)
+
+
+def pooled_side(side: int, pool: int) -> int:
+    return -(-side // pool)
+
+
+class VisionTower(nn.Module):
+    """A frozen SigLIP or SigLIP2 vision encoder returning patch features of one layer."""
+
+    def __init__(self, model: nn.Module, processor, name_or_path: str, feature_layer: int,
+                 layer_index: int, dtype: torch.dtype, weights_hash: str):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.name_or_path = name_or_path
+        self.feature_layer = feature_layer
+        self.layer_index = layer_index           # index into hidden_states (0 = embeddings)
+        self.dtype = dtype
+        self.weights_hash = weights_hash
+        self.is_naflex = model.config.model_type == "siglip2_vision_model"
+        self.train(False)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_VISION_MODEL, feature_layer: int = -2,
+                        dtype: str | torch.dtype = torch.bfloat16,
+                        device: str | torch.device = "cpu") -> "VisionTower":
+        from transformers import (AutoConfig, AutoImageProcessor, Siglip2VisionModel,
+                                  SiglipVisionModel)
+        from transformers.utils import logging as hf_logging
+
+        dtype = resolve_dtype(dtype)
+        model_type = AutoConfig.from_pretrained(name_or_path).model_type
+        if model_type in ("siglip", "siglip_vision_model"):
+            model_cls = SiglipVisionModel
+        elif model_type in ("siglip2", "siglip2_vision_model"):
+            model_cls = Siglip2VisionModel
+        else:
+            raise ValueError(f"vision model {name_or_path!r} has model_type {model_type!r}; "
+                             "VisionTower supports SigLIP (siglip) and SigLIP2 (siglip2)")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()   # a full checkpoint's text weights are "unexpected": expected
+        try:
+            model = model_cls.from_pretrained(name_or_path, dtype=dtype)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+
+        num_layers = model.config.num_hidden_layers
+        index = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+        if not 0 <= index <= num_layers:
+            raise ValueError(f"feature_layer={feature_layer} is out of range for {name_or_path!r}, "
+                             f"which has {num_layers} layers (hidden_states has {num_layers + 1})")
+        weights_hash = weights_sha256(model)     # over the weights as loaded, before trimming
+        model.encoder.layers = model.encoder.layers[:index]     # layers above are never used
+        model.head = None
+        model.use_head = False
+        model.requires_grad_(False)
+        model.eval()
+        return cls(model, processor, str(name_or_path), feature_layer, index, dtype,
+                   weights_hash).to(device)
+
+    def train(self, mode: bool = True) -> "VisionTower":
+        """The tower is frozen: it stays in eval mode whatever its parent does."""
+        return super().train(False)
+
+    # -- shapes ---------------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def image_size(self) -> int | None:
+        """Input side in pixels (None for SigLIP2 NaFlex, which keeps the aspect ratio)."""
+        return None if self.is_naflex else self.model.config.image_size
+
+    @property
+    def num_patches(self) -> int:
+        if self.is_naflex:
+            return int(self.processor.max_num_patches)
+        return (self.model.config.image_size // self.model.config.patch_size) ** 2
+
+    def feature_shape(self, pool: int = 1) -> tuple[int, int]:
+        """(patches, dim) of one image's features after `pool` x `pool` average pooling."""
+        if pool == 1:
+            return (self.num_patches, self.hidden_size)
+        if self.is_naflex:
+            raise ValueError("patch pooling needs a fixed square grid; SigLIP2 NaFlex has none")
+        side = math.isqrt(self.num_patches)
+        return (pooled_side(side, pool) ** 2, self.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- preprocessing and forward ---------------------------------------------------------------
+    def preprocess(self, images: Sequence) -> torch.Tensor | dict[str, torch.Tensor]:
+        """RGB PIL images -> the processor's pixel tensor (B, 3, H, W), float32 on the CPU.
+
+        SigLIP2 NaFlex returns a dict (pixel_values, pixel_attention_mask,
+        spatial_shapes) instead; `forward` takes either.
+        """
+        out = self.processor(images=list(images), return_tensors="pt")
+        if self.is_naflex:
+            return {k: out[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+        return out["pixel_values"]
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor | Mapping[str, torch.Tensor],
+                pool: int = 1) -> torch.Tensor:
+        """Patch features (B, P, D) in the tower's dtype; `pool` > 1 average-pools the grid."""
+        device = self.device
+        if self.is_naflex:
+            inputs = {k: v.to(device, non_blocking=True) for k, v in pixel_values.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            out = self.model(**inputs, output_hidden_states=True)
+            feats = out.hidden_states[self.layer_index]                             # (B, P, D)
+            feats = feats * inputs["pixel_attention_mask"].unsqueeze(-1).to(feats.dtype)
+        else:
+            pixels = pixel_values.to(device, non_blocking=True).to(self.dtype)
+            out = self.model(pixels, output_hidden_states=True)
+            feats = out.hidden_states[self.layer_index]                             # (B, P, D)
+        if pool != 1:
+            self.feature_shape(pool)           # raises for NaFlex
+            feats = pool_patches(feats, pool)
+        return feats
+
+    # -- identity --------------------------------------------------------------------------------
+    def preprocessing_params(self) -> dict:
+        params = json.loads(self.processor.to_json_string())
+        params["processor_class"] = type(self.processor).__name__   # PIL vs torchvision backends differ
+        return params
+
+    def fingerprint(self, pool: int = 1) -> dict:
+        """What a feature cache must match: same weights, layer, dtype, shape and preprocessing."""
+        return {
+            "model": self.name_or_path,
+            "model_type": self.model.config.model_type,
+            "weights_sha256": self.weights_hash,
+            "image_size": self.image_size,
+            "patch_size": self.model.config.patch_size,
+            "feature_layer": self.layer_index,
+            "dtype": dtype_name(self.dtype),
+            "pool": pool,
+            "feature_shape": list(self.feature_shape(pool)),
+            "preprocessing": self.preprocessing_params(),
+        }
