@@ -1,0 +1,372 @@
+"""Everything about running on many processes: who am I, start the process group, stop together.
+
+The one module that knows about distribution (model code never imports torch.distributed).
+
+    env = init_distributed(timeout_s=600)      # any launcher: torchrun, deepspeed, srun, mpirun, plain python
+    engine, optimizer, _, scheduler = ds_initialize(model, params, ds_config)
+    stop = Preemption(stall_timeout_s=1800)     # SIGUSR1/SIGTERM -> flag
+    for step in ...:
+        train_step(...)
+        if stop.should_stop():                  # every rank agrees at the same step
+            save_checkpoint(...)
+            exit_for_requeue()                  # exit code REQUEUE_EXIT_CODE: the sbatch script requeues
+
+Faults end the job instead of hanging it: every collective has a bounded timeout, NCCL
+aborts the process on a timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING), the per-step check
+is a gloo monitored barrier that names the ranks which did not arrive, and an optional
+stall watchdog ends a rank that makes no step for `stall_timeout_s` (printing its stack).
+
+Self-test on any cluster (all-reduce across all ranks; exits 0 when it adds up):
+
+    srun -n 2 python -m vlm_dist.dist --selftest
+    torchrun --nproc-per-node 2 -m vlm_dist.dist --selftest
+    mpirun -n 2 python -m vlm_dist.dist --selftest
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal after saving a checkpoint, run me again"
+STALL_EXIT_CODE = 86    # the stall watchdog ended this rank
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as found in the launcher's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int          # index of this process on its node (= its GPU)
+    local_world_size: int    # processes on this node
+    node_rank: int
+    master_addr: str         # rendezvous host (rank 0's node)
+    master_port: int
+    launcher: str            # torchrun | deepspeed | slurm | mpi | single
+
+
+class DistError(RuntimeError):
+    """A launcher environment that cannot be used, or a rank that did not show up."""
+
+
+# ----------------------------------------------------------------------------- discovery
+
+def _int(env: dict, key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError as e:
+        raise DistError(f"environment variable {key}={env[key]!r} is not an integer") from e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """SLURM_STEP_TASKS_PER_NODE like '8(x2),4' -> tasks on node `node_id`."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        n, _, rep = part.partition("(x")
+        counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    return counts[node_id]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0 or not out.stdout.split():
+        raise DistError(f"`scontrol show hostnames {nodelist}` failed: {out.stderr.strip()}")
+    return out.stdout.split()[0]
+
+
+def _from_torch_launcher(env: dict) -> DistEnv:
+    rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+    local_size = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world)
+    if world > 1 and "MASTER_ADDR" not in env:
+        raise DistError(f"RANK/WORLD_SIZE are set (rank {rank} of {world}) but MASTER_ADDR is not")
+    return DistEnv(
+        rank=rank, world_size=world, local_rank=int(env.get("LOCAL_RANK", 0)),
+        local_world_size=local_size,
+        node_rank=int(env.get("GROUP_RANK") or env.get("NODE_RANK") or rank // local_size),
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)),
+        launcher="torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed")
+
+
+def _from_slurm(env: dict) -> DistEnv:
+    node_id = _int(env, "SLURM_NODEID")
+    world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+    local = _slurm_tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env["SLURM_TASKS_PER_NODE"], node_id)
+    nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+    addr = env.get("MASTER_ADDR") or _first_slurm_host(nodelist)
+    # a port from the job id keeps two jobs that share a first node apart
+    port = int(env.get("MASTER_PORT") or 20000 + _int(env, "SLURM_JOB_ID") % 20000)
+    return DistEnv(rank=_int(env, "SLURM_PROCID"), world_size=world, local_rank=_int(env, "SLURM_LOCALID"),
+                   local_world_size=local, node_rank=node_id, master_addr=addr, master_port=port,
+                   launcher="slurm")
+
+
+def _from_mpi(env: dict) -> DistEnv:
+    if "OMPI_COMM_WORLD_SIZE" in env:  # Open MPI
+        rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+        local, local_size = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
+    else:  # MPICH / Intel MPI (hydra)
+        rank, world = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
+        local = int(env.get("MPI_LOCALRANKID", env.get("SLURM_LOCALID", rank)))
+        local_size = int(env.get("MPI_LOCALNRANKS", world))
+    node_rank = int(env.get("OMPI_COMM_WORLD_NODE_RANK", rank // local_size))
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    if addr is None or port is None:
+        try:
+            from mpi4py import MPI
+        except ImportError as e:
+            if local_size != world and addr is None:
+                raise DistError("mpirun across nodes needs MASTER_ADDR or mpi4py "
+                                "(pip install mpi4py) to find rank 0's host") from e
+            addr, port = addr or "127.0.0.1", port or DEFAULT_PORT
+        else:  # rank 0 names its host and a free port; everyone agrees through MPI
+            mine = (socket.gethostname(), _free_port()) if rank == 0 else None
+            host0, port0 = MPI.COMM_WORLD.bcast(mine, root=0)
+            addr, port = addr or host0, port or port0
+    return DistEnv(rank=rank, world_size=world, local_rank=local, local_world_size=local_size,
+                   node_rank=node_rank, master_addr=addr, master_port=int(port), launcher="mpi")
+
+
+def discover(env: dict | None = None) -> DistEnv:
+    """Read rank/world/rendezvous from whichever launcher started this process.
+
+    Precedence: torchrun/deepspeed (RANK, WORLD_SIZE) > mpirun (OMPI_COMM_WORLD_*, PMI_*)
+    > srun step (SLURM_PROCID inside a step) > a single process. MPI wins over Slurm because
+    mpirun inside an sbatch script inherits the batch shell's SLURM_PROCID=0.
+    """
+    env = dict(os.environ) if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return _from_torch_launcher(env)
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+        return _from_mpi(env)
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:  # the batch shell has SLURM_PROCID but no step
+        return _from_slurm(env)
+    return DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0,
+                   master_addr="127.0.0.1", master_port=int(env.get("MASTER_PORT") or _free_port()),
+                   launcher="single")
+
+
+# ----------------------------------------------------------------------------- process group
+
+_MONITOR: tdist.ProcessGroup | None = None  # gloo group for CPU-side checks (= WORLD on gloo)
+_TIMEOUT_S: float = 600.0
+
+
+def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> DistEnv:
+    """Start torch.distributed through DeepSpeed: nccl on CUDA, gloo on CPU.
+
+    Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT so DeepSpeed and torch agree.
+    Every collective gives up after `timeout_s`, so a dead or hung rank ends the job.
+    """
+    global _MONITOR, _TIMEOUT_S
+    import deepspeed
+
+    env = discover()
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
+                      MASTER_PORT=str(env.master_port))
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+        # a timed-out NCCL collective aborts the process (logging "[Rank r] Watchdog caught
+        # collective operation timeout") instead of leaving it blocked on the GPU
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    _TIMEOUT_S = timeout_s
+    # dist_backend is passed explicitly: on CPU DeepSpeed would pick "ccl" if oneCCL is installed
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+    got = tdist.get_backend()
+    if got != backend:
+        raise DistError(f"asked DeepSpeed for backend {backend!r}, torch.distributed runs {got!r}")
+    _MONITOR = (tdist.group.WORLD if backend == "gloo"
+                else tdist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
+    return env
+
+
+def rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only, flushed (logs from many ranks are for machines, not people)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def _all_reduce(x, op):
+    if not tdist.is_initialized():
+        return x
+    if isinstance(x, torch.Tensor):  # in place on the training backend (GPU tensors on nccl)
+        tdist.all_reduce(x, op=op)
+        return x
+    t = torch.tensor([x], dtype=torch.float64)  # a python number: CPU, gloo, no GPU sync
+    tdist.all_reduce(t, op=op, group=_MONITOR)
+    return type(x)(t.item())
+
+
+def all_reduce_max(x):
+    """Max over ranks of a python number (returned as the same type) or a tensor (in place)."""
+    return _all_reduce(x, tdist.ReduceOp.MAX)
+
+
+def all_reduce_sum(x):
+    """Sum over ranks of a python number (returned as the same type) or a tensor (in place)."""
+    return _all_reduce(x, tdist.ReduceOp.SUM)
+
+
+def ds_initialize(model, model_parameters, config: dict | str, **kwargs):
+    """deepspeed.initialize after init_distributed; returns its (engine, optimizer, dataloader, scheduler)."""
+    import deepspeed
+
+    if not tdist.is_initialized():
+        raise DistError("call vlm_dist.dist.init_distributed() before ds_initialize()")
+    return deepspeed.initialize(model=model, model_parameters=model_parameters, config=config,
+                                dist_init_required=False, **kwargs)
+
+
+def shutdown() -> None:
+    """Tear the process group down (avoids NCCL teardown warnings and hangs at exit)."""
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def exit_for_requeue() -> None:
+    """After the checkpoint is saved: wait for every rank, then exit with REQUEUE_EXIT_CODE."""
+    barrier()
+    print0(f"preempted: checkpoint saved, exiting with {REQUEUE_EXIT_CODE} so the job is requeued")
+    shutdown()
+    sys.exit(REQUEUE_EXIT_CODE)
+
+
+# ----------------------------------------------------------------------------- faults
+
+class Preemption:
+    """SIGUSR1/SIGTERM set a flag; should_stop() makes all ranks agree at a step boundary.
+
+    should_stop() is also the per-step health check: a gloo monitored barrier that names
+    the ranks which did not reach it within the collective timeout. With stall_timeout_s,
+    a rank that goes that long between two should_stop() calls (a checkpoint save counts)
+    prints its stack and exits with STALL_EXIT_CODE.
+    """
+
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM), stall_timeout_s: float | None = None):
+        self.signal_name: str | None = None
+        self.stall_timeout_s = stall_timeout_s
+        self._beat = threading.Event()
+        self._checks = 0
+        for s in signals:
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        print(f"rank {rank()}: got {self.signal_name}, will stop at the next step boundary", flush=True)
+
+    def should_stop(self) -> bool:
+        """True on every rank once any rank got a signal. Call it on all ranks, once per step."""
+        self._checks += 1
+        if self.stall_timeout_s and self._checks == 1:
+            threading.Thread(target=self._watch, daemon=True, name="stall-watchdog").start()
+        self._beat.set()
+        if not tdist.is_initialized() or world_size() == 1:
+            return self.signal_name is not None
+        try:
+            tdist.monitored_barrier(group=_MONITOR, timeout=timedelta(seconds=_TIMEOUT_S), wait_all_ranks=True)
+            flag = torch.tensor([int(self.signal_name is not None)])
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=_MONITOR)
+        except RuntimeError as e:  # DistBackendError: timeout or a peer's connection closed
+            raise DistError(f"rank {rank()}: step check {self._checks} failed after at most {_TIMEOUT_S:g}s "
+                            f"(a rank crashed or hung: see its log, and rank 0's monitoredBarrier line): {e}") from e
+        if flag.item():
+            flags = [None] * world_size()
+            tdist.all_gather_object(flags, self.signal_name, group=_MONITOR)
+            print0(f"stopping at step check {self._checks}: signal on "
+                   + ", ".join(f"rank {r} ({s})" for r, s in enumerate(flags) if s))
+        return bool(flag.item())
+
+    def _watch(self) -> None:
+        while self._beat.wait(self.stall_timeout_s):
+            self._beat.clear()
+        print(f"rank {rank()}: no step for {self.stall_timeout_s:g}s after step check {self._checks}; "
+              f"stack follows, exiting with {STALL_EXIT_CODE}", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(STALL_EXIT_CODE)
+
+
+# ----------------------------------------------------------------------------- self-test
+
+def _selftest(args: argparse.Namespace) -> int:
+    env = init_distributed(timeout_s=args.timeout_s)
+    device = torch.device("cuda", env.local_rank) if tdist.get_backend() == "nccl" else torch.device("cpu")
+    total = all_reduce_sum(torch.tensor([float(env.rank + 1)], device=device)).item()
+    want = env.world_size * (env.world_size + 1) / 2
+    print(f"rank {env.rank}/{env.world_size} pid {os.getpid()} local {env.local_rank}/{env.local_world_size} node {env.node_rank} "
+          f"host {socket.gethostname()} launcher {env.launcher} backend {tdist.get_backend()}", flush=True)
+    if total != want:
+        raise DistError(f"rank {env.rank}: all-reduce sum {total} != {want}")
+    stop = Preemption(stall_timeout_s=args.stall_timeout_s)
+    for step in range(1, args.steps + 1):
+        if env.rank == args.hang_rank and step == args.fault_step:
+            print(f"rank {env.rank}: hanging at step {step} (--hang-rank)", flush=True)
+            time.sleep(10**6)
+        if env.rank == args.crash_rank and step == args.fault_step:
+            raise RuntimeError(f"rank {env.rank}: crashing at step {step} (--crash-rank)")
+        time.sleep(args.step_s)
+        if stop.should_stop():
+            print(f"rank {env.rank}: stopped at step {step}", flush=True)
+            exit_for_requeue()
+        print0(f"step {step}")
+    print0(f"selftest ok: world_size={env.world_size} backend={tdist.get_backend()} "
+           f"launcher={env.launcher} sum={total:g}")
+    shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Distributed self-test: all-reduce, then a step loop with "
+                                "preemption checks (and optional injected faults for tests).")
+    p.add_argument("--selftest", action="store_true", required=True)
+    p.add_argument("--timeout-s", type=float, default=60.0, help="collective timeout")
+    p.add_argument("--steps", type=int, default=0, help="step loop length after the all-reduce")
+    p.add_argument("--step-s", type=float, default=0.1, help="seconds of fake work per step")
+    p.add_argument("--stall-timeout-s", type=float, default=None)
+    p.add_argument("--hang-rank", type=int, default=-1, help="this rank sleeps forever at --fault-step")
+    p.add_argument("--crash-rank", type=int, default=-1, help="this rank raises at --fault-step")
+    p.add_argument("--fault-step", type=int, default=2)
+    return _selftest(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
