@@ -1,0 +1,21 @@
+# The two commands a fresh machine needs (see README.md):
+#   make demo   - install, then train and evaluate the embedded demo end to end
+#   make test   - install, bring up a local Slurm (as root, if possible), run the test suite
+PY ?= python3
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test slurm
+
+install:
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[mpi]" mpich
+
+demo: install
+	$(PY) launch/demo.py --out demo_out
+
+slurm:
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then bash .ci/slurm_up.sh; \
+	else echo "not root or no apt-get: Slurm tests will be skipped"; fi
+
+test: install slurm
+	$(PY) -m pytest tests -q -ra --durations=15
