@@ -1,0 +1,108 @@
+"""Rank-0 training logs: a compact line per logged step, metrics.jsonl, TensorBoard, a loss PNG.
+
+Every step is appended to `<output_dir>/metrics.jsonl` (step, loss, lr, grad_norm,
+tokens_per_s, samples_per_s, ...); eval losses and notes (skipped steps) too, with a
+`kind` field. TensorBoard gets the same scalars when it is installed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    def __init__(self, out_dir: str | Path, enabled: bool, total_steps: int):
+        self.enabled, self.total_steps = enabled, total_steps
+        self.out_dir = Path(out_dir)
+        self.start = time.perf_counter()
+        self.history: list[tuple[int, float]] = []
+        self.evals: list[tuple[int, float]] = []
+        self._file = open(self.out_dir / "metrics.jsonl", "a") if enabled else None
+        self._tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self._tb = None
+        self._first_step: int | None = None
+
+    def _write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def step(self, step: int, *, loss: float, lr: float, grad_norm, tokens: int, samples: int,
+             seconds: float, log: bool) -> None:
+        if not self.enabled:
+            return
+        if self._first_step is None:
+            self._first_step, self.start = step, time.perf_counter() - seconds
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        row = {"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds, "step_time_s": seconds,
+               "tokens": tokens, "samples": samples}
+        if torch.cuda.is_available():
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self._write(row)
+        self.history.append((step, loss))
+        if self._tb is not None:
+            for k in ("loss", "lr", "tokens_per_s", "samples_per_s"):
+                self._tb.add_scalar(f"train/{k}", row[k], step)
+        if log:
+            done = step - self._first_step + 1
+            eta = (time.perf_counter() - self.start) / done * (self.total_steps - step)
+            mem = f" | mem {row['peak_mem_gb']:.1f}GB" if "peak_mem_gb" in row else ""
+            gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
+            print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gn} | "
+                  f"{row['tokens_per_s']:,.0f} tok/s | {row['samples_per_s']:.1f} samples/s | "
+                  f"eta {_hms(eta)}{mem}", flush=True)
+
+    def eval(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        self._write({"kind": "eval", "step": step, "eval_loss": loss})
+        self.evals.append((step, loss))
+        if self._tb is not None:
+            self._tb.add_scalar("eval/loss", loss, step)
+        print(f"step {step} | eval loss {loss:.4f}", flush=True)
+
+    def note(self, step: int, text: str) -> None:
+        if not self.enabled:
+            return
+        self._write({"kind": "note", "step": step, "note": text})
+        print(f"step {step} | {text}", flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self.history:
+            plot_losses(self.history, self.evals, self.out_dir / "loss.png")
+
+
+def plot_losses(train: list[tuple[int, float]], evals: list[tuple[int, float]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*train), label="train", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
