@@ -1,0 +1,235 @@
+"""The run config: YAML + typed overrides, errors that name the flag, the saved config.
+
+    python -m pytest tests/test_config.py -q
+"""
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from vlm_dist.config import (DEFAULT_CONFIG, SECTIONS, Config, ConfigError, RecordSource, check_run_inputs,
+                             config_help, field_docs, load_config, parse_cli, save_config)
+
+STAGES = Path(__file__).resolve().parents[1] / "launch" / "configs"
+
+
+def write_yaml(tmp_path, text: str) -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("stage", ["stage0_sanity", "stage1_align", "stage2_sft", "stage3_multi"])
+def test_stage_configs_load(stage):
+    cfg = load_config(STAGES / f"{stage}.yaml")
+    assert cfg.train.output_dir == f"runs/{stage}"
+    assert cfg.data.records and cfg.data.cache
+
+
+def test_stage_defaults_follow_the_seeds():
+    s1 = load_config(STAGES / "stage1_align.yaml")
+    assert s1.model.llm_mode == "frozen" and s1.model.num_latents == 64 and s1.data.template == "plain"
+    assert (s1.train.lr_connector, s1.train.weight_decay, s1.train.min_lr_ratio, s1.train.max_grad_norm) == \
+        (1e-4, 0.01, 0.1, 1.0)
+    assert 0.02 <= s1.train.warmup_ratio <= 0.05
+    s2 = load_config(STAGES / "stage2_sft.yaml")
+    assert s2.model.llm_mode == "lora" and s2.data.template == "chatml"
+    assert (s2.lora.r, s2.lora.alpha, s2.lora.dropout) == (128, 256, 0.05)
+    assert (s2.train.lr_connector, s2.train.lr_adapters) == (2e-5, 2e-4)
+    assert s2.model.init_from == "runs/stage1_align/export"
+    s3 = load_config(STAGES / "stage3_multi.yaml")
+    assert s3.model.init_from == "runs/stage2_sft/export"
+
+
+def test_no_config_means_stage1():
+    assert DEFAULT_CONFIG == STAGES / "stage1_align.yaml"
+    assert load_config(None) == load_config(STAGES / "stage1_align.yaml")
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, [
+        "--train.max_steps=20", "--train.lr_connector=3e-5", "--data.pack=false",
+        "--lora.target_modules=[q_proj,v_proj]", "--train.adam_betas=0.9,0.95",
+        "--train.output_dir=007", "--model.init_from=null", "--data.cache", "/tmp/c",
+        "--data.records=a.jsonl,b.jsonl", "--resume", "auto",
+    ])
+    assert cfg.train.max_steps == 20 and cfg.train.epochs is None   # the flag replaces the YAML's epochs
+    assert cfg.train.lr_connector == 3e-5 and isinstance(cfg.train.lr_connector, float)
+    assert cfg.data.pack is False
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.adam_betas == [0.9, 0.95]
+    assert cfg.train.output_dir == "007"            # a string field keeps the text as typed
+    assert cfg.model.init_from is None
+    assert cfg.data.cache == "/tmp/c"
+    assert cfg.data.records == [RecordSource("a.jsonl"), RecordSource("b.jsonl")]
+    assert cfg.checkpoint.resume == "auto"
+
+
+def test_yaml_floats_written_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads `1e-4` as a string; the typed loader must not.
+    cfg = load_config(write_yaml(tmp_path, "train:\n  max_steps: 5\n  lr_connector: 1e-4\n"))
+    assert cfg.train.lr_connector == 1e-4
+
+
+def test_mixture_records(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, """
+train: {max_steps: 5}
+data:
+  records:
+    - {path: a.jsonl, weight: 0.7}
+    - {path: b.jsonl, weight: 0.3}
+"""))
+    assert cfg.data.records == [RecordSource("a.jsonl", weight=0.7), RecordSource("b.jsonl", weight=0.3)]
+    with pytest.raises(ConfigError, match="mixes weights and counts"):
+        load_config(None, ["--data.records=[{path: a.jsonl, weight: 1}, {path: b.jsonl, count: 5}]"])
+    with pytest.raises(ConfigError, match="unknown key 'wieght'"):
+        load_config(None, ["--data.records=[{path: a.jsonl, wieght: 1}]"])
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["--train.lr=1e-4"])
+    msg = str(e.value)
+    assert "--train.lr" in msg and "train.lr_connector" in msg and "valid keys in train" in msg
+    with pytest.raises(ConfigError, match=r"did you mean lora\.r\?"):
+        load_config(None, ["--train.r=8"])
+    with pytest.raises(ConfigError, match=r"unknown section 'trian' \(did you mean train\?\)"):
+        load_config(None, ["--trian.max_steps=3"])
+    bad = write_yaml(tmp_path, "train:\n  max_step: 5\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml.*unknown key train\.max_step.*did you mean train\.max_steps"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="unknown section 'optimizer'"):
+        load_config(write_yaml(tmp_path, "optimizer:\n  lr: 1\n"))
+
+
+def test_wrong_type_names_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match=r"--train\.max_steps=abc: expects an integer"):
+        load_config(None, ["--train.max_steps=abc"])
+    with pytest.raises(ConfigError, match=r"--data\.pack=maybe: expects true or false"):
+        load_config(None, ["--data.pack=maybe"])
+    with pytest.raises(ConfigError, match=r"--model\.llm_mode=qlroa: must be one of .*did you mean qlora"):
+        load_config(None, ["--model.llm_mode=qlroa"])
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size in .*run\.yaml: expects an integer"):
+        load_config(write_yaml(tmp_path, "train:\n  micro_batch_size: 1.5\n"))
+    with pytest.raises(ConfigError, match=r"--train\.max_steps needs a value"):
+        load_config(None, ["--train.max_steps"])
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--train.max_steps=5", "--train.epochs=2"], "exclude each other"),
+    (["--train.max_steps=null", "--train.epochs=null"], "no length: add --train.max_steps=N or --train.epochs=N"),
+    (["--train.micro_batch_size=0"], r"--train\.micro_batch_size=0: must be >= 1"),
+    (["--train.grad_accum=0"], r"--train\.grad_accum=0"),
+    (["--model.llm_mode=qlora", "--lora.r=null"], r"llm_mode=qlora needs a LoRA rank"),
+    (["--model.llm_mode=lora", "--lora.target_modules=[]"], "needs --lora.target_modules"),
+    (["--model.llm_mode=qlora", "--model.dtype=float32"], "computes in 16 bits"),
+    (["--model.connector=mlp", "--model.num_latents=32"], "exclude each other"),
+    (["--model.num_latents=0"], "at least 1 latent"),
+    (["--train.micro_batch_tokens=100"], r"must be >= --data\.max_seq_len"),
+    (["--train.warmup_ratio=1.5"], r"--train\.warmup_ratio=1\.5"),
+    (["--data.eval_fraction=1"], r"--data\.eval_fraction"),
+    (["--checkpoint.keep_last=0"], r"--checkpoint\.keep_last=0"),
+    (["--train.max_steps=1", "--train.max_steps=2"], "given twice"),
+])
+def test_invalid_combinations(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_a_flag_replaces_a_conflicting_yaml_value_but_one_layer_cannot_hold_both(tmp_path):
+    cfg = load_config(None, ["--model.connector=mlp"])   # stage 1 YAML has num_latents: 64
+    assert cfg.model.connector == "mlp" and cfg.model.num_latents is None
+    cfg = load_config(STAGES / "stage0_sanity.yaml", ["--train.epochs=2"])   # YAML has max_steps: 300
+    assert cfg.train.epochs == 2 and cfg.train.max_steps is None
+    both = write_yaml(tmp_path, "train:\n  max_steps: 5\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match=r"train\.max_steps=5 and train\.epochs=1 exclude each other"):
+        load_config(both)
+    mlp = write_yaml(tmp_path, "train: {max_steps: 5}\nmodel:\n  connector: mlp\n  num_latents: 64\n")
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_config(mlp)
+    mlp_only = write_yaml(tmp_path, "train: {max_steps: 5}\nmodel:\n  connector: mlp\n")
+    assert load_config(mlp_only).model.num_latents is None   # the default 64 yields to the YAML
+    with pytest.raises(ConfigError, match="exclude each other"):   # the connector type never flips silently
+        load_config(mlp_only, ["--model.num_latents=32"])
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(STAGES / "stage2_sft.yaml", [
+        "--train.max_steps=7", "--model.llm_mode=qlora", "--train.lr_adapters=1e-4",
+        "--data.records=[{path: a.jsonl, count: 10}, {path: b.jsonl, count: 3}]", "--data.cache=/x",
+        "--lora.target_modules=q_proj,v_proj", "--checkpoint.resume=/ckpt/step_5",
+    ])
+    out = tmp_path / "run" / "config.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    save_config(again, tmp_path / "again.yaml")
+    assert (tmp_path / "again.yaml").read_text() == out.read_text()
+    assert list((tmp_path / "run").iterdir()) == [out]   # no temp file left behind
+
+
+def test_every_field_is_documented_and_listed_in_help():
+    text = config_help()
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{section}.{f.name} has no docstring"
+            assert f"--{section}.{f.name}=" in text
+    assert set(field_docs(RecordSource)) == {"path", "weight", "count"}
+
+
+def _model_dir(root: Path, name: str) -> str:
+    d = root / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": name}))
+    return str(d)
+
+
+def test_check_run_inputs_names_the_flag_to_add(tmp_path):
+    cfg = load_config(None, ["--model.llm=nobody-xyz/not-a-model", f"--model.vision={tmp_path / 'missing'}",
+                             "--data.records=[]", "--data.cache=null", "--model.init_from=/no/such/export"])
+    with pytest.raises(ConfigError) as e:
+        check_run_inputs(cfg)
+    msg = str(e.value)
+    assert "--model.llm=nobody-xyz/not-a-model is not a local directory and not in the Hugging Face cache" in msg
+    assert "hf download nobody-xyz/not-a-model" in msg
+    assert f"--model.vision={tmp_path / 'missing'} does not exist: add --model.vision=PATH" in msg
+    assert "no records: add --data.records=PATH.jsonl" in msg
+    assert "no feature cache: add --data.cache=DIR" in msg
+    assert "--model.init_from=/no/such/export does not exist" in msg
+
+
+def test_check_run_inputs_passes_when_everything_is_there(tmp_path):
+    records = tmp_path / "r.jsonl"
+    records.write_text("")
+    (tmp_path / "cache").mkdir()
+    cfg = load_config(None, [f"--model.llm={_model_dir(tmp_path, 'llm')}",
+                             f"--model.vision={_model_dir(tmp_path, 'vision')}",
+                             f"--data.records={records}", f"--data.cache={tmp_path / 'cache'}"])
+    check_run_inputs(cfg)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg.model.llm = str(empty)
+    with pytest.raises(ConfigError, match="has no config.json"):
+        check_run_inputs(cfg)
+    cfg.model.llm = _model_dir(tmp_path, "llm2")
+    cfg.data.records = [RecordSource(str(tmp_path / "gone.jsonl"))]
+    with pytest.raises(ConfigError, match=r"gone\.jsonl does not exist: add --data\.records=PATH\.jsonl"):
+        check_run_inputs(cfg)
+
+
+def test_parse_cli_splits_launcher_args_from_overrides():
+    args = parse_cli(["--local_rank=1", "--deepspeed", "ds_configs/zero2.json", "--config=s.yaml",
+                      "--train.max_steps=3", "--resume", "auto"])
+    assert (args.config, args.deepspeed, args.local_rank, args.help) == ("s.yaml", "ds_configs/zero2.json", 1, False)
+    assert args.overrides == ["--train.max_steps=3", "--resume", "auto"]
+    assert parse_cli(["-h"]).help
+    with pytest.raises(ConfigError, match="--config needs a value"):
+        parse_cli(["--config"])
+
+
+def test_config_defaults_construct():
+    cfg = Config()
+    assert cfg.model.llm == "Qwen/Qwen3-8B-Base" and cfg.model.vision == "google/siglip-so400m-patch14-384"
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
