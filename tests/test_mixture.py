@@ -3,7 +3,8 @@ from collections import Counter
 
 import pytest
 
-from vlm_dist.data.mixture import MixtureError, MixtureSource, build_mixture, format_summary, mixture_counts
+from vlm_dist.data.mixture import (MixtureError, MixtureSource, build_mixture, format_summary, mixture_counts,
+                                   sources_from_config)
 
 
 def test_weights_share_the_total_exactly():
@@ -16,7 +17,7 @@ def test_weights_share_the_total_exactly():
 
 
 def test_samples_are_exact_and_weights_get_the_rest():
-    src = [MixtureSource("golden", 7, samples=20), MixtureSource("big", 100, weight=1.0)]
+    src = [MixtureSource("golden", 7, count=20), MixtureSource("big", 100, weight=1.0)]
     order, _ = build_mixture(src, seed=3, total=120)
     per = Counter(n for n, _ in order)
     assert per == {"golden": 20, "big": 100}
@@ -32,13 +33,13 @@ def test_without_total_weights_rebalance_the_natural_size():
 
 
 def test_deterministic_for_a_seed_and_independent_per_dataset():
-    src = [MixtureSource("a", 1000, weight=1), MixtureSource("b", 1000, samples=300)]
+    src = [MixtureSource("a", 1000, weight=1), MixtureSource("b", 1000, count=300)]
     o1, s1 = build_mixture(src, seed=5, total=800)
     o2, s2 = build_mixture(src, seed=5, total=800)
     assert o1 == o2 and s1 == s2
     assert build_mixture(src, seed=6, total=800)[0] != o1
     # re-weighting "a" does not change which records of "b" are drawn
-    src2 = [MixtureSource("a", 1000, weight=1), MixtureSource("b", 1000, samples=300)]
+    src2 = [MixtureSource("a", 1000, weight=1), MixtureSource("b", 1000, count=300)]
     o3, _ = build_mixture(src2, seed=5, total=1200)
     assert sorted(i for n, i in o1 if n == "b") == sorted(i for n, i in o3 if n == "b")
     # the draw is interleaved, not dataset after dataset
@@ -48,12 +49,12 @@ def test_deterministic_for_a_seed_and_independent_per_dataset():
 
 
 @pytest.mark.parametrize("src,total,match", [
-    ([MixtureSource("a", 10)], None, "exactly one of weight or samples"),
-    ([MixtureSource("a", 10, weight=1, samples=3)], None, "exactly one of weight or samples"),
+    ([MixtureSource("a", 10)], None, "exactly one of weight or count"),
+    ([MixtureSource("a", 10, weight=1, count=3)], None, "exactly one of weight or count"),
     ([MixtureSource("a", 0, weight=1)], None, "'a': size 0"),
     ([MixtureSource("a", 10, weight=-1)], None, "weight -1"),
-    ([MixtureSource("a", 10, samples=5)], 3, "less than the fixed sample counts"),
-    ([MixtureSource("a", 10, samples=5)], 9, "no dataset has a weight"),
+    ([MixtureSource("a", 10, count=5)], 3, "less than the fixed sample counts"),
+    ([MixtureSource("a", 10, count=5)], 9, "no dataset has a weight"),
     ([MixtureSource("a", 10, weight=1), MixtureSource("a", 5, weight=1)], None, "unique"),
 ])
 def test_bad_configs_name_the_dataset(src, total, match):
@@ -67,3 +68,16 @@ def test_summary_line_for_the_log():
     text = format_summary(summary)
     assert "mix665k: drew 150 of 100 (75.0% of the mix, 1.50 epochs, 100 distinct)" in text
     assert "mantis: drew 50 of 50" in text
+
+
+def test_sources_from_config_entries():
+    from vlm_dist.config import RecordSource
+    entries = [RecordSource("a.jsonl"), RecordSource("b.jsonl")]
+    src = sources_from_config(entries, {"a.jsonl": 10, "b.jsonl": 5})
+    order, summary = build_mixture(src, seed=0)
+    assert Counter(n for n, _ in order) == {"a.jsonl": 10, "b.jsonl": 5}
+    src = sources_from_config([RecordSource("a.jsonl", weight=1.0), RecordSource("b.jsonl", weight=3.0)],
+                              {"a.jsonl": 10, "b.jsonl": 30})
+    assert mixture_counts(src) == {"a.jsonl": 10, "b.jsonl": 30}
+    with pytest.raises(MixtureError, match="'c.jsonl': no record count"):
+        sources_from_config([RecordSource("c.jsonl")], {})

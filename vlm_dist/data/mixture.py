@@ -4,11 +4,11 @@ A stage lists its datasets, each with either an exact sample count or a weight:
 
     sources = [MixtureSource("mix665k", size=665_298, weight=0.7),
                MixtureSource("mantis_nlvr2", size=86_373, weight=0.3),
-               MixtureSource("golden", size=200, samples=1_000)]
+               MixtureSource("golden", size=200, count=1_000)]
     order, summary = build_mixture(sources, seed=0, total=500_000)
 
-- `samples=n` draws exactly n records from that dataset.
-- weights share what is left: `total - sum(samples)` when `total` is given,
+- `count=n` draws exactly n records from that dataset.
+- weights share what is left: `total - sum(counts)` when `total` is given,
   otherwise the summed sizes of the weighted datasets (so weights re-balance
   the natural size). Counts are apportioned by largest remainder, so they add
   up exactly.
@@ -40,7 +40,7 @@ class MixtureSource:
     name: str                    # dataset name, as in the stage config and the logs
     size: int                    # records available (after conversion and the supervision check)
     weight: float | None = None  # share of the weighted part of the mixture
-    samples: int | None = None   # exact number of draws (exclusive with weight)
+    count: int | None = None     # exact number of draws (exclusive with weight)
 
 
 def _validate(sources: list[MixtureSource]) -> None:
@@ -50,20 +50,20 @@ def _validate(sources: list[MixtureSource]) -> None:
     if len(set(names)) != len(names):
         raise MixtureError(f"dataset names must be unique, got {names}")
     for s in sources:
-        if (s.weight is None) == (s.samples is None):
-            raise MixtureError(f"dataset {s.name!r}: give exactly one of weight or samples")
+        if (s.weight is None) == (s.count is None):
+            raise MixtureError(f"dataset {s.name!r}: give exactly one of weight or count")
         if s.size <= 0:
             raise MixtureError(f"dataset {s.name!r}: size {s.size} (no records to draw from)")
         if s.weight is not None and not (math.isfinite(s.weight) and s.weight >= 0):
             raise MixtureError(f"dataset {s.name!r}: weight {s.weight} must be a finite number >= 0")
-        if s.samples is not None and s.samples < 0:
-            raise MixtureError(f"dataset {s.name!r}: samples {s.samples} must be >= 0")
+        if s.count is not None and s.count < 0:
+            raise MixtureError(f"dataset {s.name!r}: count {s.count} must be >= 0")
 
 
 def mixture_counts(sources: list[MixtureSource], total: int | None = None) -> dict[str, int]:
     """How many records to draw from each dataset (see the module docstring)."""
     _validate(sources)
-    fixed = {s.name: int(s.samples) for s in sources if s.samples is not None}
+    fixed = {s.name: int(s.count) for s in sources if s.count is not None}
     weighted = [s for s in sources if s.weight is not None]
     if total is None:
         budget = sum(s.size for s in weighted)
@@ -117,6 +117,24 @@ def build_mixture(sources: list[MixtureSource], seed: int, total: int | None = N
         which, where = which[perm], where[perm]
     order = [(sources[k].name, int(i)) for k, i in zip(which.tolist(), where.tolist())]
     return order, {"seed": seed, "total": drawn_total, "datasets": summary}
+
+
+def sources_from_config(entries, sizes: dict[str, int]) -> list[MixtureSource]:
+    """MixtureSources from config entries with .path/.weight/.count (vlm_dist.config.RecordSource).
+
+    `sizes[path]` is the number of usable records in that file. An entry with
+    neither weight nor count contributes every record once (count = size).
+    The dataset name is the path, as the config spells it.
+    """
+    out = []
+    for e in entries:
+        if e.path not in sizes:
+            raise MixtureError(f"dataset {e.path!r}: no record count given for it")
+        weight, count = e.weight, e.count
+        if weight is None and count is None:
+            count = sizes[e.path]
+        out.append(MixtureSource(e.path, sizes[e.path], weight=weight, count=count))
+    return out
 
 
 def format_summary(summary: dict) -> str:
