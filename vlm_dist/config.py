@@ -112,6 +112,8 @@ class DataConfig:
     """Prompt template: plain (stage 1 captions) or chatml (SFT turns with <|im_start|>/<|im_end|>)."""
     max_seq_len: int = 2048
     """Longest sample and, with packing, the length of one packed row (tokens)."""
+    truncate: bool = False
+    """Over-long samples: false drops them (counted and listed); true cuts their text (never inside an image block)."""
     pack: bool = True
     """Pack several samples into each row (position ids restart, no attention across samples)."""
     num_workers: int = 2

@@ -1,0 +1,107 @@
+"""DeepSpeed config merging: the JSON's ZeRO settings + the run config's batch,
+precision and clipping; a disagreement is an error naming both sources.
+
+    python -m pytest tests/test_ds_config.py -q
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from vlm_dist.config import ConfigError, load_config
+from vlm_dist.ds_config import build_ds_config, load_ds_json, offloads_optimizer, zero_stage
+
+DS = Path(__file__).resolve().parents[1] / "ds_configs"
+RUN_VALUES = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+              "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+@pytest.fixture
+def cfg():
+    return load_config(None, ["--train.max_steps=10", "--train.micro_batch_size=3", "--train.grad_accum=2",
+                              "--train.max_grad_norm=0.5"])
+
+
+@pytest.mark.parametrize("name, stage, offload", [("zero2", 2, False), ("zero3", 3, False),
+                                                  ("zero3_offload", 3, True)])
+def test_shipped_jsons_hold_only_deepspeed_settings_and_get_the_run_values(cfg, name, stage, offload):
+    raw = load_ds_json(DS / f"{name}.json")
+    assert not set(raw) & set(RUN_VALUES), f"{name}.json holds run-config values"
+    ds = build_ds_config(DS / f"{name}.json", cfg, world_size=4)
+    assert zero_stage(ds) == stage and offloads_optimizer(ds) is offload
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 3 * 2 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert "optimizer" not in ds and "scheduler" not in ds
+    assert ds["zero_optimization"] == raw["zero_optimization"]
+
+
+def test_deepspeed_accepts_the_built_config(cfg):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    for name in ("zero2", "zero3", "zero3_offload"):
+        ds = DeepSpeedConfig(build_ds_config(DS / f"{name}.json", cfg, world_size=1))
+        assert (ds.train_batch_size, ds.gradient_accumulation_steps, ds.gradient_clipping) == (6, 2, 0.5)
+        assert ds.zero_config.stage == zero_stage(load_ds_json(DS / f"{name}.json"))
+
+
+def test_fp32_and_fp16_runs_set_precision(cfg):
+    cfg.model.dtype = "float32"
+    ds = build_ds_config(DS / "zero2.json", cfg, 1)
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    cfg.model.dtype = "float16"
+    assert build_ds_config(DS / "zero2.json", cfg, 1)["fp16"]["enabled"] is True
+
+
+def test_a_disagreeing_value_names_both_sources(cfg, tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError) as e:
+        build_ds_config(path, cfg, 1)
+    msg = str(e.value)
+    assert str(path) in msg and "train_micro_batch_size_per_gpu=8" in msg and "--train.micro_batch_size=3" in msg
+
+
+@pytest.mark.parametrize("json_part, flag", [
+    ({"gradient_accumulation_steps": 4}, "--train.grad_accum=2"),
+    ({"train_batch_size": 64}, "world size 2"),
+    ({"gradient_clipping": 1.0}, "--train.max_grad_norm=0.5"),
+    ({"bf16": {"enabled": False}}, "--model.dtype=bfloat16"),
+    ({"fp16": {"enabled": True}}, "--model.dtype=bfloat16"),
+])
+def test_each_run_value_is_checked(cfg, json_part, flag):
+    with pytest.raises(ConfigError, match=flag):
+        build_ds_config(json_part, cfg, 2)
+
+
+def test_agreeing_and_auto_values_are_fine(cfg):
+    ds = build_ds_config({"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": "auto",
+                          "train_batch_size": "auto", "gradient_clipping": 0.5,
+                          "bf16": {"enabled": "auto", "immediate_grad_update": True}, "optimizer": "auto"}, cfg, 2)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 12
+    assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True}   # DeepSpeed's own keys stay
+    assert "optimizer" not in ds
+
+
+def test_optimizer_and_scheduler_sections_are_errors(cfg):
+    with pytest.raises(ConfigError, match="optimizer comes from the run config.*remove optimizer"):
+        build_ds_config({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, cfg, 1)
+    with pytest.raises(ConfigError, match=r"--train\.warmup_ratio.*remove scheduler"):
+        build_ds_config({"scheduler": {"type": "WarmupLR"}}, cfg, 1)
+
+
+def test_bad_json_names_the_file(tmp_path, cfg):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{stage: 2")
+    with pytest.raises(ConfigError, match=r"bad\.json is not valid JSON"):
+        build_ds_config(bad, cfg, 1)
+    with pytest.raises(ConfigError, match=r"missing\.json does not exist \(check --deepspeed"):
+        build_ds_config(tmp_path / "missing.json", cfg, 1)
+
+
+def test_the_input_dict_is_not_modified(cfg):
+    src = {"zero_optimization": {"stage": 2}}
+    build_ds_config(src, cfg, 1)
+    assert src == {"zero_optimization": {"stage": 2}}
