@@ -1,0 +1,258 @@
+"""Load a trained export in one call, and merge its LoRA adapter into a standalone directory.
+
+    vlm, tokenizer, tower, cfg = load_export("runs/sft/export", device="cpu")
+    merge_export("runs/sft/export", "runs/sft/merged")      # then vlm-generate --model runs/sft/merged
+
+An export directory (written by the trainer, vlm_dist.checkpoint.write_export):
+
+    connector.safetensors, connector_config.json   the connector (save_connectors)
+    adapter/                                       PEFT LoRA adapter (llm_mode lora / qlora)
+    llm/                                           a full LLM + tokenizer (llm_mode full, or merged)
+    vlm_config.json                                ExportConfig below
+
+A merged export has `llm/` (LoRA merged into the weights with PEFT's
+merge_and_unload, saved with save_pretrained, plus the tokenizer), no adapter,
+"merged": true, "llm": "llm" (relative paths resolve against the export
+directory, so it can be moved), and "base_llm" naming the LLM it came from.
+The vision tower is a reference (path or hub id), not a copy.
+
+QLoRA exports load and merge onto the unquantised base weights (as QLoRA's
+authors deploy them): outputs differ slightly from the 4-bit training-time model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from vlm_dist.model.build import (CONNECTOR_CONFIG, CONNECTOR_FILE, build_vlm, load_connectors, load_llm,
+                                  read_connector_config)
+from vlm_dist.model.vision import VisionTower, dtype_name, resolve_dtype
+from vlm_dist.model.vlm import VisionLanguageModel, unwrap_llm
+
+EXPORT_CONFIG = "vlm_config.json"
+ADAPTER_DIR, LLM_DIR = "adapter", "llm"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+class ExportError(ValueError):
+    """An export directory that cannot be loaded; names the directory and the missing piece."""
+
+
+@dataclass
+class ExportConfig:
+    llm: str
+    """The LLM: base model (path or hub id), or the export's own llm/ (full mode, merged)."""
+    vision: str
+    """The vision tower (path or hub id) whose features trained the connector."""
+    feature_layer: int
+    """Vision hidden layer of the features (as the cache was built)."""
+    template: str
+    """Prompt template the model was trained with: plain or chatml."""
+    llm_mode: str
+    """How the LLM trained: frozen, lora, qlora or full."""
+    num_media_tokens: int
+    """Visual tokens per image (the connector's output length)."""
+    pool: int = 1
+    """Patch-grid average pooling of the features (true/2: 2x2; false/1: none), as the cache was built."""
+    vision_dtype: str = "bfloat16"
+    """dtype the vision tower ran in when the cache was built (vlm-cache's default: bf16)."""
+    merged: bool = False
+    """True for a merge_export output: llm/ holds the merged LLM, there is no adapter."""
+    base_llm: str | None = None
+    """The LLM the merged or full-mode weights started from (for the text regression baseline)."""
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "ExportConfig":
+        names = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ExportError(f"{where}: missing key(s) {missing} (an export's vlm_config.json needs "
+                              f"{required})")
+        kwargs = {k: v for k, v in d.items() if k in names}
+        pool = kwargs.get("pool", 1)
+        kwargs["pool"] = 2 if pool is True else 1 if pool is False or pool is None else int(pool)
+        kwargs["vision_dtype"] = dtype_name(resolve_dtype(kwargs.get("vision_dtype", "bfloat16")))
+        cfg = cls(**kwargs)
+        cfg.extra = {k: v for k, v in d.items() if k not in names}  # kept and rewritten on merge
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dict(getattr(self, "extra", {}), **asdict(self))
+
+
+def read_export_config(export_dir: str | os.PathLike) -> ExportConfig:
+    path = Path(export_dir) / EXPORT_CONFIG
+    if not path.exists():
+        raise ExportError(f"{export_dir}: no {EXPORT_CONFIG} (not a vlm_dist export, or the export "
+                          "was interrupted before it was published)")
+    return ExportConfig.from_dict(json.loads(path.read_text()), str(path))
+
+
+def resolve_path(ref: str, export_dir: str | os.PathLike) -> str:
+    """A path from vlm_config.json: relative to the export if it exists there, else as given."""
+    p = Path(ref)
+    if not p.is_absolute() and (Path(export_dir) / p).exists():
+        return str(Path(export_dir) / p)
+    return ref
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any((Path(path) / f).exists() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(cfg: ExportConfig, export_dir: str | os.PathLike):
+    """The tokenizer saved with the LLM, else the base LLM's."""
+    from transformers import AutoTokenizer
+    candidates = [resolve_path(cfg.llm, export_dir)] + ([cfg.base_llm] if cfg.base_llm else [])
+    for c in candidates:
+        if _has_tokenizer(c) or not Path(c).exists():  # a local dir with one, or a hub id
+            return AutoTokenizer.from_pretrained(c)
+    raise ExportError(f"{export_dir}: no tokenizer in {candidates}; save the tokenizer with the LLM")
+
+
+def _default_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_llm_from_export(export_dir: str | os.PathLike, cfg: ExportConfig, dtype: torch.dtype):
+    """The LLM as trained: base + adapter, or the export's own (full or merged) weights."""
+    export_dir = Path(export_dir)
+    adapter = export_dir / ADAPTER_DIR
+    if cfg.merged or cfg.llm_mode == "full":
+        path = resolve_path(cfg.llm, export_dir)
+        if not Path(path).exists():
+            raise ExportError(f"{export_dir}: llm_mode={cfg.llm_mode}, merged={cfg.merged} but its "
+                              f"LLM directory {path!r} does not exist")
+        return load_llm(path, "frozen", dtype)
+    if cfg.llm_mode in ("lora", "qlora"):
+        if not (adapter / "adapter_config.json").exists():
+            raise ExportError(f"{export_dir}: llm_mode={cfg.llm_mode} but no {ADAPTER_DIR}/adapter_config.json")
+        return load_llm(resolve_path(cfg.llm, export_dir), "lora", dtype, adapter=str(adapter))
+    if cfg.llm_mode == "frozen":
+        return load_llm(resolve_path(cfg.llm, export_dir), "frozen", dtype)
+    raise ExportError(f"{export_dir}: unknown llm_mode {cfg.llm_mode!r} in {EXPORT_CONFIG}")
+
+
+def load_vision_tower(cfg: ExportConfig, export_dir: str | os.PathLike, device="cpu") -> VisionTower:
+    return VisionTower.from_pretrained(resolve_path(cfg.vision, export_dir), feature_layer=cfg.feature_layer,
+                                       dtype=cfg.vision_dtype, device=device)
+
+
+def build_from_export(llm, tokenizer, export_dir: str | os.PathLike, cfg: ExportConfig,
+                      num_patches: int, dtype: torch.dtype) -> VisionLanguageModel:
+    """Attach the exported connector to a loaded LLM; checks the visual token count."""
+    conn_cfg = dict(read_connector_config(export_dir)["image"])
+    vision_dim, num_tokens = conn_cfg.pop("vision_dim"), conn_cfg.pop("num_tokens")
+    conn_cfg.pop("llm_dim")
+    vlm = build_vlm(llm, tokenizer, vision_dim, num_patches, connector=conn_cfg, dtype=dtype)
+    load_connectors(vlm, export_dir)
+    if not vlm.num_tokens["image"] == num_tokens == cfg.num_media_tokens:
+        raise ExportError(f"{export_dir}: visual tokens per image disagree: connector gives "
+                          f"{vlm.num_tokens['image']}, connector_config says {num_tokens}, "
+                          f"{EXPORT_CONFIG} says num_media_tokens={cfg.num_media_tokens}")
+    return vlm
+
+
+def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                dtype: str | torch.dtype | None = None, with_vision: bool = True):
+    """(vlm, tokenizer, vision_tower, cfg) ready for inference; tower is None without with_vision.
+
+    dtype: the LLM and connector dtype (default bf16 on CUDA, fp32 on CPU). The
+    vision tower runs in cfg.vision_dtype, the dtype the cache was built in.
+    """
+    export_dir = Path(export_dir)
+    cfg = read_export_config(export_dir)
+    dtype = resolve_dtype(dtype) if dtype is not None else _default_dtype(device)
+    tokenizer = load_tokenizer(cfg, export_dir)
+    tower = load_vision_tower(cfg, export_dir, device) if with_vision else None
+    num_patches = tower.feature_shape(cfg.pool)[0] if tower is not None else _patches_from_config(cfg, export_dir)
+    llm = load_llm_from_export(export_dir, cfg, dtype)
+    vlm = build_from_export(llm, tokenizer, export_dir, cfg, num_patches, dtype)
+    unwrap_llm(vlm.llm).config.use_cache = True   # load_llm turns the KV cache off for training
+    vlm.requires_grad_(False)
+    vlm.eval()
+    return vlm.to(device), tokenizer, tower, cfg
+
+
+def _patches_from_config(cfg: ExportConfig, export_dir) -> int:
+    """Patches per image without loading the tower's weights (only matters for connector kind mlp)."""
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(resolve_path(cfg.vision, export_dir))
+    c = getattr(c, "vision_config", c)
+    side = c.image_size // c.patch_size
+    side = -(-side // cfg.pool)
+    return side * side
+
+
+def merge_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                 save_dtype: str | torch.dtype | None = None) -> Path:
+    """Write a standalone export: the LLM with LoRA merged in (+ tokenizer), connector, config.
+
+    The merge runs in float32 and the result is saved in `save_dtype` (default: the
+    base LLM's own dtype). A frozen-mode export gets a copy of its base LLM, so the
+    output never depends on the base path. Published atomically (temp dir, rename).
+    """
+    from transformers import AutoConfig
+
+    export_dir, out = Path(export_dir), Path(out_dir)
+    cfg = read_export_config(export_dir)
+    if cfg.merged:
+        raise ExportError(f"{export_dir} is already merged; load it directly")
+    if out.resolve() == export_dir.resolve():
+        raise ExportError(f"merge_export: out_dir {out} must differ from the export it reads")
+    llm_path = resolve_path(cfg.llm, export_dir)
+    if save_dtype is None:
+        base_cfg = AutoConfig.from_pretrained(llm_path)
+        save_dtype = getattr(base_cfg, "dtype", None) or torch.float32
+    save_dtype = resolve_dtype(save_dtype) if isinstance(save_dtype, str) else save_dtype
+    tokenizer = load_tokenizer(cfg, export_dir)
+    llm = load_llm_from_export(export_dir, cfg, torch.float32)
+    if hasattr(llm, "merge_and_unload"):
+        llm = llm.merge_and_unload()
+    llm = llm.to(save_dtype)
+    llm.config.use_cache = True    # load_llm turns the cache off for training; inference wants it
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    llm.save_pretrained(str(tmp / LLM_DIR))
+    tokenizer.save_pretrained(str(tmp / LLM_DIR))
+    for name in (CONNECTOR_FILE, CONNECTOR_CONFIG):
+        shutil.copy2(export_dir / name, tmp / name)
+    merged = cfg.to_dict()
+    merged.update(llm=LLM_DIR, merged=True, base_llm=cfg.base_llm or _portable(llm_path),
+                  vision=_portable(resolve_path(cfg.vision, export_dir)), merged_from=str(export_dir.resolve()))
+    (tmp / EXPORT_CONFIG).write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _portable(ref: str) -> str:
+    """An existing local path made absolute (the merged dir may be moved); a hub id unchanged."""
+    return str(Path(ref).resolve()) if Path(ref).exists() else ref
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m vlm_dist.export EXPORT_DIR OUT_DIR [--dtype bf16]: merge LoRA into one directory."""
+    import argparse
+    p = argparse.ArgumentParser(description="Merge an export's LoRA adapter into its LLM and write one "
+                                "directory that vlm-generate / vlm-eval load in one call.")
+    p.add_argument("export_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default=None, help="dtype of the saved LLM (default: the base LLM's)")
+    args = p.parse_args(argv)
+    out = merge_export(args.export_dir, args.out_dir, args.dtype)
+    print(f"merged export written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""vlm-generate: talk to a trained export about any number of images, with streamed output.
+
+    vlm-generate --model runs/sft/export --image a.png --image b.png \\
+        --prompt "Which image shows the red circle?"
+    vlm-generate --model runs/sft/merged --chat chat.json --image a.png --sample --temperature 0.7
+
+--model is an export directory (base LLM + connector + adapter/) or a merged
+one (vlm_dist.export.merge_export); either loads in one call. Features are
+computed online by the export's vision tower with the cache's preprocessing,
+dtype and pooling. The k-th `<image>` in the prompt is the k-th --image; a
+--prompt without any `<image>` gets one `<image>` line per image in front
+("Image 1: <image>" ... for several). --chat is a JSON list of {role, content}
+turns (or a record with "conversations"); the reply to the last user turn is
+generated. Output streams to stdout as it is produced.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vlm_dist.records import IMAGE_PLACEHOLDER
+
+
+def build_conversation(prompt: str | None, chat: list[dict] | None, n_images: int,
+                       system: str | None = None) -> list[dict]:
+    """The turns to answer: a --chat file's, or one user turn from --prompt."""
+    if (prompt is None) == (chat is None):
+        raise ValueError("give exactly one of --prompt and --chat")
+    if chat is not None:
+        turns = [dict(t) for t in chat]
+        for i, t in enumerate(turns):
+            if set(t) != {"role", "content"} or t["role"] not in ("system", "user", "assistant"):
+                raise ValueError(f"--chat turn {i} must be {{role: system|user|assistant, content}}, got {t}")
+        if not turns or turns[-1]["role"] != "user":
+            raise ValueError("--chat must end with a user turn (the reply to it is generated)")
+    else:
+        text = prompt
+        if IMAGE_PLACEHOLDER not in text and n_images:
+            head = (IMAGE_PLACEHOLDER if n_images == 1 else
+                    "\n".join(f"Image {i + 1}: {IMAGE_PLACEHOLDER}" for i in range(n_images)))
+            text = f"{head}\n{text}"
+        turns = [{"role": "user", "content": text}]
+    if system:
+        if turns[0]["role"] == "system":
+            raise ValueError("--system given but the chat already starts with a system turn")
+        turns.insert(0, {"role": "system", "content": system})
+    n = sum(t["content"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if n != n_images:
+        raise ValueError(f"the prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} --image "
+                         f"file(s) were given; every {IMAGE_PLACEHOLDER} needs exactly one --image, in order")
+    return turns
+
+
+def read_chat(path: str) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--chat {path}: cannot read a JSON chat ({e})") from e
+    if isinstance(data, dict) and "conversations" in data:
+        data = data["conversations"]
+    if not isinstance(data, list):
+        raise ValueError(f"--chat {path}: expected a list of {{role, content}} turns or a record")
+    return data
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="vlm-generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="export directory (or a merged export)")
+    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several, in order")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the user message; <image> marks where each image goes")
+    src.add_argument("--chat", help="JSON file: [{role, content}, ...] ending with a user turn")
+    p.add_argument("--system", help="a system message put first")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    mode.add_argument("--sample", action="store_true", help="sample with --temperature and --top-p")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="LLM/connector dtype: bf16, fp16, fp32 "
+                   "(default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--no-stream", action="store_true", help="print the reply once it is complete")
+    args = p.parse_args(argv)
+    if args.sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
+        p.error(f"--sample needs --temperature > 0 and 0 < --top-p <= 1 (got {args.temperature}, {args.top_p})")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    from transformers import TextStreamer
+
+    from vlm_dist.export import load_export
+    from vlm_dist.images import ImageError, load_image
+    from vlm_dist.inference import GenerationSettings, Generator
+
+    try:
+        chat = read_chat(args.chat) if args.chat else None
+        turns = build_conversation(args.prompt, chat, len(args.image), args.system)
+        images = [load_image(path) for path in args.image]
+    except (ValueError, ImageError) as e:
+        print(f"vlm-generate: {e}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vlm, tokenizer, tower, cfg = load_export(args.model, device=device, dtype=args.dtype)
+    gen = Generator(vlm, tokenizer, cfg, tower)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    text = gen.generate(turns, gen.encode_images(images), settings, streamer=streamer)
+    if args.no_stream:
+        print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""From images and a conversation to generated text: features, prompt, generate, decode.
+
+    vlm, tokenizer, tower, cfg = load_export("runs/sft/export")
+    gen = Generator(vlm, tokenizer, cfg, tower)
+    text = gen.generate(conversations, gen.encode_images([img1, img2]), GenerationSettings())
+
+Features come either online (`encode_images`: the export's vision tower, its
+image processor, its dtype and pooling, as `vlm-cache build` encodes them) or
+from a feature cache (`cached_features`). The prompt is the conversation up to
+the reply to generate, in the export's template, ending with the assistant
+prefix for chatml. Generation stops at <|im_end|> or <|endoftext|>.
+Used by vlm-generate and vlm-eval.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from vlm_dist.prompt import PromptEncoder
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 64
+    """Longest reply in tokens."""
+    do_sample: bool = False
+    """False: greedy; True: sample with temperature and top_p."""
+    temperature: float = 1.0
+    """Sampling temperature (sampling only)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (sampling only)."""
+    seed: int | None = None
+    """Seed for sampling (None: torch's current state)."""
+
+
+def prompt_turns(conversations: list[dict]) -> list[dict]:
+    """The turns before the last assistant turn (a record's reference answer is dropped)."""
+    last = max((i for i, t in enumerate(conversations) if t["role"] == "assistant"), default=None)
+    return list(conversations if last is None else conversations[:last])
+
+
+class Generator:
+    """One loaded model (from load_export) turned into text-in, text-out generation."""
+
+    def __init__(self, vlm, tokenizer, cfg, tower=None):
+        self.vlm, self.tokenizer, self.cfg, self.tower = vlm, tokenizer, cfg, tower
+        self.encoder = PromptEncoder(tokenizer, cfg.template, cfg.num_media_tokens)
+        self.stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vlm.parameters()).device
+
+    def encode_images(self, images: Sequence) -> torch.Tensor:
+        """RGB PIL images -> (M, P, D) features, exactly as the cache computes them."""
+        if self.tower is None:
+            raise ValueError("this Generator has no vision tower; load the export with with_vision=True")
+        if not images:
+            return torch.empty(0, *self.tower.feature_shape(self.cfg.pool), dtype=self.tower.dtype)
+        return self.tower(self.tower.preprocess(list(images)), pool=self.cfg.pool)
+
+    @staticmethod
+    def cached_features(cache, refs: Sequence[str]) -> torch.Tensor:
+        """(M, P, D) features of a record's image references from a FeatureCache."""
+        if not refs:
+            return torch.empty(0, *cache.feature_shape)
+        return torch.stack([cache.features_for(r) for r in refs])
+
+    def prompt_ids(self, conversations: list[dict]) -> tuple[list[int], int]:
+        ids, counts = self.encoder.encode_prompt(conversations)
+        return ids, counts["image"]
+
+    @torch.no_grad()
+    def generate_ids(self, conversations: list[dict], features: torch.Tensor | None,
+                     settings: GenerationSettings, streamer=None) -> list[int]:
+        """New token ids for the prompt (conversation without the reply) and its images' features."""
+        ids, n_images = self.prompt_ids(conversations)
+        n_feats = 0 if features is None else features.shape[0]
+        if n_images != n_feats:
+            raise ValueError(f"the prompt has {n_images} <image> placeholder(s) but {n_feats} image(s) "
+                             "were given; every <image> needs exactly one image, in order")
+        media = None
+        if n_feats:
+            media = {"image": {"features": features.to(self.device),
+                               "counts": torch.tensor([n_feats], device=self.device)}}
+        out = self.vlm.generate(torch.tensor([ids], device=self.device), media,
+                                max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                                temperature=settings.temperature, top_p=settings.top_p,
+                                eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                streamer=streamer, seed=settings.seed)
+        new = out[0].tolist()
+        for i, t in enumerate(new):       # cut at the first stop token
+            if t in self.stop_ids:
+                return new[:i]
+        return new
+
+    def generate(self, conversations: list[dict], features: torch.Tensor | None,
+                 settings: GenerationSettings | None = None, streamer=None) -> str:
+        ids = self.generate_ids(conversations, features, settings or GenerationSettings(), streamer)
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
