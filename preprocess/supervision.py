@@ -1,0 +1,56 @@
+"""vlm-convert check: the supervision check before any GPU time is spent.
+
+Tokenizes every record of each file once (in parallel, cached next to the file;
+see vlm_dist/data/lengths.py), prints the length distribution and the
+supervised-token fraction per file, writes `<stem>.supervision.json` (the
+summary) and `<stem>.problems.jsonl` (every record that cannot be trained on,
+with its reason), and exits 1 when there are any.
+
+    vlm-convert check --records stage1.jsonl --tokenizer Qwen3-8B-Base --template plain --image-tokens 64 \\
+        --max-seq-len 2048 [--truncate] [--workers 16]
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlm_dist.data.lengths import check_supervision, format_summary, summarize, tokenize_records
+from vlm_dist.prompt import TEMPLATES
+
+
+def add_parser(sub):
+    p = sub.add_parser("check", help="tokenize records once, report lengths and supervision, fail on bad records",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--records", nargs="+", required=True, type=Path, help="records JSONL file(s)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (AutoTokenizer.from_pretrained)")
+    p.add_argument("--template", required=True, choices=TEMPLATES, help="plain (stage 1) or chatml (SFT)")
+    p.add_argument("--image-tokens", type=int, default=64, help="pad slots per image (the resampler's N)")
+    p.add_argument("--max-seq-len", type=int, required=True)
+    p.add_argument("--truncate", action="store_true",
+                   help="cut over-long records at max_seq_len instead of failing (never inside an image block)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="default: next to each records file")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: min(8, CPUs))")
+    return p
+
+
+def run_cli(args) -> int:
+    from preprocess.convert import side_path
+
+    failed = 0
+    for path in args.records:
+        table = tokenize_records(path, args.tokenizer, args.template, args.image_tokens, args.max_seq_len,
+                                 args.truncate, args.cache_dir, args.workers)
+        summary = summarize(table)
+        problems = table.problems()
+        side_path(path, "supervision.json").write_text(
+            json.dumps({**summary, "cache": table.cache_path, "key": table.key}, indent=2, sort_keys=True) + "\n")
+        with open(side_path(path, "problems.jsonl"), "w", encoding="utf-8") as f:
+            for p in problems:
+                f.write(json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n")
+        print(format_summary(path.name, summary))
+        try:
+            check_supervision(table)
+        except ValueError as e:
+            print(f"FAIL {e}\n  full list: {side_path(path, 'problems.jsonl')}")
+            failed += 1
+    return 1 if failed else 0

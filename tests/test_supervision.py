@@ -1,0 +1,138 @@
+"""Supervision check: every record tokenized once (cached), lengths stored, bad records listed."""
+import json
+import os
+
+import pytest
+
+from preprocess.convert import main
+from vlm_dist.data import lengths as L
+from vlm_dist.prompt import PromptEncoder
+from vlm_dist.records import write_records
+
+N = 4
+
+
+def rec(rid, user, answer, images=()):
+    return {"id": rid, "images": list(images), "conversations": [
+        {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+GOOD = [
+    rec("cap", "<image>\nDescribe the image in one sentence.", "A red circle on the left.", ["a.jpg"]),
+    rec("two", "<image>\n<image>\nDescribe each image in order.", "Image 1: a dog. Image 2: a cat.", ["a", "b"]),
+    rec("text", "Hello world.", "Yes."),
+]
+LONG_TEXT = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
+
+
+@pytest.fixture
+def records(tmp_path):
+    path = tmp_path / "good.jsonl"
+    write_records(path, GOOD)
+    return path
+
+
+def test_lengths_match_the_encoder_and_samples_come_from_the_cache(records, tiny_models, tokenizer, tmp_path):
+    table = L.tokenize_records(records, tiny_models["tokenizer"], "chatml", N, 512, num_workers=1)
+    enc = PromptEncoder(tokenizer, "chatml", N)
+    want = [enc.encode(r) for r in GOOD]
+    assert table.lengths.tolist() == [len(s) for s in want]
+    assert table.supervised.tolist() == [s.num_supervised for s in want]
+    assert table.ok.all() and table.problems() == []
+    for i, s in enumerate(want):
+        got = table.sample(i)
+        assert (got.id, got.input_ids, got.labels, got.image_keys) == (s.id, s.input_ids, s.labels, s.image_keys)
+    L.check_supervision(table)   # nothing to report
+    assert os.path.dirname(table.cache_path) == str(tmp_path)
+
+
+def test_cache_hit_skips_tokenization_and_any_change_misses(records, tiny_models, monkeypatch, tmp_path):
+    first = L.tokenize_records(records, tiny_models["tokenizer"], "plain", N, 512, num_workers=1)
+
+    def boom(task):
+        raise AssertionError("tokenized again despite a cache hit")
+    monkeypatch.setattr(L, "_encode_chunk", boom)
+    again = L.tokenize_records(records, tiny_models["tokenizer"], "plain", N, 512, num_workers=1)
+    assert again.cache_path == first.cache_path and again.lengths.tolist() == first.lengths.tolist()
+    monkeypatch.undo()
+
+    other_len = L.tokenize_records(records, tiny_models["tokenizer"], "plain", N, 256, num_workers=1)
+    other_n = L.tokenize_records(records, tiny_models["tokenizer"], "plain", N + 1, 512, num_workers=1)
+    other_tpl = L.tokenize_records(records, tiny_models["tokenizer"], "chatml", N, 512, num_workers=1)
+    write_records(records, GOOD[:2])
+    other_file = L.tokenize_records(records, tiny_models["tokenizer"], "plain", N, 512, num_workers=1)
+    paths = {t.cache_path for t in (first, other_len, other_n, other_tpl, other_file)}
+    assert len(paths) == 5 and len(other_file) == 2
+    assert (other_n.lengths - first.lengths).tolist() == [1, 2, 0]   # one more slot per image
+
+
+def test_parallel_workers_give_the_same_table(records, tiny_models, tmp_path):
+    one = L.tokenize_records(records, tiny_models["tokenizer"], "chatml", N, 512, num_workers=1,
+                             cache_dir=tmp_path / "one")
+    two = L.tokenize_records(records, tiny_models["tokenizer"], "chatml", N, 512, num_workers=2,
+                             cache_dir=tmp_path / "two")
+    assert one.table.equals(two.table)
+
+
+def test_fail_fast_lists_over_long_unsupervised_and_invalid_records(tmp_path, tiny_models):
+    path = tmp_path / "bad.jsonl"
+    write_records(path, GOOD + [rec("long", LONG_TEXT, "Yes."),
+                                rec("long_img", LONG_TEXT + " <image>", "Yes.", ["x.jpg"])])
+    with open(path, "a") as f:
+        f.write(json.dumps({"id": "broken", "images": ["a"], "conversations": [
+            {"role": "user", "content": "no placeholder"}, {"role": "assistant", "content": "x"}]}) + "\n")
+    table = L.tokenize_records(path, tiny_models["tokenizer"], "chatml", N, 48, num_workers=1)
+    problems = {p["id"]: p for p in table.problems()}
+    assert {k: p["reason"] for k, p in problems.items()} == {
+        "long": "too_long", "long_img": "too_long", "broken": "invalid"}
+    assert problems["long"]["length"] > 48 and problems["long"]["index"] == 3
+    with pytest.raises(L.SupervisionError) as e:
+        L.check_supervision(table)
+    msg = str(e.value)
+    assert "3 record(s) cannot be trained on" in msg and "'long' (record 3): too_long" in msg
+    assert "'broken' (record 5): invalid" in msg and "max_seq_len=48" in msg
+    assert table.ok.tolist() == [True, True, True, False, False, False]
+
+
+def test_truncate_cuts_text_only_never_an_image_block(tmp_path, tiny_models, tokenizer):
+    path = tmp_path / "trunc.jsonl"
+    records = [rec("answer_long", "<image>\nDescribe.", LONG_TEXT, ["a.jpg"]),
+               rec("prompt_long", LONG_TEXT, "Yes."),
+               {"id": "image_late", "images": ["x.jpg"], "conversations": [
+                   {"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Yes."},
+                   {"role": "user", "content": LONG_TEXT + " <image>"}, {"role": "assistant", "content": "No."}]}]
+    write_records(path, records)
+    table = L.tokenize_records(path, tiny_models["tokenizer"], "chatml", N, 40, truncate=True, num_workers=1)
+    reasons = {p["id"]: p["reason"] for p in table.problems()}
+    # the long answer is cut to 40 tokens and keeps its image; a prompt filling the row leaves
+    # nothing supervised; cutting before the late image would drop an image block
+    assert reasons == {"prompt_long": "no_supervision", "image_late": "too_long"}
+    s = table.sample(0)
+    assert len(s) == 40 and s.truncated and s.image_keys == ["a.jpg"] and s.num_supervised > 0
+    summary = L.summarize(table)
+    assert summary["ok"] == 1 and summary["truncated"] == 1 and summary["length"]["max"] == 40
+
+
+def test_summary_reports_lengths_and_supervised_fraction(records, tiny_models):
+    table = L.tokenize_records(records, tiny_models["tokenizer"], "plain", N, 512, num_workers=1)
+    s = L.summarize(table)
+    lengths, sup = table.lengths, table.supervised
+    assert s["tokens"] == lengths.sum() and s["supervised_tokens"] == sup.sum()
+    assert s["supervised_fraction"] == round(sup.sum() / lengths.sum(), 4)
+    assert s["images"] == 3 and s["text_only_records"] == 1
+    assert s["length"]["min"] == lengths.min() and s["length"]["max"] == lengths.max()
+    line = L.format_summary("good", s)
+    assert line.startswith("good: 3/3 records usable; tokens min") and "supervised" in line
+
+
+def test_check_cli_exit_status_and_side_files(records, tmp_path, tiny_models, capsys):
+    argv = ["check", "--records", str(records), "--tokenizer", tiny_models["tokenizer"], "--template", "plain",
+            "--image-tokens", str(N), "--max-seq-len", "512", "--workers", "1"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "good.supervision.json").read_text())["ok"] == 3
+    assert (tmp_path / "good.problems.jsonl").read_text() == ""
+    assert main(argv[:-3] + ["12", "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "too_long" in out
+    listed = [json.loads(x) for x in (tmp_path / "good.problems.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in listed] == ["cap", "two"]   # "text" fits in 12 tokens

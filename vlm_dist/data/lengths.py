@@ -1,0 +1,284 @@
+"""Tokenize every record once, in parallel, cached on disk; lengths for the sampler and packer.
+
+    table = tokenize_records("mix665k.jsonl", tokenizer="Qwen3-8B-Base", template="chatml",
+                             image_tokens=64, max_seq_len=4096, num_workers=16)
+    table.lengths          # np.int32 (num_records,): tokens per record, in file order
+    table.sample(i)        # EncodedSample of record i, read from the cache (no tokenizer)
+    check_supervision(table)          # SupervisionError listing bad records, or nothing
+    summarize(table)       # length distribution and supervised-token fraction
+
+Each record goes through `vlm_dist.prompt.PromptEncoder` (the one tokenization of
+the contract). A record is a problem when it is invalid, longer than
+max_seq_len (`too_long`; with truncate=True it is cut instead, but a cut that
+would remove an image block is still `too_long`), or has no supervised token
+(`no_supervision`). Problems are kept in the table (reason, detail) so the whole
+file is checked in one pass, and `check_supervision` fails listing them.
+
+The cache is one Arrow IPC file (uncompressed, memory-mapped on load) named by
+a key over: the tokenizer's serialized vocabulary and added tokens, the records
+file's SHA-256, the template, image_tokens, max_seq_len, truncate, and the
+source of prompt.py and media.py. Any change gives a new file; a hit costs one
+hash of the records file. Default location: next to the records file, as
+`<stem>.lengths-<key>.arrow`.
+
+    vlm-convert check --records mix665k.jsonl --tokenizer Qwen3-8B-Base --template chatml --max-seq-len 4096
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+CHUNK = 2048          # records per worker task
+CACHE_VERSION = 1
+
+SCHEMA = pa.schema([
+    ("index", pa.int64()), ("id", pa.string()), ("length", pa.int32()), ("supervised", pa.int32()),
+    ("num_images", pa.int16()), ("truncated", pa.bool_()), ("reason", pa.string()), ("detail", pa.string()),
+    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("image_keys", pa.list_(pa.string())),
+])
+
+
+class SupervisionError(ValueError):
+    """Records that cannot be trained on; the message lists them (id, reason, detail)."""
+
+
+@dataclass
+class LengthTable:
+    """The tokenized records of one file, memory-mapped from the cache."""
+    records_path: str
+    cache_path: str
+    key: dict              # what the cache file was computed from
+    table: pa.Table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.table.column("length").to_numpy()
+
+    @property
+    def supervised(self) -> np.ndarray:
+        return self.table.column("supervised").to_numpy()
+
+    @property
+    def ok(self) -> np.ndarray:
+        """True where the record is a usable training sample."""
+        return self.table.column("reason").is_null().to_numpy(zero_copy_only=False)
+
+    def problems(self) -> list[dict]:
+        bad = self.table.filter(self.table.column("reason").is_valid())
+        return bad.select(["index", "id", "reason", "detail", "length"]).to_pylist()
+
+    def sample(self, i: int):
+        """The EncodedSample of record i (ValueError if record i is a problem)."""
+        from vlm_dist.media import IMAGE
+        from vlm_dist.prompt import EncodedSample
+        row = self.table.slice(i, 1).to_pylist()[0]
+        if row["reason"] is not None:
+            raise ValueError(f"record {row['id']!r} ({self.records_path}, record {i}) is not a training "
+                             f"sample: {row['reason']}: {row['detail']}")
+        media = {IMAGE.name: row["image_keys"]} if row["image_keys"] else {}
+        return EncodedSample(row["id"], row["input_ids"], row["labels"], media, row["truncated"])
+
+
+# -- fingerprints --------------------------------------------------------------
+def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 over what decides token ids: the serialized fast tokenizer and the added tokens."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer; "
+                         "the supervision check needs one to fingerprint")
+    h.update(backend.to_str().encode())
+    h.update(json.dumps(sorted(tokenizer.get_added_vocab().items())).encode())
+    return h.hexdigest()
+
+
+def _code_fingerprint() -> str:
+    import vlm_dist.media
+    import vlm_dist.prompt
+    h = hashlib.sha256()
+    for mod in (vlm_dist.prompt, vlm_dist.media):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()
+
+
+# -- workers -------------------------------------------------------------------
+_W: dict = {}
+
+
+def _init_worker(tokenizer_path: str, template: str, image_tokens: int, max_seq_len: int, truncate: bool):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+
+    from vlm_dist.prompt import PromptEncoder
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    _W.update(encoder=PromptEncoder(tok, template, image_tokens), max_seq_len=max_seq_len, truncate=truncate)
+
+
+def _encode_chunk(task: tuple[int, list[str]]) -> pa.RecordBatch:
+    from vlm_dist.prompt import SampleError
+    from vlm_dist.records import RecordError, validate_record
+
+    start, lines = task
+    enc, max_len, truncate = _W["encoder"], _W["max_seq_len"], _W["truncate"]
+    cols = {name: [] for name in SCHEMA.names}
+
+    def add(i, rid, ids=(), labels=(), keys=(), truncated=False, reason=None, detail=None, length=None):
+        for name, v in (("index", start + i), ("id", rid), ("input_ids", list(ids)), ("labels", list(labels)),
+                        ("image_keys", list(keys)), ("truncated", truncated), ("reason", reason),
+                        ("detail", detail), ("length", len(ids) if length is None else length),
+                        ("supervised", sum(1 for x in labels if x != -100)), ("num_images", len(keys))):
+            cols[name].append(v)
+
+    for i, line in enumerate(lines):
+        rid = None
+        try:
+            record = json.loads(line)
+            rid = record.get("id") if isinstance(record, dict) else None
+            validate_record(record, f"record {start + i}")
+        except (json.JSONDecodeError, RecordError) as e:
+            add(i, None if rid is None else str(rid), reason="invalid", detail=str(e))
+            continue
+        try:
+            s = enc.encode(record, max_len, truncate, validate=False)
+        except SampleError as e:
+            full = enc.encode(record, None, False, validate=False) if e.reason == "too_long" else None
+            add(i, rid, reason=e.reason, detail=str(e), length=len(full) if full else 0)
+            continue
+        if s.truncated and len(s.image_keys) < len(record.get("images", [])):
+            full = enc.encode(record, None, False, validate=False)
+            add(i, rid, reason="too_long", length=len(full),
+                detail=f"record {rid!r}: {len(full)} tokens exceed max_seq_len={max_len} and truncation "
+                       f"would cut {len(record['images']) - len(s.image_keys)} image block(s)")
+            continue
+        add(i, rid, s.input_ids, s.labels, s.image_keys, s.truncated)
+    return pa.RecordBatch.from_pydict(cols, schema=SCHEMA)
+
+
+def _chunks(path: Path):
+    with open(path, encoding="utf-8") as f:
+        start, lines = 0, []
+        for line in f:
+            if not line.strip():
+                continue   # read_records skips blank lines too: indices count records, not lines
+            lines.append(line)
+            if len(lines) == CHUNK:
+                yield start, lines
+                start, lines = start + len(lines), []
+        if lines:
+            yield start, lines
+
+
+# -- public --------------------------------------------------------------------
+def tokenize_records(records_path: str | os.PathLike, tokenizer: str | os.PathLike, template: str,
+                     image_tokens: int, max_seq_len: int, truncate: bool = False,
+                     cache_dir: str | os.PathLike | None = None, num_workers: int | None = None,
+                     progress: bool = True) -> LengthTable:
+    """Tokenize (or load from the cache) every record of a JSONL file; see the module docstring.
+
+    `tokenizer` is a folder loadable with AutoTokenizer.from_pretrained (each worker loads it).
+    """
+    from transformers import AutoTokenizer
+    from tqdm import tqdm
+
+    records_path = Path(records_path)
+    if not records_path.is_file():
+        raise FileNotFoundError(f"records file {records_path} does not exist")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    key = {"version": CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tok),
+           "records": file_sha256(records_path), "template": template, "image_tokens": int(image_tokens),
+           "max_seq_len": int(max_seq_len), "truncate": bool(truncate), "code": _code_fingerprint()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    stem = records_path.name[:-len(".jsonl")] if records_path.name.endswith(".jsonl") else records_path.name
+    cache = Path(cache_dir or records_path.parent) / f"{stem}.lengths-{digest}.arrow"
+    if not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        init = (str(tokenizer), template, int(image_tokens), int(max_seq_len), bool(truncate))
+        workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        schema = SCHEMA.with_metadata({"vlm_dist.lengths.key": json.dumps(key, sort_keys=True)})
+        bar = tqdm(desc=f"tokenize {records_path.name}", unit=" rec", disable=None if progress else True)
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            if workers <= 1:
+                _init_worker(*init)
+                batches = map(_encode_chunk, _chunks(records_path))
+                for batch in batches:
+                    writer.write_batch(batch)
+                    bar.update(batch.num_rows)
+            else:
+                with mp.get_context("spawn").Pool(workers, _init_worker, init) as pool:
+                    for batch in pool.imap(_encode_chunk, _chunks(records_path)):
+                        writer.write_batch(batch)
+                        bar.update(batch.num_rows)
+        bar.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, cache)
+    table = pa.ipc.open_file(pa.memory_map(str(cache))).read_all()
+    return LengthTable(str(records_path), str(cache), key, table)
+
+
+def check_supervision(table: LengthTable, max_listed: int = 20) -> None:
+    """Raise SupervisionError listing the records that cannot be trained on (too long, no supervision)."""
+    problems = table.problems()
+    if not problems:
+        return
+    counts = Counter(p["reason"] for p in problems)
+    lines = [f"{p['id']!r} (record {p['index']}): {p['reason']}: {p['detail']}" for p in problems[:max_listed]]
+    more = f"\n  ... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
+    raise SupervisionError(
+        f"{table.records_path}: {len(problems)} record(s) cannot be trained on "
+        f"({', '.join(f'{r} {n}' for r, n in sorted(counts.items()))}); max_seq_len={table.key['max_seq_len']}, "
+        f"template={table.key['template']}. Fix or drop them (or set truncate for over-long text):\n  "
+        + "\n  ".join(lines) + more)
+
+
+def summarize(table: LengthTable) -> dict:
+    """Length distribution and supervised-token fraction over the usable records."""
+    ok = table.ok
+    lengths, sup = table.lengths[ok].astype(np.int64), table.supervised[ok].astype(np.int64)
+    imgs = table.table.column("num_images").to_numpy()[ok]
+    out = {"records": len(table), "ok": int(ok.sum()),
+           "problems": dict(sorted(Counter(p["reason"] for p in table.problems()).items())),
+           "truncated": int(table.table.column("truncated").to_numpy(zero_copy_only=False)[ok].sum()),
+           "tokens": int(lengths.sum()), "supervised_tokens": int(sup.sum()),
+           "supervised_fraction": round(float(sup.sum() / lengths.sum()), 4) if lengths.sum() else 0.0,
+           "images": int(imgs.sum()), "text_only_records": int((imgs == 0).sum())}
+    if len(lengths):
+        q = np.percentile(lengths, [50, 90, 99])
+        out["length"] = {"min": int(lengths.min()), "p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]),
+                         "max": int(lengths.max()), "mean": round(float(lengths.mean()), 1)}
+    return out
+
+
+def format_summary(name: str, s: dict) -> str:
+    """One line per dataset for the run log."""
+    text = f"{name}: {s['ok']}/{s['records']} records usable"
+    if s["problems"]:
+        text += " (" + ", ".join(f"{r} {n}" for r, n in s["problems"].items()) + ")"
+    if "length" in s:
+        L = s["length"]
+        text += (f"; tokens min {L['min']} p50 {L['p50']} p90 {L['p90']} p99 {L['p99']} max {L['max']}"
+                 f" mean {L['mean']}")
+    text += f"; supervised {s['supervised_fraction']:.1%} of {s['tokens']} tokens; {s['images']} images"
+    if s["truncated"]:
+        text += f"; {s['truncated']} truncated"
+    return text
