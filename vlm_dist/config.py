@@ -84,7 +84,7 @@ class ModelConfig:
 class LoraConfig:
     r: Optional[int] = 128
     """LoRA rank (seed 003: 128)."""
-    alpha: Optional[float] = 256
+    alpha: Optional[int] = 256
     """LoRA alpha; the update is scaled by alpha / r (seed 003: 256)."""
     dropout: float = 0.05
     """Dropout on the LoRA input (seed 003: 0.05)."""
