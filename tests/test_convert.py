@@ -284,3 +284,12 @@ def test_bad_flags_are_loud(tmp_path, capsys):
     assert main(["llava-instruct", "--input", str(src), "--out", str(tmp_path / "o.jsonl"),
                  "--image-root", str(tmp_path / "root")]) == 2
     assert "outside --image-root" in capsys.readouterr().err
+
+
+def test_converted_records_pass_the_supervision_check(mix665k, tmp_path, tiny_models):
+    out = tmp_path / "mix665k.jsonl"
+    run("llava-instruct", "--input", mix665k / "llava_v1_5_mix665k.json", "--out", out, "--image-root", mix665k)
+    run("check", "--records", out, "--tokenizer", tiny_models["tokenizer"], "--template", "chatml",
+        "--image-tokens", 4, "--max-seq-len", 256, "--workers", 1)
+    summary = json.loads(side(out, "supervision.json").read_text())
+    assert summary["ok"] == 4 and summary["images"] == 2 and summary["text_only_records"] == 2

@@ -42,6 +42,7 @@ def test_lengths_match_the_encoder_and_samples_come_from_the_cache(records, tiny
     for i, s in enumerate(want):
         got = table.sample(i)
         assert (got.id, got.input_ids, got.labels, got.image_keys) == (s.id, s.input_ids, s.labels, s.image_keys)
+    assert [(i, s.input_ids) for i, s in table.iter_samples()] == [(i, s.input_ids) for i, s in enumerate(want)]
     L.check_supervision(table)   # nothing to report
     assert os.path.dirname(table.cache_path) == str(tmp_path)
 

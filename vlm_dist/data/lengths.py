@@ -4,6 +4,7 @@
                              image_tokens=64, max_seq_len=4096, num_workers=16)
     table.lengths          # np.int32 (num_records,): tokens per record, in file order
     table.sample(i)        # EncodedSample of record i, read from the cache (no tokenizer)
+    table.iter_samples()   # (index, EncodedSample) of every usable record, in file order
     check_supervision(table)          # SupervisionError listing bad records, or nothing
     summarize(table)       # length distribution and supervised-token fraction
 
@@ -80,14 +81,25 @@ class LengthTable:
 
     def sample(self, i: int):
         """The EncodedSample of record i (ValueError if record i is a problem)."""
-        from vlm_dist.media import IMAGE
-        from vlm_dist.prompt import EncodedSample
         row = self.table.slice(i, 1).to_pylist()[0]
         if row["reason"] is not None:
             raise ValueError(f"record {row['id']!r} ({self.records_path}, record {i}) is not a training "
                              f"sample: {row['reason']}: {row['detail']}")
-        media = {IMAGE.name: row["image_keys"]} if row["image_keys"] else {}
-        return EncodedSample(row["id"], row["input_ids"], row["labels"], media, row["truncated"])
+        return _to_sample(row)
+
+    def iter_samples(self):
+        """(record index, EncodedSample) of every usable record, in file order, batch by batch."""
+        for batch in self.table.to_batches():
+            for row in batch.to_pylist():
+                if row["reason"] is None:
+                    yield row["index"], _to_sample(row)
+
+
+def _to_sample(row: dict):
+    from vlm_dist.media import IMAGE
+    from vlm_dist.prompt import EncodedSample
+    media = {IMAGE.name: row["image_keys"]} if row["image_keys"] else {}
+    return EncodedSample(row["id"], row["input_ids"], row["labels"], media, row["truncated"])
 
 
 # -- fingerprints --------------------------------------------------------------
