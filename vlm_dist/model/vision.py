@@ -43,7 +43,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def weights_sha256(module: nn.Module) -> str:
-    """SHA-256 over every tensor of the state dict (name, dtype, shape, raw bytes), by name."""
+    """SHA-256 over every tensor of the state dict (name, dtype, shape, raw bytes), by name.
+
+    VisionTower hashes the float32 weights, so the hash names the checkpoint
+    whatever dtype the features are computed in.
+    """
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().to("cpu").contiguous()
@@ -109,7 +113,8 @@ class VisionTower(nn.Module):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()   # a full checkpoint's text weights are "unexpected": expected
         try:
-            model = model_cls.from_pretrained(name_or_path, dtype=dtype)
+            # float32 first: the weights hash must not depend on the dtype features are made in
+            model = model_cls.from_pretrained(name_or_path, dtype=torch.float32)
         finally:
             hf_logging.set_verbosity(verbosity)
         processor = AutoImageProcessor.from_pretrained(name_or_path)
@@ -120,6 +125,7 @@ class VisionTower(nn.Module):
             raise ValueError(f"feature_layer={feature_layer} is out of range for {name_or_path!r}, "
                              f"which has {num_layers} layers (hidden_states has {num_layers + 1})")
         weights_hash = weights_sha256(model)     # over the weights as loaded, before trimming
+        model.to(dtype)
         model.encoder.layers = model.encoder.layers[:index]     # layers above are never used
         model.head = None
         model.use_head = False
@@ -198,6 +204,24 @@ class VisionTower(nn.Module):
         params = json.loads(self.processor.to_json_string())
         params["processor_class"] = type(self.processor).__name__   # PIL vs torchvision backends differ
         return params
+
+    @classmethod
+    def expected_fingerprint(cls, name_or_path: str, feature_layer: int = -2,
+                             dtype: str | torch.dtype | None = None, pool: int | None = None) -> dict:
+        """The fingerprint a cache must match to be used with this encoder (loads it on the CPU).
+
+        Leave `dtype` / `pool` as None to accept whatever the cache was built
+        with (the connector takes the cache's feature shape); the fields left
+        out are not compared by `check_cache_for_training`.
+        """
+        tower = cls.from_pretrained(name_or_path, feature_layer=feature_layer,
+                                    dtype=torch.float32 if dtype is None else dtype)
+        fp = tower.fingerprint(pool=1 if pool is None else pool)
+        if dtype is None:
+            del fp["dtype"]
+        if pool is None:
+            del fp["pool"], fp["feature_shape"]
+        return fp
 
     def fingerprint(self, pool: int = 1) -> dict:
         """What a feature cache must match: same weights, layer, dtype, shape and preprocessing."""

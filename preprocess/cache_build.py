@@ -1,0 +1,545 @@
+"""Build the feature cache: encode every unique image once with the frozen vision tower.
+
+    vlm-cache build --records train.jsonl --image-root images/ --vision-model google/siglip-so400m-patch14-384 --out cache/
+
+Steps (each process, `plan` and `encode`; then one `finalize`):
+  plan      read the records, hash every referenced file (key = SHA-256 of its bytes), sort the
+            unique keys and cut them into shards of `shard_size` keys. The plan is a pure function
+            of the inputs, so every process and every re-run computes the same one; it is saved
+            in build/ and a re-run with different inputs is refused.
+  encode    shard j belongs to process j % num_shards. Decoding and preprocessing run in
+            DataLoader workers, the forward on the device, the write in a background thread.
+            A finished shard is written temp -> fsync -> rename, after its sidecar
+            (build/shards/shard-j.json: rows, bytes, SHA-256, failed keys). Re-runs skip it.
+  finalize  when every shard exists: keys.arrow, index.arrow, failures.jsonl, then manifest.json.
+
+Under torchrun / srun / mpirun each rank takes its slice from the environment and rank 0
+finalizes once every shard exists; with --shard-index/--num-shards the user runs
+`vlm-cache finalize` after the last one. Either way the files are byte-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from preprocess.cache_io import (ShardWriter, rank_from_env, write_bytes_atomic, write_json_atomic,
+                                 write_table_atomic)
+from vlm_dist.cache import (FAILURES_FILE, FORMAT, INDEX_FILE, KEYS_FILE, MANIFEST, SHARD_DIR,
+                            shard_name, write_verified_stamp)
+from vlm_dist.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from vlm_dist.model.vision import DEFAULT_VISION_MODEL, VisionTower, dtype_name, resolve_dtype
+from vlm_dist.records import read_records
+
+BUILD_DIR = "build"
+PLAN_FILE = f"{BUILD_DIR}/plan.json"
+REFS_FILE = f"{BUILD_DIR}/refs.arrow"
+
+
+class BuildError(RuntimeError):
+    """The build cannot complete (bad arguments, inputs changed, shards missing)."""
+
+
+@dataclass
+class BuildConfig:
+    out: str                                  # cache directory
+    records: list[str] = field(default_factory=list)      # JSONL files in the sample contract
+    image_lists: list[str] = field(default_factory=list)  # text files, one image path per line
+    image_root: str = "."                     # record image references are relative to this
+    vision_model: str = DEFAULT_VISION_MODEL  # hub id or local directory
+    feature_layer: int = -2                   # hidden_states index (-2: penultimate)
+    dtype: str = "bf16"                       # stored feature dtype: bf16, fp16, fp32
+    pool: int = 1                             # 2: average-pool the patch grid 2x2 (4x smaller)
+    batch_size: int = 64                      # images per forward
+    workers: int = 4                          # DataLoader decode/preprocess processes
+    device: str = "auto"                      # auto (cuda if present), cpu, cuda, cuda:N
+    shard_size: int = 1024                    # images per Arrow shard
+    shard_index: int | None = None            # this process's slice (with num_shards)
+    num_shards: int | None = None             # number of slices; default: launcher world size or 1
+    max_pixels: int = DEFAULT_MAX_PIXELS      # larger images are failures (decompression bombs)
+    wait_timeout: float = 24 * 3600.0         # rank 0 waits this long for the other ranks' shards
+    progress: bool = True                     # show the progress bar
+
+
+# -- plan ---------------------------------------------------------------------------------------
+def collect_references(cfg: BuildConfig) -> tuple[dict[str, list[str]], int, int]:
+    """{reference: [record ids]} from the records and image lists, plus (#records, #references)."""
+    refs: dict[str, list[str]] = {}
+    num_records = num_refs = 0
+    for path in cfg.records:
+        for rec in read_records(path):
+            num_records += 1
+            for ref in rec["images"]:
+                refs.setdefault(ref, []).append(rec["id"])
+                num_refs += 1
+    for path in cfg.image_lists:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                ref = line.strip()
+                if ref and not ref.startswith("#"):
+                    refs.setdefault(ref, [])
+                    num_refs += 1
+    if not refs:
+        raise BuildError("no images: give --records and/or --image-list files that reference some")
+    return refs, num_records, num_refs
+
+
+def hash_file(path: str) -> tuple[str | None, str | None]:
+    """(hex SHA-256 of the file's bytes, None) or (None, reason it cannot be read)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                h.update(block)
+    except OSError as e:
+        return None, f"unreadable file ({e.strerror or e})"
+    return h.hexdigest(), None
+
+
+@dataclass
+class Plan:
+    info: dict                       # what plan.json holds
+    refs: list[str]                  # sorted unique references
+    ref_keys: list[str | None]       # key per reference (None: unreadable)
+    ref_errors: list[str | None]
+    ref_records: list[list[str]]
+    keys: list[str]                  # sorted unique keys
+    key_ref: dict[str, str]          # key -> the first reference with it (the file decoded)
+
+    @property
+    def num_shard_files(self) -> int:
+        return self.info["num_shard_files"]
+
+    def shard_keys(self, j: int) -> list[str]:
+        s = self.info["shard_size"]
+        return self.keys[j * s:(j + 1) * s]
+
+
+def make_plan(cfg: BuildConfig, fingerprint: dict, threads: int = 8) -> Plan:
+    ref_map, num_records, num_refs = collect_references(cfg)
+    refs = sorted(ref_map)
+    paths = [os.path.join(cfg.image_root, r) for r in refs]
+    with ThreadPoolExecutor(max_workers=threads) as pool:   # hashlib releases the GIL
+        hashed = list(pool.map(hash_file, paths, chunksize=64))
+    ref_keys = [k for k, _ in hashed]
+    key_ref: dict[str, str] = {}
+    for ref, key in zip(refs, ref_keys):
+        if key is not None:
+            key_ref.setdefault(key, ref)
+    keys = sorted(key_ref)
+    digest = hashlib.sha256()
+    for ref, key in zip(refs, ref_keys):
+        digest.update(f"{ref}\t{key}\n".encode())
+    info = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "shard_size": cfg.shard_size,
+        "num_shard_files": -(-len(keys) // cfg.shard_size),
+        "num_records": num_records,
+        "num_references": num_refs,
+        "num_unique_references": len(refs),
+        "num_keys": len(keys),
+        "refs_sha256": digest.hexdigest(),
+        "sources": {"records": [os.path.abspath(p) for p in cfg.records],
+                    "image_lists": [os.path.abspath(p) for p in cfg.image_lists],
+                    "image_root": os.path.abspath(cfg.image_root)},
+    }
+    return Plan(info, refs, ref_keys, [e for _, e in hashed], [ref_map[r] for r in refs],
+                keys, key_ref)
+
+
+def save_plan(out: Path, plan: Plan) -> None:
+    """Write the plan, or check it equals the one a previous run of this cache wrote."""
+    path = out / PLAN_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != plan.info:
+            diffs = sorted(k for k in set(old) | set(plan.info) if old.get(k) != plan.info.get(k))
+            raise BuildError(
+                f"{out} holds a build of different inputs (differs in: {', '.join(diffs)}). "
+                "Use a new --out directory, or delete this one to rebuild it.")
+    else:
+        write_json_atomic(path, plan.info)
+    if not (out / REFS_FILE).exists():
+        table = pa.table({"ref": pa.array(plan.refs, pa.string()),
+                          "key": pa.array(plan.ref_keys, pa.string()),
+                          "error": pa.array(plan.ref_errors, pa.string()),
+                          "records": pa.array(plan.ref_records, pa.list_(pa.string()))})
+        write_table_atomic(out / REFS_FILE, table)
+
+
+def sidecar_path(out: Path, j: int) -> Path:
+    return out / BUILD_DIR / f"shard-{j:06d}.json"
+
+
+def shard_done(out: Path, j: int) -> bool:
+    """A shard is finished when its file exists (renamed last) with the size its sidecar records."""
+    arrow, side = out / shard_name(j), sidecar_path(out, j)
+    if not (arrow.exists() and side.exists()):
+        return False
+    return arrow.stat().st_size == json.loads(side.read_text())["bytes"]
+
+
+# -- encode ---------------------------------------------------------------------------------------
+class _DecodeDataset(Dataset):
+    """Item i: read, check, decode and preprocess one image in a worker process."""
+
+    def __init__(self, items: list[tuple[int, str, str, str]], tower: VisionTower, max_pixels: int):
+        self.items = items                        # (shard, key, reference, path)
+        self.processor, self.naflex = tower.processor, tower.is_naflex
+        self.max_pixels = max_pixels
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        _, key, ref, path = self.items[i]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return i, None, f"unreadable file ({e.strerror or e})"
+        if hashlib.sha256(data).hexdigest() != key:
+            return i, None, "file changed since the build was planned (its SHA-256 differs)"
+        try:
+            img = load_image(data, max_pixels=self.max_pixels, name=ref)
+            out = self.processor(images=[img], return_tensors="pt")
+        except ImageError as e:
+            return i, None, e.reason
+        except (ValueError, OSError) as e:           # the image processor rejecting an image
+            return i, None, f"preprocessing failed: {type(e).__name__}: {e}"
+        if self.naflex:
+            return i, {k: out[k] for k in ("pixel_values", "pixel_attention_mask",
+                                           "spatial_shapes")}, None
+        return i, out["pixel_values"], None
+
+
+def _collate(items):
+    ok = [(i, px) for i, px, _ in items if px is not None]
+    failed = [(i, reason) for i, px, reason in items if px is None]
+    if not ok:
+        return [], None, failed
+    first = ok[0][1]
+    if isinstance(first, dict):
+        pixels = {k: torch.cat([px[k] for _, px in ok]) for k in first}
+    else:
+        pixels = torch.cat([px for _, px in ok])
+    return [i for i, _ in ok], pixels, failed
+
+
+def _to_storage(feats: torch.Tensor) -> np.ndarray:
+    """(B, P, D) features -> (B, P*D) numpy in the storage dtype (bf16 as raw uint16 bits)."""
+    feats = feats.to("cpu")
+    if feats.dtype == torch.bfloat16:
+        feats = feats.view(torch.uint16)
+    return feats.reshape(feats.shape[0], -1).numpy()
+
+
+class _WriterThread(threading.Thread):
+    """Moves features to the host and writes shards while the device encodes the next batch."""
+
+    def __init__(self, out: Path, dtype: str, feature_shape):
+        super().__init__(daemon=True)
+        self.out, self.dtype, self.feature_shape = out, dtype, feature_shape
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.bytes = 0
+
+    def run(self):
+        writer, failures = None, []
+        try:
+            while (item := self.queue.get()) is not None:
+                j, keys, feats, failed, last = item
+                if writer is None:
+                    writer, failures = ShardWriter(self.out / shard_name(j), self.dtype,
+                                                   self.feature_shape), []
+                if keys:
+                    writer.write(keys, _to_storage(feats))
+                failures.extend(failed)
+                if last:
+                    info = writer.finish()
+                    info["failures"] = sorted(failures, key=lambda f: f["key"])
+                    write_json_atomic(sidecar_path(self.out, j), info)
+                    writer.publish()                    # the commit point of the shard
+                    self.bytes += info["bytes"]
+                    writer = None
+        except BaseException as e:     # re-raised in the main thread by put()/join_checked()
+            self.error = e
+            if writer is not None:
+                writer.abort()
+            while self.queue.get() is not None:         # drain so the producer never blocks
+                pass
+
+    def put(self, item):
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def join_checked(self):
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def encode_shards(cfg: BuildConfig, tower: VisionTower, plan: Plan, shard_ids: list[int],
+                  out: Path, show_progress: bool) -> dict:
+    """Encode the given shards; return {"images", "encoded", "failed", "bytes", "input_wait_seconds"}.
+
+    input_wait_seconds is how long the device loop waited for decoded batches:
+    near zero means the encoder, not JPEG decoding, sets the pace.
+    """
+    items, batches = [], []          # batches: (index list, shard, last batch of the shard)
+    for j in shard_ids:
+        start = len(items)
+        items += [(j, k, plan.key_ref[k], os.path.join(cfg.image_root, plan.key_ref[k]))
+                  for k in plan.shard_keys(j)]
+        idx = list(range(start, len(items)))
+        chunks = [idx[s:s + cfg.batch_size] for s in range(0, len(idx), cfg.batch_size)]
+        batches += [(c, j, n == len(chunks) - 1) for n, c in enumerate(chunks)]
+    stats = {"images": len(items), "encoded": 0, "failed": 0, "bytes": 0,
+             "input_wait_seconds": 0.0}
+    if not items:
+        return stats
+    on_cuda = tower.device.type == "cuda"
+    loader = DataLoader(_DecodeDataset(items, tower, cfg.max_pixels),
+                        batch_sampler=[b for b, _, _ in batches], num_workers=cfg.workers,
+                        collate_fn=_collate, pin_memory=on_cuda,
+                        prefetch_factor=4 if cfg.workers > 0 else None)
+    writer = _WriterThread(out, dtype_name(tower.dtype), tower.feature_shape(cfg.pool))
+    writer.start()
+    bar = tqdm(total=len(items), unit="img", desc="encode", disable=not show_progress,
+               dynamic_ncols=True)
+    batch_iter = iter(loader)
+    try:
+        for _, j, last in batches:
+            t_wait = time.monotonic()
+            ok, pixels, failed = next(batch_iter)
+            stats["input_wait_seconds"] += time.monotonic() - t_wait    # decode-bound if large
+            feats = tower(pixels, pool=cfg.pool) if ok else None      # (B, P, D) on the device
+            writer.put((j, [items[i][1] for i in ok], feats,
+                        [{"key": items[i][1], "reason": r} for i, r in failed], last))
+            stats["encoded"] += len(ok)
+            stats["failed"] += len(failed)
+            bar.update(len(ok) + len(failed))
+            bar.set_postfix(failed=stats["failed"], refresh=False)
+    finally:
+        bar.close()
+        writer.join_checked()
+    stats["bytes"] = writer.bytes
+    stats["input_wait_seconds"] = round(stats["input_wait_seconds"], 3)
+    return stats
+
+
+# -- finalize -------------------------------------------------------------------------------------
+def missing_shards(out: Path, num_files: int) -> list[int]:
+    return [j for j in range(num_files) if not shard_done(out, j)]
+
+
+def finalize(cache_dir: str | os.PathLike) -> dict:
+    """Write keys.arrow, index.arrow, failures.jsonl and (last) manifest.json; return the manifest."""
+    out = Path(cache_dir)
+    if not (out / PLAN_FILE).exists():
+        raise BuildError(f"{out}: no {PLAN_FILE}; run `vlm-cache build` first")
+    info = json.loads((out / PLAN_FILE).read_text())
+    num_files = info["num_shard_files"]
+    missing = missing_shards(out, num_files)
+    if missing:
+        names = ", ".join(shard_name(j) for j in missing[:20]) + (" ..." if len(missing) > 20 else "")
+        raise BuildError(
+            f"{out}: {len(missing)} of {num_files} shards are not finished: {names}. Shard j is "
+            "built by --shard-index j %% --num-shards; re-run the build(s) that own them "
+            "(finished shards are skipped), then finalize again.".replace("%%", "%"))
+    for stale in (out / SHARD_DIR).glob("*.tmp.*"):           # left by killed runs
+        stale.unlink(missing_ok=True)
+
+    shards, keys, shard_col, row_col, failed = [], [], [], [], {}
+    for j in range(num_files):
+        side = json.loads(sidecar_path(out, j).read_text())
+        reader = pa.ipc.open_file(pa.memory_map(str(out / shard_name(j)), "r"))
+        shard_keys = reader.read_all().column("key").to_pylist()
+        if len(shard_keys) != side["rows"]:
+            raise BuildError(f"{shard_name(j)} has {len(shard_keys)} rows, its sidecar says "
+                             f"{side['rows']}: delete both and re-run the build")
+        shards.append({"file": shard_name(j), "rows": side["rows"], "bytes": side["bytes"],
+                       "sha256": side["sha256"]})
+        keys += shard_keys
+        shard_col += [j] * len(shard_keys)
+        row_col += range(len(shard_keys))
+        failed.update((f["key"], f["reason"]) for f in side["failures"])
+    if keys != sorted(keys):
+        raise BuildError(f"{out}: shard keys are not in sorted order; the shards come from "
+                         "different builds. Delete the cache and rebuild.")
+
+    refs = pa.ipc.open_file(pa.memory_map(str(out / REFS_FILE), "r")).read_all().to_pylist()
+    key_failures: dict[str, dict] = {k: {"key": k, "reason": r, "paths": [], "records": set()}
+                                     for k, r in failed.items()}
+    path_failures = []
+    for r in refs:
+        if r["key"] is None:
+            path_failures.append({"path": r["ref"], "reason": r["error"],
+                                  "records": sorted(set(r["records"]))})
+        elif r["key"] in key_failures:
+            key_failures[r["key"]]["paths"].append(r["ref"])
+            key_failures[r["key"]]["records"].update(r["records"])
+    failures = [dict(f, records=sorted(f["records"])) for _, f in sorted(key_failures.items())]
+    failures += path_failures
+    bad_records = set()
+    for f in failures:
+        bad_records.update(f["records"])
+
+    files = {}
+
+    def publish(name: str, data: bytes):
+        write_bytes_atomic(out / name, data)
+        files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def table_bytes(table: pa.Table) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        return sink.getvalue().to_pybytes()
+
+    publish(KEYS_FILE, table_bytes(pa.table({
+        "key": pa.array([k.encode() for k in keys], pa.binary(64)),
+        "shard": pa.array(shard_col, pa.int32()), "row": pa.array(row_col, pa.int32())})))
+    indexed = [r for r in refs if r["key"] is not None]
+    publish(INDEX_FILE, table_bytes(pa.table({
+        "ref": pa.array([r["ref"] for r in indexed], pa.string()),
+        "key": pa.array([r["key"] for r in indexed], pa.string())})))
+    publish(FAILURES_FILE, "".join(json.dumps(f, sort_keys=True) + "\n"
+                                   for f in failures).encode())
+    fp = info["fingerprint"]
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fp,
+        "feature_shape": fp["feature_shape"],
+        "dtype": fp["dtype"],
+        "pool": fp["pool"],
+        "shard_size": info["shard_size"],
+        "counts": {
+            "records": info["num_records"],
+            "references": info["num_references"],
+            "unique_references": info["num_unique_references"],
+            "unique_images": info["num_keys"],
+            "encoded": len(keys),
+            "failed_images": len(key_failures),
+            "unreadable_files": len(path_failures),
+            "records_with_failed_images": len(bad_records),
+            "shard_bytes": sum(s["bytes"] for s in shards),
+        },
+        "sources": info["sources"],
+        "shards": shards,
+        "files": files,
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    write_verified_stamp(out)    # shards were hashed as they were written
+    return manifest
+
+
+def wait_for_shards(out: Path, num_files: int, timeout: float, poll: float = 5.0) -> None:
+    """Rank 0: wait until every rank's shards exist, or fail naming the missing ones."""
+    deadline = time.monotonic() + timeout
+    while missing := missing_shards(out, num_files):
+        if time.monotonic() > deadline:
+            raise BuildError(f"timed out after {timeout:.0f}s waiting for {len(missing)} shard(s) "
+                             f"from other ranks, e.g. {shard_name(missing[0])}; did a rank fail? "
+                             "Re-run the same command to resume.")
+        time.sleep(poll)
+
+
+# -- the whole build ------------------------------------------------------------------------------
+def pick_device(device: str, local_rank: int) -> str:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank % torch.cuda.device_count()}"
+    return device
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Plan, encode this process's shards and (when it is the one to) finalize. Returns a summary."""
+    t0 = time.monotonic()
+    resolve_dtype(cfg.dtype)
+    launched = rank_from_env()
+    if cfg.num_shards is not None or cfg.shard_index is not None:
+        if cfg.num_shards is None or cfg.shard_index is None:
+            raise BuildError("--shard-index and --num-shards go together")
+        index, count, local, auto_finalize = cfg.shard_index, cfg.num_shards, 0, cfg.num_shards == 1
+    elif launched is not None:
+        index, count, local = launched
+        auto_finalize = index == 0
+    else:
+        index, count, local, auto_finalize = 0, 1, 0, True
+    if not 0 <= index < count:
+        raise BuildError(f"--shard-index {index} must be in [0, --num-shards {count})")
+    if cfg.shard_size < 1 or cfg.batch_size < 1 or cfg.pool < 1:
+        raise BuildError("--shard-size, --batch-size and --pool must be positive")
+    show = launched is None or index == 0 or cfg.shard_index is not None   # rank 0 speaks
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    device = pick_device(cfg.device, local)
+    tower = VisionTower.from_pretrained(cfg.vision_model, feature_layer=cfg.feature_layer,
+                                        dtype=cfg.dtype, device=device)
+    plan = make_plan(cfg, tower.fingerprint(pool=cfg.pool), threads=max(4, cfg.workers))
+    save_plan(out, plan)
+    mine = [j for j in range(plan.num_shard_files) if j % count == index]
+    todo = [j for j in mine if not shard_done(out, j)]
+    for j in todo:
+        for stale in (out / SHARD_DIR).glob(f"shard-{j:06d}.arrow.tmp.*"):
+            stale.unlink()
+    if show:
+        print(f"[vlm-cache] {plan.info['num_unique_references']} image references, "
+              f"{plan.info['num_keys']} unique images in {plan.num_shard_files} shards; "
+              f"slice {index}/{count}: {len(mine)} shards, {len(mine) - len(todo)} already done; "
+              f"device {device}, dtype {dtype_name(tower.dtype)}, features "
+              f"{tower.feature_shape(cfg.pool)}", flush=True)
+    t_enc = time.monotonic()
+    stats = encode_shards(cfg, tower, plan, todo, out, show and cfg.progress)
+    encode_s = time.monotonic() - t_enc
+    summary = {"shard_index": index, "num_shards": count, "device": device, **stats,
+               "encode_seconds": round(encode_s, 3),
+               "images_per_second": round(stats["images"] / encode_s, 2) if encode_s > 0 else None}
+    write_json_atomic(out / BUILD_DIR / f"summary-{index:05d}-of-{count:05d}.json", summary)
+
+    if auto_finalize:
+        if count > 1:
+            wait_for_shards(out, plan.num_shard_files, cfg.wait_timeout)
+        manifest = finalize(out)
+        summary["manifest"] = manifest["counts"]
+    summary["seconds"] = round(time.monotonic() - t0, 3)
+    if show:
+        print(format_summary(summary), flush=True)
+        if not auto_finalize and cfg.shard_index is not None:
+            print(f"[vlm-cache] slice {index}/{count} done; after every slice has finished run "
+                  f"`vlm-cache finalize {out}`", flush=True)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"[vlm-cache] this process: {s['images']} images encoded in {s['encode_seconds']}s "
+             f"({s['images_per_second']} img/s, {s['input_wait_seconds']}s waiting for decoded "
+             f"input), {s['failed']} failed, "
+             f"{s['bytes'] / 1e9:.3f} GB written"]
+    if "manifest" in s:
+        c = s["manifest"]
+        lines.append(f"[vlm-cache] cache: {c['records']} records, {c['references']} image references, "
+                     f"{c['unique_images']} unique images, {c['encoded']} encoded, "
+                     f"{c['failed_images'] + c['unreadable_files']} failed "
+                     f"({c['records_with_failed_images']} records affected, see {FAILURES_FILE}), "
+                     f"{c['shard_bytes'] / 1e9:.3f} GB, {s['seconds']}s total")
+    return "\n".join(lines)
+

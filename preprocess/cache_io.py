@@ -1,0 +1,155 @@
+"""Crash-safe file writing for the feature cache builder, and rank discovery.
+
+Every file the builder publishes is written under a temporary name, fsynced,
+renamed into place and its directory fsynced: after a crash a file is either
+complete or absent. `ShardWriter` streams record batches into one Arrow IPC
+shard and hashes the bytes as they are written, so finishing a shard never
+re-reads it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from vlm_dist.cache import shard_schema
+
+
+def tmp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    publish(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_table_atomic(path: Path, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
+
+
+class _HashingFile:
+    """A write-only file object that hashes and counts what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self):
+        pass            # the ShardWriter closes the real file after fsync
+
+    @property
+    def closed(self) -> bool:
+        return self.f.closed
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+
+class ShardWriter:
+    """Stream (keys, features) batches into one shard; `finish()` then `publish()` it."""
+
+    def __init__(self, path: Path, dtype: str, feature_shape: tuple[int, int]):
+        self.path, self.tmp = path, tmp_name(path)
+        self.schema = shard_schema(dtype, feature_shape)
+        self.width = feature_shape[0] * feature_shape[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.tmp, "wb")
+        self.hashing = _HashingFile(self.file)
+        self.writer = pa.ipc.new_file(self.hashing, self.schema)
+        self.rows = 0
+
+    def write(self, keys: list[str], features: np.ndarray) -> None:
+        """`features` is (B, P*D) in the storage dtype (uint16 bits for bf16)."""
+        flat = pa.array(np.ascontiguousarray(features).reshape(-1))
+        batch = pa.record_batch([pa.array(keys, pa.string()),
+                                 pa.FixedSizeListArray.from_arrays(flat, self.width)],
+                                schema=self.schema)
+        self.writer.write_batch(batch)
+        self.rows += len(keys)
+
+    def finish(self) -> dict:
+        """Close and fsync the temporary file; return {"rows", "bytes", "sha256"}."""
+        self.writer.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return {"rows": self.rows, "bytes": self.hashing.size, "sha256": self.hashing.sha.hexdigest()}
+
+    def publish(self) -> None:
+        """Rename the finished file into place: from here on the shard exists."""
+        publish(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# -- ranks ------------------------------------------------------------------------------------
+# (rank, world size, local rank) variables of torchrun, Open MPI, MPICH/Intel MPI and srun.
+# Slurm's come last and use the *step* task count: a batch script also has SLURM_PROCID=0.
+_RANK_ENV = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
+)
+
+
+def rank_from_env(env=os.environ) -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) from the launcher's environment, or None when not launched."""
+    for rank_var, world_var, local_var in _RANK_ENV:
+        if rank_var in env and world_var in env:
+            rank, world = int(env[rank_var]), int(env[world_var])
+            local = int(env[local_var]) if local_var in env else 0
+            if not 0 <= rank < world:
+                raise ValueError(f"{rank_var}={rank} is not below {world_var}={world}")
+            return rank, world, local
+    return None

@@ -1,0 +1,115 @@
+"""load_image: every common mode becomes upright RGB; unusable files raise ImageError naming why."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm_dist.images import ImageError, load_image
+
+RED, WHITE = (255, 0, 0), (255, 255, 255)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def px(img, xy):
+    return img.getpixel(xy)
+
+
+def test_rgb_passes_through():
+    out = load_image(encode(Image.new("RGB", (8, 6), RED), "PNG"))
+    assert out.mode == "RGB" and out.size == (8, 6) and px(out, (3, 3)) == RED
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_is_composited_on_white(mode):
+    img = Image.new("RGBA", (4, 2), RED + (255,))
+    img.putpixel((0, 0), (0, 0, 0, 0))                     # fully transparent black
+    img.putpixel((1, 0), (0, 0, 0, 128))                   # half-transparent black
+    out = load_image(encode(img.convert(mode), "PNG"))
+    assert out.mode == "RGB"
+    assert px(out, (0, 0)) == WHITE
+    assert all(120 <= c <= 135 for c in px(out, (1, 0)))     # black over white at 50%
+    expected_opaque = RED if mode == "RGBA" else (76, 76, 76)   # L of red is 76
+    assert px(out, (2, 1)) == expected_opaque
+
+
+def test_palette_with_transparency():
+    img = Image.new("P", (4, 4), 1)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    img.putpixel((0, 0), 0)
+    out = load_image(encode(img, "PNG", transparency=0))
+    assert px(out, (0, 0)) == WHITE and px(out, (3, 3)) == RED
+
+
+def test_palette_gif_and_greyscale_and_bilevel():
+    p = Image.new("RGB", (4, 4), RED).convert("P")
+    assert px(load_image(encode(p, "GIF")), (1, 1)) == RED
+    assert px(load_image(encode(Image.new("L", (4, 4), 200), "PNG")), (0, 0)) == (200, 200, 200)
+    assert px(load_image(encode(Image.new("1", (4, 4), 1), "PNG")), (0, 0)) == WHITE
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+def test_cmyk(fmt):
+    out = load_image(encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), fmt))   # C=0 M=Y=full: red
+    assert out.mode == "RGB"
+    r, g, b = px(out, (4, 4))
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped():
+    a = np.full((4, 4), 32768, dtype=np.uint16)
+    a[0, 0] = 65535
+    data = encode(Image.fromarray(a), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    out = load_image(data)
+    assert px(out, (0, 0)) == WHITE and px(out, (1, 1)) == (128, 128, 128)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste(RED, (0, 0, 20, 20))                          # left half red, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6                                        # display rotated 90 degrees clockwise
+    out = load_image(encode(img, "JPEG", exif=exif, quality=95))
+    assert out.size == (20, 40)                             # upright: portrait
+    top, bottom = px(out, (10, 5)), px(out, (10, 35))
+    assert top[0] > 200 and top[2] < 60                     # the stored left half is now on top
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_path_and_bytes_agree(tmp_path):
+    data = encode(Image.effect_mandelbrot((30, 20), (-2, -1.5, 1, 1.5), 20), "PNG")
+    (tmp_path / "m.png").write_bytes(data)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "m.png")), np.asarray(load_image(data)))
+
+
+def broken_files(tmp_path):
+    jpeg = encode(Image.effect_mandelbrot((64, 64), (-2, -1.5, 1, 1.5), 20).convert("RGB"), "JPEG")
+    files = {"zero.jpg": b"", "truncated.jpg": jpeg[: len(jpeg) // 2], "text.jpg": b"hello, not an image\n"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize("name,reason", [("zero.jpg", "zero-byte"), ("truncated.jpg", "truncated"),
+                                         ("text.jpg", "not an image"), ("missing.jpg", "unreadable")])
+def test_unusable_files_raise_image_error_naming_the_file(tmp_path, name, reason):
+    broken_files(tmp_path)
+    with pytest.raises(ImageError) as e:
+        load_image(tmp_path / name)
+    assert e.value.path.endswith(name) and reason in e.value.reason
+
+
+def test_decompression_bomb_is_an_error(monkeypatch):
+    data = encode(Image.new("L", (100, 100)), "PNG")
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(data, max_pixels=5000, name="big.png")
+    # PIL's own limit warns rather than fails; here it fails too
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
+    with pytest.raises(ImageError, match="DecompressionBomb"):
+        load_image(data)

@@ -1,0 +1,396 @@
+"""Read the feature cache: image key -> (patches, dim) tensor, memory-mapped, zero-copy.
+
+    cache = check_cache_for_training("cache/", tower.fingerprint(pool=1))   # refuses a bad cache
+    feats = cache[cache.resolve("coco/0001.jpg")]                           # (P, D) torch tensor
+
+Layout of a cache directory (written by `vlm-cache build`, see preprocess/):
+
+    shards/shard-000000.arrow   Arrow IPC files, uncompressed: columns `key` (hex SHA-256 of
+                                the image file) and `features` (fixed-size list of P*D values;
+                                bf16 is stored as its raw uint16 bits)
+    keys.arrow                  key -> (shard, row), sorted by key (binary-searched in place)
+    index.arrow                 record image reference -> key, sorted by reference
+    failures.jsonl              images that could not be encoded, with the reason and records
+    manifest.json               encoder fingerprint, counts, and size/rows/SHA-256 of every file;
+                                written last, so its presence means the cache is complete
+    verified.json               size and mtime of every file at the last full check (the build,
+                                or `vlm-cache verify`): training refuses a file changed since
+
+Tensors returned point into the memory-mapped shard: treat them as
+read-only (stacking them into a batch copies). The reader keeps at most
+`max_open_shards` shards mapped and re-opens them after a fork, so one
+instance can be handed to DataLoader workers.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+FORMAT = "vlm_dist-feature-cache/1"
+MANIFEST = "manifest.json"
+KEYS_FILE = "keys.arrow"
+INDEX_FILE = "index.arrow"
+FAILURES_FILE = "failures.jsonl"
+SHARD_DIR = "shards"
+VERIFIED_FILE = "verified.json"   # sizes and mtimes at the last full check; not in the manifest
+
+# dtype name -> (Arrow storage type, numpy storage dtype, torch dtype)
+STORAGE = {
+    "bfloat16": (pa.uint16(), np.uint16, torch.bfloat16),
+    "float16": (pa.float16(), np.float16, torch.float16),
+    "float32": (pa.float32(), np.float32, torch.float32),
+}
+# Fingerprint fields that name the encoder but do not change its output.
+INFORMATIONAL_FIELDS = ("model",)
+
+
+class CacheError(RuntimeError):
+    """The feature cache is missing, incomplete, corrupt or built for another encoder."""
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/shard-{index:06d}.arrow"
+
+
+def shard_schema(dtype: str, feature_shape: tuple[int, int]) -> pa.Schema:
+    storage = STORAGE[dtype][0]
+    p, d = feature_shape
+    return pa.schema([("key", pa.string()), ("features", pa.list_(storage, p * d))],
+                     metadata={"feature_shape": json.dumps([p, d]), "dtype": dtype})
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(cache_dir: str | os.PathLike) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not path.exists():
+        hint = (" (a build is in progress or was interrupted: re-run the same `vlm-cache build`, "
+                "or `vlm-cache finalize` once every --shard-index has finished)"
+                if (Path(cache_dir) / "build").exists() else "")
+        raise CacheError(f"{cache_dir}: no {MANIFEST}, not a finished feature cache{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path}: not valid JSON ({e.msg}); the cache is corrupt") from None
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def _open_arrow(path: Path) -> pa.ipc.RecordBatchFileReader:
+    return pa.ipc.open_file(pa.memory_map(str(path), "r"))
+
+
+def _read_table(path: Path) -> pa.Table:
+    return _open_arrow(path).read_all().combine_chunks()
+
+
+class _Shard:
+    """One memory-mapped shard: its record batches and where each starts."""
+
+    def __init__(self, path: Path, storage_dtype, feature_shape):
+        reader = _open_arrow(path)
+        self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches]).tolist()
+        self.storage_dtype = storage_dtype
+        self.shape = feature_shape
+        self.path = path
+
+    def row(self, row: int, key: str) -> np.ndarray:
+        b = bisect.bisect_right(self.starts, row) - 1
+        batch, r = self.batches[b], row - self.starts[b]
+        if batch.column(0)[r].as_py() != key:
+            raise CacheError(f"{self.path}: row {row} holds {batch.column(0)[r].as_py()}, "
+                             f"expected {key}; keys.arrow does not match the shard")
+        col = batch.column(1)
+        values = col.values
+        n = self.shape[0] * self.shape[1]
+        itemsize = np.dtype(self.storage_dtype).itemsize
+        offset = (values.offset + (col.offset + r) * n) * itemsize
+        return np.frombuffer(values.buffers()[1], dtype=self.storage_dtype, count=n, offset=offset)
+
+
+class FeatureCache:
+    """Random access to cached features by image key, safe in forked DataLoader workers."""
+
+    def __init__(self, cache_dir: str | os.PathLike, max_open_shards: int = 16):
+        self.cache_dir = Path(cache_dir)
+        self.manifest = read_manifest(cache_dir)
+        self.fingerprint = self.manifest["fingerprint"]
+        self.dtype = self.fingerprint["dtype"]
+        self.feature_shape = tuple(self.manifest["feature_shape"])
+        _, self._np_dtype, self._torch_dtype = STORAGE[self.dtype]
+        self.max_open_shards = max_open_shards
+        self._reset()
+
+    def _reset(self):
+        self._pid = os.getpid()
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._keys = None        # (sorted key bytes array, shard array, row array)
+        self._index = None       # (sorted reference StringArray, key StringArray)
+        self._failures = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for k in ("_open", "_keys", "_index", "_failures"):
+            state[k] = None
+        state["_open"] = OrderedDict()
+        return state
+
+    def _check_pid(self):
+        # Memory maps are not shared sanely across fork: a child starts afresh.
+        if self._pid != os.getpid():
+            self._reset()
+
+    # -- key lookup ------------------------------------------------------------------------------
+    def _key_table(self):
+        self._check_pid()
+        if self._keys is None:
+            t = _read_table(self.cache_dir / KEYS_FILE)
+            keys = t.column("key").chunk(0)
+            key_bytes = np.frombuffer(keys.buffers()[1], dtype="S64", count=len(keys),
+                                      offset=keys.offset * 64)
+            self._keys = (key_bytes, t.column("shard").chunk(0).to_numpy(),
+                          t.column("row").chunk(0).to_numpy())
+        return self._keys
+
+    def _locate(self, key: str) -> tuple[int, int] | None:
+        keys, shards, rows = self._key_table()
+        k = key.encode() if isinstance(key, str) else b""
+        i = int(np.searchsorted(keys, k))
+        if i < len(keys) and keys[i] == k and len(k) == 64:
+            return int(shards[i]), int(rows[i])
+        return None
+
+    def __contains__(self, key: str) -> bool:
+        return self._locate(key) is not None
+
+    def __len__(self) -> int:
+        return len(self._key_table()[0])
+
+    def keys(self) -> list[str]:
+        return [k.decode() for k in self._key_table()[0]]
+
+    def _shard(self, index: int) -> _Shard:
+        self._check_pid()
+        shard = self._open.get(index)
+        if shard is None:
+            path = self.cache_dir / self.manifest["shards"][index]["file"]
+            try:
+                shard = _Shard(path, self._np_dtype, self.feature_shape)
+            except (OSError, pa.ArrowInvalid) as e:
+                raise CacheError(f"cannot open shard {path}: {e}; run `vlm-cache verify "
+                                 f"{self.cache_dir}`") from e
+            self._open[index] = shard
+            while len(self._open) > self.max_open_shards:
+                self._open.popitem(last=False)    # outstanding tensors keep their mapping alive
+        else:
+            self._open.move_to_end(index)
+        return shard
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        """Features of one image (P, D), a zero-copy view of the memory-mapped shard."""
+        loc = self._locate(key)
+        if loc is None:
+            failed = self.failure_for(key)
+            why = (f"it failed to encode ({failed['reason']}); see {FAILURES_FILE}" if failed
+                   else "it is not in the cache (was it in the build's records?)")
+            raise KeyError(f"image key {key!r}: {why}")
+        values = self._shard(loc[0]).row(loc[1], key)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            t = torch.from_numpy(values)
+        return t.view(self._torch_dtype).view(*self.feature_shape)
+
+    # -- references and failures -----------------------------------------------------------------
+    def resolve(self, ref: str) -> str:
+        """The key of a record's image reference (a path relative to the build's --image-root)."""
+        self._check_pid()
+        if self._index is None:
+            t = _read_table(self.cache_dir / INDEX_FILE)
+            self._index = (t.column("ref").chunk(0), t.column("key").chunk(0))
+        refs, keys = self._index
+        lo, hi = 0, len(refs)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if refs[mid].as_py() < ref:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < len(refs) and refs[lo].as_py() == ref:
+            return keys[lo].as_py()
+        failed = next((f for f in self.failures if f.get("path") == ref), None)
+        why = (f"the file could not be read ({failed['reason']})" if failed
+               else "it was not in the records the cache was built from")
+        raise KeyError(f"image reference {ref!r} is not in the cache index: {why}")
+
+    def features_for(self, ref: str) -> torch.Tensor:
+        return self[self.resolve(ref)]
+
+    @property
+    def failures(self) -> list[dict]:
+        if self._failures is None:
+            path = self.cache_dir / FAILURES_FILE
+            self._failures = [json.loads(line) for line in path.read_text().splitlines() if line]
+        return self._failures
+
+    def failure_for(self, key: str) -> dict | None:
+        return next((f for f in self.failures if f.get("key") == key), None)
+
+
+# -- verification ------------------------------------------------------------------------------
+def verify_cache(cache_dir: str | os.PathLike, quick: bool = False) -> list[str]:
+    """Check every file against the manifest; return one line per problem (empty: all good).
+
+    Presence, size, Arrow footer and row count always; SHA-256 unless `quick`.
+    """
+    cache_dir = Path(cache_dir)
+    try:
+        manifest = read_manifest(cache_dir)
+    except CacheError as e:
+        return [str(e)]
+    problems = []
+
+    def check_file(rel: str, entry: dict) -> bool:
+        path = cache_dir / rel
+        if not path.exists():
+            problems.append(f"{rel}: missing")
+            return False
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{rel}: {size} bytes, manifest says {entry['bytes']} (truncated or altered)")
+            return False
+        if not quick and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{rel}: SHA-256 differs from the manifest (altered)")
+            return False
+        return True
+
+    for rel, entry in manifest["files"].items():
+        check_file(rel, entry)
+    for entry in manifest["shards"]:
+        rel = entry["file"]
+        if not check_file(rel, entry):
+            continue
+        try:
+            reader = _open_arrow(cache_dir / rel)
+            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        except (OSError, pa.ArrowInvalid) as e:
+            problems.append(f"{rel}: unreadable Arrow file ({e})")
+            continue
+        if rows != entry["rows"]:
+            problems.append(f"{rel}: {rows} rows, manifest says {entry['rows']}")
+    return problems
+
+
+def _stat_entries(cache_dir: Path, manifest: dict) -> dict[str, list[int]]:
+    out = {}
+    for rel in [e["file"] for e in manifest["shards"]] + sorted(manifest["files"]):
+        st = (cache_dir / rel).stat()
+        out[rel] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def write_verified_stamp(cache_dir: str | os.PathLike) -> None:
+    """Record each file's size and mtime now that it is known good (after a build or full verify).
+
+    Training compares against this instead of re-hashing a terabyte: a file
+    written to since (truncated, a byte flipped, replaced) no longer matches.
+    """
+    cache_dir = Path(cache_dir)
+    stamp = {"manifest_sha256": sha256_file(cache_dir / MANIFEST),
+             "files": _stat_entries(cache_dir, read_manifest(cache_dir))}
+    tmp = cache_dir / f"{VERIFIED_FILE}.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, cache_dir / VERIFIED_FILE)
+
+
+def changed_since_verified(cache_dir: str | os.PathLike) -> list[str]:
+    """Files modified since the last full verification (or every problem if there is no stamp)."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / VERIFIED_FILE
+    if not path.exists():
+        return [f"{VERIFIED_FILE}: missing, the cache has not been verified since it was built or copied"]
+    stamp = json.loads(path.read_text())
+    if stamp["manifest_sha256"] != sha256_file(cache_dir / MANIFEST):
+        return [f"{MANIFEST}: changed since the cache was last verified"]
+    manifest = read_manifest(cache_dir)
+    problems = []
+    for rel, (size, mtime) in stamp["files"].items():
+        p = cache_dir / rel
+        if not p.exists():
+            problems.append(f"{rel}: missing")
+            continue
+        st = p.stat()
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            problems.append(f"{rel}: modified since the cache was last verified")
+    expected = {e["file"] for e in manifest["shards"]} | set(manifest["files"])
+    problems += [f"{rel}: not covered by {VERIFIED_FILE}" for rel in sorted(expected - set(stamp["files"]))]
+    return problems
+
+
+def fingerprint_differences(cached: dict, expected: dict) -> list[str]:
+    """Fields of `expected` whose cached value differs, as 'field: cache X, configured Y' lines.
+
+    Fields absent from `expected` (e.g. dtype or pool when any will do) and
+    informational ones (the model's path or id) are not compared.
+    """
+    diffs = []
+    for field in sorted(expected):
+        if field in INFORMATIONAL_FIELDS:
+            continue
+        a, b = cached.get(field, "<absent>"), expected.get(field, "<absent>")
+        if a != b:
+            diffs.append(f"{field}: cache {json.dumps(a, sort_keys=True)}, "
+                         f"configured {json.dumps(b, sort_keys=True)}")
+    return diffs
+
+
+def check_cache_for_training(cache_dir: str | os.PathLike, expected_fingerprint: dict,
+                             max_open_shards: int = 16, full: bool = False) -> FeatureCache:
+    """Open a cache for training, or raise CacheError saying what is wrong and what to do.
+
+    Refuses a cache built with another encoder (weights, layer, dtype, pooling,
+    preprocessing), one that fails the quick verify (missing, truncated or
+    unreadable shards), and one with a file modified since its last full check
+    (`verified.json`: size and mtime, so a flipped byte is caught without
+    hashing the cache). `full=True` re-hashes every shard instead.
+    """
+    manifest = read_manifest(cache_dir)
+    diffs = fingerprint_differences(manifest["fingerprint"], expected_fingerprint)
+    if diffs:
+        raise CacheError(
+            f"feature cache {cache_dir} was built with a different vision encoder than the one "
+            f"configured (cache: {manifest['fingerprint'].get('model')!r}, configured: "
+            f"{expected_fingerprint.get('model')!r}). Differences:\n  " + "\n  ".join(diffs) +
+            "\nRebuild the cache with the configured encoder (`vlm-cache build --vision-model ... "
+            "--feature-layer ... --dtype ... --pool ...`) or configure the encoder the cache was "
+            "built with.")
+    problems = verify_cache(cache_dir, quick=not full)
+    if problems:
+        raise CacheError(
+            f"feature cache {cache_dir} fails verification:\n  " + "\n  ".join(problems) +
+            f"\nDelete the broken shards and re-run the `vlm-cache build` command that made the "
+            f"cache (finished shards are kept, missing ones are rebuilt), then `vlm-cache verify "
+            f"{cache_dir}`.")
+    if not full and (changed := changed_since_verified(cache_dir)):
+        raise CacheError(
+            f"feature cache {cache_dir} changed since it was last verified:\n  " +
+            "\n  ".join(changed) + f"\nRun `vlm-cache verify {cache_dir}` (a full SHA-256 check; it "
+            "records the cache as good when it passes, e.g. after copying the cache), and rebuild "
+            "the shards it names.")
+    return FeatureCache(cache_dir, max_open_shards=max_open_shards)
