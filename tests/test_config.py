@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlm_dist.config import (DEFAULT_CONFIG, SECTIONS, Config, ConfigError, RecordSource, check_run_inputs,
-                             config_help, field_docs, load_config, parse_cli, save_config)
+                             config_help, field_docs, load_config, save_config)
 
 STAGES = Path(__file__).resolve().parents[1] / "launch" / "configs"
 
@@ -217,16 +217,6 @@ def test_check_run_inputs_passes_when_everything_is_there(tmp_path):
     cfg.data.records = [RecordSource(str(tmp_path / "gone.jsonl"))]
     with pytest.raises(ConfigError, match=r"gone\.jsonl does not exist: add --data\.records=PATH\.jsonl"):
         check_run_inputs(cfg)
-
-
-def test_parse_cli_splits_launcher_args_from_overrides():
-    args = parse_cli(["--local_rank=1", "--deepspeed", "ds_configs/zero2.json", "--config=s.yaml",
-                      "--train.max_steps=3", "--resume", "auto"])
-    assert (args.config, args.deepspeed, args.local_rank, args.help) == ("s.yaml", "ds_configs/zero2.json", 1, False)
-    assert args.overrides == ["--train.max_steps=3", "--resume", "auto"]
-    assert parse_cli(["-h"]).help
-    with pytest.raises(ConfigError, match="--config needs a value"):
-        parse_cli(["--config"])
 
 
 def test_config_defaults_construct():

@@ -415,7 +415,7 @@ def _resolve_exclusive(cfg: Config, sources: dict[str, tuple[int, str]]) -> None
         section, key = loser.split(".")
         setattr(getattr(cfg, section), key, None)
         if loser_where != "default":
-            log.info("config: %s replaces %s=%r (%s)", winner_where, loser, old, loser_where)
+            log.warning("config: %s replaces %s=%r (%s)", winner_where, loser, old, loser_where)
 
 
 def load_config(path: Optional[str | os.PathLike], overrides: list[str] = ()) -> Config:
@@ -625,46 +625,3 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- the command line
-
-@dataclass
-class CliArgs:
-    config: Optional[str]
-    """--config PATH (None: the stage-1 config)."""
-    deepspeed: Optional[str]
-    """--deepspeed PATH to a ds_configs/*.json."""
-    local_rank: Optional[int]
-    """--local_rank N, passed by the deepspeed launcher."""
-    help: bool
-    """--help / -h was given."""
-    overrides: list[str]
-    """Everything else: the --section.key=value overrides, for load_config."""
-
-
-def parse_cli(argv: list[str]) -> CliArgs:
-    """Split a launch command line into --config, --deepspeed, --local_rank, --help and the overrides."""
-    named: dict[str, Optional[str]] = {"config": None, "deepspeed": None, "local_rank": None}
-    rest, help_ = [], False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg in ("-h", "--help"):
-            help_ = True
-            continue
-        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        name = name.replace("-", "_")
-        if name in named:
-            if not eq:
-                if i >= len(argv) or argv[i].startswith("--"):
-                    raise ConfigError(f"--{name} needs a value: --{name}=VALUE")
-                value = argv[i]
-                i += 1
-            named[name] = value
-        else:
-            rest.append(arg)
-    lr = named["local_rank"]
-    return CliArgs(config=named["config"], deepspeed=named["deepspeed"],
-                   local_rank=int(lr) if lr is not None else None, help=help_, overrides=rest)
