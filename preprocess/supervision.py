@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlm_dist.data.lengths import check_supervision, format_summary, summarize, tokenize_records
 from vlm_dist.prompt import TEMPLATES
 
 
@@ -35,6 +34,7 @@ def add_parser(sub):
 
 def run_cli(args) -> int:
     from preprocess.convert import side_path
+    from vlm_dist.data.lengths import check_supervision, format_summary, summarize, tokenize_records
 
     failed = 0
     for path in args.records:
