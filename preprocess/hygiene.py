@@ -19,9 +19,9 @@ The source records stay in the output too. Same input + flags + seed -> same byt
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,8 +126,7 @@ class NearDuplicates:
     def _shingles(self, norm: str) -> np.ndarray:
         words = norm.split()
         grams = set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
-        hashes = [int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little") % self.PRIME
-                  for g in grams]
+        hashes = [zlib.crc32(g.encode()) % self.PRIME for g in grams]   # deterministic, unlike hash()
         return np.unique(np.asarray(hashes or [0], dtype=np.uint64))
 
     def check_and_add(self, norm: str) -> int | None:
