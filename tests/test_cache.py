@@ -1,0 +1,288 @@
+"""Feature cache end to end on the tiny SigLIP: build, read back, verify, resume, split, refuse."""
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from preprocess import cache_cli
+from preprocess.cache_build import BuildConfig, BuildError, build, finalize
+from preprocess.cache_io import rank_from_env
+from vlm_dist.cache import (CacheError, FeatureCache, check_cache_for_training, read_manifest,
+                            verify_cache)
+from vlm_dist.images import load_image
+from vlm_dist.model.vision import VisionTower
+from vlm_dist.records import write_records
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = [f"a{i}.png" for i in range(6)] + ["rgba.png", "cmyk.jpg", "grey/l.png"]
+FINAL_FILES = ["manifest.json", "index.arrow", "keys.arrow", "failures.jsonl"]
+
+
+def record(rid, images):
+    return {"id": rid, "images": images, "conversations": [
+        {"role": "user", "content": "<image>" * len(images) + " describe"},
+        {"role": "assistant", "content": "shapes"}]}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Nine distinct images of several modes, a duplicate, a corrupt, a zero-byte and a missing file."""
+    root = tmp_path_factory.mktemp("data")
+    img = root / "images"
+    (img / "grey").mkdir(parents=True)
+    for i in range(6):
+        Image.effect_mandelbrot((40 + 7 * i, 30 + 5 * i), (-2, -1.5, 1, 1.5), 10 + 5 * i) \
+            .convert("RGB").save(img / f"a{i}.png")
+    Image.new("RGBA", (24, 24), (0, 128, 255, 100)).save(img / "rgba.png")
+    Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(img / "cmyk.jpg")
+    Image.linear_gradient("L").resize((50, 50)).save(img / "grey/l.png")
+    shutil.copy(img / "a1.png", img / "dup.png")
+    jpeg = io.BytesIO()
+    Image.effect_mandelbrot((64, 64), (-2, -1.5, 1, 1.5), 30).convert("RGB").save(jpeg, "JPEG")
+    (img / "corrupt.jpg").write_bytes(jpeg.getvalue()[:300])
+    (img / "zero.jpg").write_bytes(b"")
+    records = [record(f"r{i}", [name]) for i, name in enumerate(GOOD)]
+    records += [record("dup", ["a1.png", "dup.png"]), record("bad", ["corrupt.jpg", "a0.png"]),
+                record("zero", ["zero.jpg"]), record("gone", ["missing.jpg"])]
+    write_records(root / "records.jsonl", records)
+    return {"root": root, "images": img, "records": root / "records.jsonl"}
+
+
+def config(data, vision, out, **kw):
+    kw = {"shard_size": 3, "batch_size": 2, "workers": 0, "progress": False, **kw}
+    return BuildConfig(out=str(out), records=[str(data["records"])], image_root=str(data["images"]),
+                       vision_model=vision, **kw)
+
+
+@pytest.fixture(scope="module")
+def built(data, tiny_models, tmp_path_factory):
+    """The reference: one process, decoding in two DataLoader workers."""
+    out = tmp_path_factory.mktemp("cache") / "one"
+    build(config(data, tiny_models["vision"], out, workers=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tower(tiny_models):
+    return VisionTower.from_pretrained(tiny_models["vision"], feature_layer=-2, dtype=torch.bfloat16)
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "preprocess.cache_cli", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, **kw)
+
+
+def same_files(a: Path, b: Path):
+    """The published files of two caches are byte-identical."""
+    names = FINAL_FILES + sorted(p.name for p in (a / "shards").glob("*.arrow"))
+    assert names == FINAL_FILES + sorted(p.name for p in (b / "shards").glob("*.arrow"))
+    for name in names:
+        rel = name if name in FINAL_FILES else f"shards/{name}"
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+# -- reading back -------------------------------------------------------------------------------
+def test_round_trip_equals_the_encoder_output(built, data, tower):
+    cache = check_cache_for_training(built, tower.fingerprint(pool=1))
+    assert cache.feature_shape == (tower.num_patches, tower.hidden_size) == (16, 32)
+    for ref in GOOD:
+        got = cache.features_for(ref)
+        want = tower(tower.preprocess([load_image(data["images"] / ref)]))[0]
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), ref
+    key = cache.resolve("a2.png")
+    assert cache[key].data_ptr() == cache[key].data_ptr()       # a view of the mapping, not a copy
+
+
+def test_duplicates_are_encoded_once(built):
+    cache = FeatureCache(built)
+    assert cache.resolve("dup.png") == cache.resolve("a1.png")
+    counts = read_manifest(built)["counts"]
+    assert counts["unique_images"] == 11                        # 9 good + corrupt + zero-byte
+    assert counts["encoded"] == len(cache) == len(set(cache.keys())) == 9
+    assert sum(s["rows"] for s in read_manifest(built)["shards"]) == 9
+
+
+def test_bad_files_are_listed_and_the_rest_succeed(built):
+    cache = FeatureCache(built)
+    by_name = {(f.get("paths") or [f.get("path")])[0]: f for f in cache.failures}
+    assert set(by_name) == {"corrupt.jpg", "zero.jpg", "missing.jpg"}
+    assert "truncated" in by_name["corrupt.jpg"]["reason"].lower() and by_name["corrupt.jpg"]["records"] == ["bad"]
+    assert by_name["zero.jpg"]["reason"] == "zero-byte file" and by_name["zero.jpg"]["records"] == ["zero"]
+    assert by_name["missing.jpg"]["records"] == ["gone"]
+    assert read_manifest(built)["counts"]["records_with_failed_images"] == 3
+    with pytest.raises(KeyError, match="zero-byte"):
+        cache.features_for("zero.jpg")
+    assert all(cache.resolve(r) in cache for r in GOOD + ["dup.png"])
+
+
+class _Refs(Dataset):
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __len__(self):
+        return len(GOOD)
+
+    def __getitem__(self, i):
+        return self.cache.features_for(GOOD[i])
+
+
+def test_reader_in_forked_workers_with_bounded_open_shards(built):
+    cache = FeatureCache(built, max_open_shards=1)
+    direct = torch.stack([cache.features_for(r) for r in GOOD])
+    assert len(cache._open) == 1                                 # nine keys over three shards
+    loaded = torch.cat(list(DataLoader(_Refs(cache), batch_size=4, num_workers=2)))
+    assert torch.equal(loaded, direct)
+
+
+def test_pooled_fp32_cache(data, tiny_models, tmp_path):
+    tower = VisionTower.from_pretrained(tiny_models["vision"], dtype=torch.float32)
+    build(config(data, tiny_models["vision"], tmp_path / "c", pool=2, dtype="fp32"))
+    cache = check_cache_for_training(tmp_path / "c", tower.fingerprint(pool=2))
+    assert cache.feature_shape == (4, 32) and read_manifest(tmp_path / "c")["pool"] == 2
+    want = tower(tower.preprocess([load_image(data["images"] / "a3.png")]), pool=2)[0]
+    assert torch.equal(cache.features_for("a3.png"), want)
+
+
+# -- refusing -----------------------------------------------------------------------------------
+def test_fingerprint_mismatch_is_refused(built, tiny_models, tmp_path):
+    from vlm_dist.tiny import build_tiny_siglip
+
+    other_layer = VisionTower.from_pretrained(tiny_models["vision"], feature_layer=-1)
+    with pytest.raises(CacheError, match="feature_layer: cache 2, configured 3"):
+        check_cache_for_training(built, other_layer.fingerprint())
+    build_tiny_siglip(tmp_path / "other", seed=1)
+    other_weights = VisionTower.from_pretrained(str(tmp_path / "other"))
+    with pytest.raises(CacheError, match="weights_sha256") as e:
+        check_cache_for_training(built, other_weights.fingerprint())
+    assert "feature_layer" not in str(e.value) and "Rebuild the cache" in str(e.value)
+    fp32 = VisionTower.from_pretrained(tiny_models["vision"], dtype=torch.float32)
+    with pytest.raises(CacheError, match="dtype: cache \"bfloat16\", configured \"float32\""):
+        check_cache_for_training(built, fp32.fingerprint())
+    # what training asks for: this encoder, any dtype and pooling
+    check_cache_for_training(built, VisionTower.expected_fingerprint(tiny_models["vision"], -2))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_broken_shard_fails_verify_and_training(built, tower, tmp_path, capsys, damage):
+    cache = tmp_path / "c"
+    shutil.copytree(built, cache)
+    assert verify_cache(cache) == []
+    check_cache_for_training(cache, tower.fingerprint())            # the copy kept its stamp
+    shard = cache / "shards" / "shard-000001.arrow"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01                                 # inside the feature values
+        shard.write_bytes(bytes(data))
+    else:
+        shard.unlink()
+    assert cache_cli.main(["verify", str(cache)]) == 1
+    err = capsys.readouterr().err
+    assert "shard-000001.arrow" in err and "shard-000000.arrow" not in err, err
+    with pytest.raises(CacheError, match="shard-000001.arrow"):
+        check_cache_for_training(cache, tower.fingerprint())
+
+
+def test_verify_command_exit_status_and_info(built, tmp_path, capsys):
+    result = cli("verify", built)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr
+    cache = tmp_path / "c"
+    shutil.copytree(built, cache)
+    (cache / "shards" / "shard-000002.arrow").unlink()
+    result = cli("verify", cache, "--quick")
+    assert result.returncode == 1 and "shard-000002.arrow: missing" in result.stderr, result.stderr
+    assert cache_cli.main(["info", str(built)]) == 0
+    out = capsys.readouterr().out
+    assert "16 patches x 32 dims" in out and "9 encoded" in out
+
+
+def test_rerun_with_other_inputs_is_refused(built, data, tiny_models, tmp_path):
+    cache = tmp_path / "c"
+    shutil.copytree(built, cache)
+    with pytest.raises(BuildError, match="differs in: fingerprint"):
+        build(config(data, tiny_models["vision"], cache, feature_layer=-1))
+
+
+# -- resuming and splitting ---------------------------------------------------------------------
+def test_kill_during_build_then_rerun_gives_the_same_cache(data, tiny_models, tmp_path):
+    # bigger, slower-to-decode images so the kill lands mid-build
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(48):
+        Image.fromarray((rng.random((480, 640, 3)) * 255).astype(np.uint8)).save(big / f"{i}.jpg")
+    (tmp_path / "list.txt").write_text("".join(f"{i}.jpg\n" for i in range(48)))
+    args = ["build", "--image-list", tmp_path / "list.txt", "--image-root", big,
+            "--vision-model", tiny_models["vision"], "--shard-size", 4, "--batch-size", 4,
+            "--workers", 0, "--no-progress"]
+    ref = BuildConfig(out=str(tmp_path / "ref"), image_lists=[str(tmp_path / "list.txt")],
+                      image_root=str(big), vision_model=tiny_models["vision"], shard_size=4,
+                      batch_size=4, workers=0, progress=False)
+    build(ref)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "preprocess.cache_cli", *map(str, args), "--out", out],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    first = out / "shards" / "shard-000000.arrow"
+    while not first.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (out / "manifest.json").exists(), "the build ended before the kill"
+    assert len(list((out / "shards").glob("*.arrow"))) < 12
+
+    assert cache_cli.main([*map(str, args), "--out", str(out)]) == 0      # the same command again
+    assert read_manifest(out) == read_manifest(tmp_path / "ref")
+    same_files(out, tmp_path / "ref")
+    assert not list((out / "shards").glob("*.tmp.*"))
+
+
+def test_two_processes_with_shard_index_equal_one_process(built, data, tiny_models, tmp_path):
+    out = tmp_path / "split"
+    common = ["build", "--records", data["records"], "--image-root", data["images"],
+              "--vision-model", tiny_models["vision"], "--out", out, "--shard-size", 3,
+              "--batch-size", 2, "--workers", 0, "--num-shards", 2, "--no-progress"]
+    procs = [subprocess.Popen([sys.executable, "-m", "preprocess.cache_cli", *map(str, common),
+                               "--shard-index", str(i)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read()
+    assert not (out / "manifest.json").exists()
+    assert cache_cli.main(["finalize", str(out)]) == 0
+    same_files(out, built)
+
+
+def test_launched_ranks_equal_one_process_and_rank0_finalizes(built, data, tiny_models, tmp_path,
+                                                             monkeypatch):
+    out = tmp_path / "ranks"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    build(config(data, tiny_models["vision"], out))
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(BuildError, match="shard-000000.arrow"):    # rank 0's part is missing
+        finalize(out)
+    monkeypatch.setenv("RANK", "0")
+    build(config(data, tiny_models["vision"], out, wait_timeout=60))
+    same_files(out, built)
+
+
+def test_rank_discovery():
+    assert rank_from_env({}) is None
+    assert rank_from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (3, 8, 1)
+    assert rank_from_env({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4"}) == (2, 4, 0)
+    assert rank_from_env({"PMI_RANK": "1", "PMI_SIZE": "2"}) == (1, 2, 0)
+    assert rank_from_env({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "6", "SLURM_LOCALID": "1"}) == (5, 6, 1)
+    assert rank_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) is None   # a batch script, not srun
