@@ -20,6 +20,14 @@ import pyarrow as pa
 from vlm_dist.cache import shard_schema
 
 
+BUILD_DIR = "build"     # the builder's own state: plan, per-shard sidecars, summaries
+
+
+def sidecar_path(out: Path, j: int) -> Path:
+    """build/shard-j.json: rows, bytes, SHA-256 and failed keys of shard j, written before it."""
+    return out / BUILD_DIR / f"shard-{j:06d}.json"
+
+
 def tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
 

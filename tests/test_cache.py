@@ -1,6 +1,5 @@
 """Feature cache end to end on the tiny SigLIP: build, read back, verify, resume, split, refuse."""
 import io
-import json
 import os
 import shutil
 import signal

@@ -1,0 +1,180 @@
+"""Encode planned shards: decode in DataLoader workers, SigLIP on the device, write in a thread.
+
+Used by preprocess/cache_build.py (`vlm-cache build`). Images are read,
+checked against their key, decoded and preprocessed in worker processes; the
+main loop only moves pinned batches to the device (non-blocking) and runs the
+forward; a background thread copies features to the host and streams them
+into the shard, so the device never waits for the disk. Batches never cross
+a shard, so a shard's bytes do not depend on which process built it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from preprocess.cache_io import ShardWriter, sidecar_path, write_json_atomic
+from vlm_dist.cache import shard_name
+from vlm_dist.images import ImageError, load_image
+from vlm_dist.model.vision import VisionTower, dtype_name
+
+if TYPE_CHECKING:
+    from preprocess.cache_build import BuildConfig, Plan
+
+class _DecodeDataset(Dataset):
+    """Item i: read, check, decode and preprocess one image in a worker process."""
+
+    def __init__(self, items: list[tuple[int, str, str, str]], tower: VisionTower, max_pixels: int):
+        self.items = items                        # (shard, key, reference, path)
+        self.processor, self.naflex = tower.processor, tower.is_naflex
+        self.max_pixels = max_pixels
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        _, key, ref, path = self.items[i]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return i, None, f"unreadable file ({e.strerror or e})"
+        if hashlib.sha256(data).hexdigest() != key:
+            return i, None, "file changed since the build was planned (its SHA-256 differs)"
+        try:
+            img = load_image(data, max_pixels=self.max_pixels, name=ref)
+            out = self.processor(images=[img], return_tensors="pt")
+        except ImageError as e:
+            return i, None, e.reason
+        except (ValueError, OSError) as e:           # the image processor rejecting an image
+            return i, None, f"preprocessing failed: {type(e).__name__}: {e}"
+        if self.naflex:
+            return i, {k: out[k] for k in ("pixel_values", "pixel_attention_mask",
+                                           "spatial_shapes")}, None
+        return i, out["pixel_values"], None
+
+
+def _collate(items):
+    ok = [(i, px) for i, px, _ in items if px is not None]
+    failed = [(i, reason) for i, px, reason in items if px is None]
+    if not ok:
+        return [], None, failed
+    first = ok[0][1]
+    if isinstance(first, dict):
+        pixels = {k: torch.cat([px[k] for _, px in ok]) for k in first}
+    else:
+        pixels = torch.cat([px for _, px in ok])
+    return [i for i, _ in ok], pixels, failed
+
+
+def _to_storage(feats: torch.Tensor) -> np.ndarray:
+    """(B, P, D) features -> (B, P*D) numpy in the storage dtype (bf16 as raw uint16 bits)."""
+    feats = feats.to("cpu")
+    if feats.dtype == torch.bfloat16:
+        feats = feats.view(torch.uint16)
+    return feats.reshape(feats.shape[0], -1).numpy()
+
+
+class _WriterThread(threading.Thread):
+    """Moves features to the host and writes shards while the device encodes the next batch."""
+
+    def __init__(self, out: Path, dtype: str, feature_shape):
+        super().__init__(daemon=True)
+        self.out, self.dtype, self.feature_shape = out, dtype, feature_shape
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.bytes = 0
+
+    def run(self):
+        writer, failures = None, []
+        try:
+            while (item := self.queue.get()) is not None:
+                j, keys, feats, failed, last = item
+                if writer is None:
+                    writer, failures = ShardWriter(self.out / shard_name(j), self.dtype,
+                                                   self.feature_shape), []
+                if keys:
+                    writer.write(keys, _to_storage(feats))
+                failures.extend(failed)
+                if last:
+                    info = writer.finish()
+                    info["failures"] = sorted(failures, key=lambda f: f["key"])
+                    write_json_atomic(sidecar_path(self.out, j), info)
+                    writer.publish()                    # the commit point of the shard
+                    self.bytes += info["bytes"]
+                    writer = None
+        except BaseException as e:     # re-raised in the main thread by put()/join_checked()
+            self.error = e
+            if writer is not None:
+                writer.abort()
+            while self.queue.get() is not None:         # drain so the producer never blocks
+                pass
+
+    def put(self, item):
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def join_checked(self):
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def encode_shards(cfg: BuildConfig, tower: VisionTower, plan: Plan, shard_ids: list[int],
+                  out: Path, show_progress: bool) -> dict:
+    """Encode the given shards; return {"images", "encoded", "failed", "bytes", "input_wait_seconds"}.
+
+    input_wait_seconds is how long the device loop waited for decoded batches:
+    near zero means the encoder, not JPEG decoding, sets the pace.
+    """
+    items, batches = [], []          # batches: (index list, shard, last batch of the shard)
+    for j in shard_ids:
+        start = len(items)
+        items += [(j, k, plan.key_ref[k], os.path.join(cfg.image_root, plan.key_ref[k]))
+                  for k in plan.shard_keys(j)]
+        idx = list(range(start, len(items)))
+        chunks = [idx[s:s + cfg.batch_size] for s in range(0, len(idx), cfg.batch_size)]
+        batches += [(c, j, n == len(chunks) - 1) for n, c in enumerate(chunks)]
+    stats = {"images": len(items), "encoded": 0, "failed": 0, "bytes": 0,
+             "input_wait_seconds": 0.0}
+    if not items:
+        return stats
+    on_cuda = tower.device.type == "cuda"
+    loader = DataLoader(_DecodeDataset(items, tower, cfg.max_pixels),
+                        batch_sampler=[b for b, _, _ in batches], num_workers=cfg.workers,
+                        collate_fn=_collate, pin_memory=on_cuda,
+                        prefetch_factor=4 if cfg.workers > 0 else None)
+    writer = _WriterThread(out, dtype_name(tower.dtype), tower.feature_shape(cfg.pool))
+    writer.start()
+    bar = tqdm(total=len(items), unit="img", desc="encode", disable=not show_progress,
+               dynamic_ncols=True)
+    batch_iter = iter(loader)
+    try:
+        for _, j, last in batches:
+            t_wait = time.monotonic()
+            ok, pixels, failed = next(batch_iter)
+            stats["input_wait_seconds"] += time.monotonic() - t_wait    # decode-bound if large
+            feats = tower(pixels, pool=cfg.pool) if ok else None      # (B, P, D) on the device
+            writer.put((j, [items[i][1] for i in ok], feats,
+                        [{"key": items[i][1], "reason": r} for i, r in failed], last))
+            stats["encoded"] += len(ok)
+            stats["failed"] += len(failed)
+            bar.update(len(ok) + len(failed))
+            bar.set_postfix(failed=stats["failed"], refresh=False)
+    finally:
+        bar.close()
+        writer.join_checked()
+    stats["bytes"] = writer.bytes
+    stats["input_wait_seconds"] = round(stats["input_wait_seconds"], 3)
+    return stats
