@@ -1,0 +1,227 @@
+"""Evaluation: probe/answer accounting on hand-made predictions, perplexity on a tiny model, vlm-eval end to end.
+
+    python -m pytest tests/test_eval.py -q
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlm_dist import evaluation as ev
+from vlm_dist.prompt import IGNORE, PromptEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def probe(rid, k, answer):
+    return {"id": rid, "images": [f"{rid}_{i}.png" for i in range(k)], "answer": answer,
+            "scenes": [f"s{i}" for i in range(k)],
+            "conversations": [{"role": "user", "content": "\n".join(["<image>"] * k) + "\nWhich?"},
+                              {"role": "assistant", "content": f"Image {answer}."}]}
+
+
+# -- parsing ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,k,want", [
+    ("Image 2.", 3, 2), ("image 3", 3, 3), ("2", 2, 2), ("The second image.", 3, 2),
+    ("the last one", 3, 3), ("Image two", 2, 2), ("Image 4.", 3, None), ("a red circle", 2, None),
+    ("Image 1: a red circle. Image 2: ...", 2, 1),
+])
+def test_parse_image_choice(text, k, want):
+    assert ev.parse_image_choice(text, k) == want
+
+
+def test_parse_bool_and_options():
+    assert ev.parse_bool("True.") is True and ev.parse_bool("no, it is not") is False
+    assert ev.parse_bool("maybe") is None
+    assert ev.answer_bool("False") is False and ev.answer_bool(True) is True and ev.answer_bool(1) is True
+    with pytest.raises(ValueError):
+        ev.answer_bool("perhaps")
+    assert ev.parse_option("B", 4) == "B" and ev.parse_option("(c) a cat", 4) == "C"
+    assert ev.parse_option("The answer is D.", 4) == "D"
+    assert ev.parse_option("E", 4) is None            # not an option of a 4-way question
+    assert ev.parse_option("a blue square", 3, ["a red circle", "a blue square", "x"]) == "B"
+    assert ev.parse_option("I am not sure", 4) is None
+
+
+# -- accounting ------------------------------------------------------------------------------
+def test_rotated_probes_balance_positions_and_follow_the_answer_image():
+    recs = [probe("a", 2, 1), probe("b", 3, 3)]
+    asked = ev.rotated_probes(recs)
+    assert len(asked) == 5
+    for r in asked:
+        orig = recs[0] if r["id"].startswith("a") else recs[1]
+        # the image at the answer position is the original answer image, and so is its scene
+        assert r["images"][r["answer"] - 1] == orig["images"][orig["answer"] - 1]
+        assert r["scenes"][r["answer"] - 1] == orig["scenes"][orig["answer"] - 1]
+        assert sorted(r["images"]) == sorted(orig["images"]) and r["conversations"] == orig["conversations"]
+    assert sorted(r["answer"] for r in asked if r["id"].startswith("b")) == [1, 2, 3]
+    assert sorted(r["answer"] for r in asked if r["id"].startswith("a")) == [1, 2]
+    with pytest.raises(ValueError, match="not a permutation"):
+        ev.permute_probe(recs[0], [0, 0])
+
+
+def test_latest_image_bias_is_exposed_per_position():
+    asked = ev.rotated_probes([probe(f"p{i}", k, 1) for i, k in enumerate([2, 2, 3, 3, 3, 3])])
+    answers = [r["answer"] for r in asked]
+    ks = [len(r["images"]) for r in asked]
+    last = ev.score_choices(ks, answers, ks)         # always names the last image
+    assert last["per_position"]["1"]["accuracy"] == 0.0
+    assert last["per_num_images_position"]["3:3"]["accuracy"] == 1.0
+    assert last["per_num_images_position"]["2:2"]["accuracy"] == 1.0
+    assert last["last_image_rate"] == 1.0
+    assert last["accuracy"] == pytest.approx(last["last_image_chance"])    # = mean 1/k: chance
+    assert last["accuracy"] == pytest.approx((2 * 1 + 4 * 1) / (2 * 2 + 4 * 3))
+    perfect = ev.score_choices(answers, answers, ks)
+    assert perfect["accuracy"] == 1.0 and all(v["accuracy"] == 1.0 for v in perfect["per_position"].values())
+    assert perfect["last_image_rate"] == pytest.approx(perfect["last_image_chance"])
+    hand = ev.score_choices([1, None, 2, 3], [1, 2, 2, 1], [2, 2, 3, 3])
+    assert hand["accuracy"] == 0.5 and hand["unparsed"] == 1
+    assert hand["per_position"] == {"1": {"accuracy": 0.5, "correct": 1, "n": 2},
+                                    "2": {"accuracy": 0.5, "correct": 1, "n": 2}}
+    assert hand["predicted_position"] == {"1": 1, "2": 1, "3": 1, "none": 1}
+
+
+def test_nlvr2_and_mc_scoring():
+    s = ev.score_binary([True, False, None, True], [True, True, False, False])
+    assert s["accuracy"] == 0.25 and s["unparsed"] == 1
+    assert s["per_answer"]["true"] == {"accuracy": 0.5, "n": 2}
+    assert s["per_answer"]["false"] == {"accuracy": 0.0, "n": 2}
+    m = ev.score_mc(["A", "C", None, "b"], ["A", "B", "C", "b"])
+    assert m["accuracy"] == 0.25 and m["unparsed"] == 1 and m["picked"]["A"] == 1
+
+
+def test_ordered_descriptions_per_position():
+    ref = "Image 1: a red circle on the left. Image 2: a blue square on the right."
+    swapped = "Image 1: a blue square on the right. Image 2: a blue square on the right."
+    s = ev.score_ordered_descriptions([ref, swapped], [ref, ref])
+    assert s["accuracy"] == 0.5
+    assert s["per_position"] == {"1": {"accuracy": 0.5, "n": 2}, "2": {"accuracy": 1.0, "n": 2}}
+
+
+def test_caption_metrics():
+    refs = {"a": ["a red circle on the left."], "b": ["a blue square on the right."],
+            "c": ["a green triangle on the left."]}
+    good = ev.caption_metrics({"a": "A red circle on the left", "b": "a blue square on the right.",
+                               "c": "a green triangle on the left"}, refs)
+    assert good["accuracy"] == 1.0 and good["bleu_4"] == pytest.approx(1.0, abs=1e-6) and good["cider"] > 0
+    bad = ev.caption_metrics({"a": "a blue circle on the left.", "b": "a red square on the left.",
+                              "c": "a green triangle on the left."}, refs)
+    assert bad["accuracy"] == pytest.approx(1 / 3) and bad["bleu_4"] < good["bleu_4"]
+    assert bad["cider"] < good["cider"]
+
+
+def test_shard_covers_every_record_once():
+    items = list(range(11))
+    parts = [ev.shard(items, r, 3) for r in range(3)]
+    assert sorted(x for p in parts for x in p) == items
+    assert ev.gather_lists([1, 2]) == [1, 2]        # no process group: identity
+
+
+# -- perplexity on a tiny model --------------------------------------------------------------
+def test_loss_sums_equal_a_direct_computation(tiny_models, tokenizer):
+    from vlm_dist.model.build import build_vlm, load_llm
+    torch.manual_seed(0)
+    llm = load_llm(tiny_models["llm"], "frozen", dtype=torch.float32)
+    vlm = build_vlm(llm, tokenizer, 32, 16, connector=dict(num_latents=4, depth=1, heads=4),
+                    dtype=torch.float32).eval()
+    recs = [{"id": f"t{i}", "images": [], "conversations": [
+        {"role": "user", "content": "Repeat:"}, {"role": "assistant", "content": s}]}
+        for i, s in enumerate(["The quick brown fox.", "one two three four five six", "Hello world. Yes."])]
+    recs.append({"id": "empty", "images": [], "conversations": [
+        {"role": "assistant", "content": "x" * 300}]})  # too long at max_seq_len=64: listed, not dropped silently
+    got = ev.merge_loss([ev.loss_sums(vlm, tokenizer, "chatml", 4, recs[:2], None, (16, 32), batch_size=2,
+                                      max_seq_len=64),
+                         ev.loss_sums(vlm, tokenizer, "chatml", 4, recs[2:], None, (16, 32), max_seq_len=64)])
+    enc = PromptEncoder(tokenizer, "chatml", 4)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for r in recs[:3]:
+            s = enc.encode(r)
+            logits = llm(input_ids=torch.tensor([s.input_ids])).logits[0, :-1]
+            labels = torch.tensor(s.labels[1:])
+            keep = labels != IGNORE
+            total += F.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+            n += int(keep.sum())
+    assert got["tokens"] == n and got["samples"] == 3
+    assert got["loss"] == pytest.approx(total / n, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(total / n), rel=1e-5)
+    assert got["skipped"] == {"too_long": {"count": 1, "ids": ["empty"]}}
+
+
+# -- vlm-eval end to end on a tiny export -----------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_export(tiny_models, tokenizer, tmp_path_factory):
+    from vlm_dist.checkpoint import write_export
+    from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
+    torch.manual_seed(0)
+    llm = load_llm(tiny_models["llm"], "lora", dtype=torch.float32, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    vlm = build_vlm(llm, tokenizer, 32, 16, connector=dict(num_latents=4, depth=1, heads=4), dtype=torch.float32)
+    set_trainable(vlm, "lora")
+    with torch.no_grad():
+        for name, p in vlm.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    out = tmp_path_factory.mktemp("eval") / "export"
+    write_export(vlm, out, {"llm": tiny_models["llm"], "vision": tiny_models["vision"], "feature_layer": -2,
+                            "pool": False, "template": "chatml", "num_media_tokens": 4,
+                            "vision_dtype": "float32"}, "lora", is_main=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    sys.path.insert(0, str(REPO / "launch"))
+    import demo_data as dd
+    out = tmp_path_factory.mktemp("demo")
+    dd.generate(out, dd.DemoDataConfig().scaled(0.05))
+    return out
+
+
+def test_vlm_eval_end_to_end(tiny_export, demo_data, tmp_path):
+    from vlm_dist.eval_cli import main
+    out = tmp_path / "eval"
+    rc = main(["--model", str(tiny_export), "--out", str(out), "--image-root", str(demo_data),
+               "--loss", str(demo_data / "heldout_loss.jsonl"), "--captions", str(demo_data / "heldout_captions.jsonl"),
+               "--probes", str(demo_data / "heldout_which.jsonl"), "--describe", str(demo_data / "heldout_describe.jsonl"),
+               "--text", str(demo_data / "heldout_text.jsonl"), "--limit", "6", "--max-new-tokens", "6",
+               "--device", "cpu"])
+    assert rc == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["loss"]["samples"] == 6 and res["loss"]["perplexity"] > 1
+    assert 0 <= res["captions"]["accuracy"] <= 1 and "cider" in res["captions"]
+    probes = [json.loads(line) for line in (out / "probes.jsonl").open()]
+    first6 = [json.loads(line) for line in (demo_data / "heldout_which.jsonl").open()][:6]
+    # each record asked once per image position
+    assert res["probes"]["n"] == len(probes) == sum(len(r["images"]) for r in first6)
+    assert res["probes"]["records"] == 6
+    # adapter disabled -> base LLM perplexity differs from the adapted model's
+    assert res["text"]["perplexity"] != res["text"]["base_perplexity"]
+    assert (out / "captions.md").read_text().startswith("# Caption report")
+    n_caps = min(6, len((demo_data / "heldout_captions.jsonl").read_text().splitlines()))
+    assert len((out / "captions.jsonl").read_text().splitlines()) == res["captions"]["n"] == n_caps
+
+
+def test_vlm_eval_two_ranks_matches_one(tiny_export, demo_data, tmp_path):
+    """torchrun with 2 CPU ranks (gloo): records sharded, results gathered, same numbers as one process."""
+    args = ["--model", str(tiny_export), "--image-root", str(demo_data), "--loss",
+            str(demo_data / "heldout_loss.jsonl"), "--probes", str(demo_data / "heldout_which.jsonl"),
+            "--limit", "5", "--max-new-tokens", "4", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    one = subprocess.run([sys.executable, "-m", "vlm_dist.eval_cli", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29731", "-m", "vlm_dist.eval_cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "eval.json").read_text())
+    b = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert b["world_size"] == 2
+    assert b["loss"]["tokens"] == a["loss"]["tokens"] and b["loss"]["loss"] == pytest.approx(a["loss"]["loss"], rel=1e-5)
+    assert b["probes"]["n"] == a["probes"]["n"] and b["probes"]["accuracy"] == a["probes"]["accuracy"]

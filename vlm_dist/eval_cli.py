@@ -1,0 +1,304 @@
+"""vlm-eval: held-out loss, captions, grounding probes, NLVR2, multiple choice, text regression.
+
+    vlm-eval --model runs/sft/export --cache cache/ --out runs/sft/eval \\
+        --loss heldout.jsonl --captions captions.jsonl --probes which.jsonl \\
+        --nlvr2 pairs.jsonl --mc mmmu.jsonl --text text.jsonl
+    torchrun --nproc_per_node 8 -m vlm_dist.eval_cli ...     # records sharded over ranks
+
+Every set is a JSONL file of contract records (answer keys: see vlm_dist.evaluation).
+Image features come from --cache (a `vlm-cache build` of the records; its encoder
+fingerprint must match the export's vision tower) or are computed online from
+files under --image-root with the export's tower.
+
+Writes to --out: eval.json (every metric), captions.jsonl + captions.md (the
+caption report: image, reference, generated, exact match), probes.jsonl,
+describe.jsonl, nlvr2.jsonl, mc.jsonl (one line per question: the reply and
+how it was scored). Prints a summary table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+SETS = ("loss", "captions", "describe", "probes", "nlvr2", "mc", "text")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="vlm-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="export directory (or a merged export)")
+    p.add_argument("--out", required=True, help="directory for eval.json and the reports")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--cache", help="feature cache built from these records (vlm-cache build)")
+    src.add_argument("--image-root", help="compute features online from image files under this directory")
+    p.add_argument("--loss", action="append", default=[], help="records for held-out loss / perplexity")
+    p.add_argument("--captions", help="caption records (reference = last assistant turn)")
+    p.add_argument("--describe", help="describe-each-image-in-order records ('Image k: ...' references)")
+    p.add_argument("--probes", help="which-image records with \"answer\": 1-based image position")
+    p.add_argument("--nlvr2", help="paired-image statements with \"answer\": true/false")
+    p.add_argument("--mc", help="multiple-choice records with \"answer\": letter (MMMU / MIRB style)")
+    p.add_argument("--text", help="text-only records: perplexity of the model vs. its base LLM")
+    p.add_argument("--no-permute", action="store_true", help="ask probes as written (no image rotation)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many records per set")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward for the loss sets")
+    p.add_argument("--max-seq-len", type=int, default=None, help="skip (and list) longer samples")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    args = p.parse_args(argv)
+    if not any(getattr(args, s) for s in SETS):
+        p.error("nothing to evaluate: give at least one of --" + ", --".join(SETS))
+    needs_images = any(getattr(args, s) for s in SETS if s != "text")
+    if needs_images and not (args.cache or args.image_root):
+        p.error("image sets need --cache or --image-root for their features")
+    return args
+
+
+def _read(path: str, limit: int | None, need_answer: bool = False) -> list[dict]:
+    from vlm_dist.records import read_records
+    recs = list(read_records(path))[:limit]
+    if need_answer:
+        missing = [r["id"] for r in recs if "answer" not in r]
+        if missing:
+            raise SystemExit(f"vlm-eval: {path}: {len(missing)} record(s) without an \"answer\" key, "
+                             f"e.g. {missing[:5]}")
+    return recs
+
+
+class Features:
+    """Record -> (M, P, D) features: from the cache, or online from image files."""
+
+    def __init__(self, generator, cache=None, image_root: str | None = None):
+        self.gen, self.cache, self.root = generator, cache, image_root
+
+    def lookup(self, ref: str):
+        if self.cache is not None:
+            return self.cache.features_for(ref)
+        from vlm_dist.images import load_image
+        return self.gen.encode_images([load_image(os.path.join(self.root, ref))])[0]
+
+    def __call__(self, record: dict):
+        import torch
+        if not record["images"]:
+            return None
+        if self.cache is not None:
+            return torch.stack([self.cache.features_for(r) for r in record["images"]])
+        from vlm_dist.images import load_image
+        return self.gen.encode_images([load_image(os.path.join(self.root, r)) for r in record["images"]])
+
+    @property
+    def shape(self):
+        return self.cache.feature_shape if self.cache is not None else \
+            self.gen.tower.feature_shape(self.gen.cfg.pool)
+
+
+def open_cache(path: str, tower, pool: int):
+    """The cache, refused if its encoder differs from the export's tower (then features would too)."""
+    from vlm_dist.cache import FeatureCache, fingerprint_differences
+    cache = FeatureCache(path)
+    diffs = fingerprint_differences(cache.fingerprint, tower.fingerprint(pool))
+    if diffs:
+        raise SystemExit(f"vlm-eval: cache {path} was built with another encoder than the export's "
+                         f"vision tower:\n  " + "\n  ".join(diffs))
+    return cache
+
+
+def caption_markdown(rows: list[dict]) -> str:
+    lines = ["| id | image(s) | reference | generated | exact |", "|---|---|---|---|---|"]
+    for r in rows:
+        imgs = " ".join(f"`{i}`" for i in r["images"])
+        cells = [r["id"], imgs, r["reference"], r["prediction"], "yes" if r["exact"] else "no"]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> dict:
+    import torch
+
+    from vlm_dist import evaluation as ev
+    from vlm_dist.export import load_export
+    from vlm_dist.inference import GenerationSettings, Generator
+
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from vlm_dist.dist import init_distributed
+        env = init_distributed()
+        rank, world = env.rank, env.world_size
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    vlm, tokenizer, tower, cfg = load_export(args.model, device=device, dtype=args.dtype)
+    gen = Generator(vlm, tokenizer, cfg, tower)
+    cache = open_cache(args.cache, tower, cfg.pool) if args.cache else None
+    feats = Features(gen, cache, args.image_root)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    results: dict = {"model": str(args.model), "world_size": world}
+    out = Path(args.out)
+    main = rank == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def replies(records):
+        mine = ev.shard(records, rank, world)
+        got = ev.generate_replies(gen, mine, feats, settings)
+        pairs = ev.gather_lists(list(zip([r["id"] for r in mine], got)))
+        by_id = dict(pairs)
+        return [by_id[r["id"]] for r in records]
+
+    def write_jsonl(name, rows):
+        if main:
+            with open(out / name, "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    if args.loss:
+        recs = [r for path in args.loss for r in _read(path, args.limit)]
+        part = ev.loss_sums(vlm, tokenizer, cfg.template, cfg.num_media_tokens, ev.shard(recs, rank, world),
+                            feats.lookup, feats.shape, args.batch_size, args.max_seq_len)
+        results["loss"] = ev.merge_loss(ev.gather(part))
+
+    if args.captions:
+        recs = _read(args.captions, args.limit)
+        preds = replies(recs)
+        refs = [r["conversations"][-1]["content"] for r in recs]
+        metrics = ev.caption_metrics({r["id"]: p for r, p in zip(recs, preds)},
+                                     {r["id"]: [ref] for r, ref in zip(recs, refs)})
+        rows = [{"id": r["id"], "images": r["images"], "reference": ref, "prediction": p,
+                 "exact": ev.normalize_text(p) == ev.normalize_text(ref)} for r, p, ref in zip(recs, preds, refs)]
+        write_jsonl("captions.jsonl", rows)
+        if main:
+            (out / "captions.md").write_text(
+                f"# Caption report\n\nmodel `{args.model}`, {len(rows)} images; exact match "
+                f"{metrics['accuracy']:.3f}, BLEU-4 {metrics['bleu_4']:.3f}, CIDEr {metrics['cider']:.3f}\n\n"
+                + caption_markdown(rows))
+        results["captions"] = metrics
+
+    if args.describe:
+        recs = _read(args.describe, args.limit)
+        preds = replies(recs)
+        refs = [r["conversations"][-1]["content"] for r in recs]
+        results["describe"] = ev.score_ordered_descriptions(preds, refs)
+        write_jsonl("describe.jsonl", [{"id": r["id"], "reference": ref, "prediction": p}
+                                       for r, p, ref in zip(recs, preds, refs)])
+
+    if args.probes:
+        recs = _read(args.probes, args.limit, need_answer=True)
+        asked = recs if args.no_permute else ev.rotated_probes(recs)
+        preds = replies(asked)
+        picked = [ev.parse_image_choice(p, len(r["images"])) for r, p in zip(asked, preds)]
+        results["probes"] = dict(ev.score_choices(picked, [int(r["answer"]) for r in asked],
+                                                  [len(r["images"]) for r in asked]),
+                                 permuted=not args.no_permute, records=len(recs))
+        write_jsonl("probes.jsonl", [{"id": r["id"], "images": r["images"], "answer": int(r["answer"]),
+                                      "prediction": p, "picked": c}
+                                     for r, p, c in zip(asked, preds, picked)])
+
+    if args.nlvr2:
+        recs = _read(args.nlvr2, args.limit, need_answer=True)
+        preds = replies(recs)
+        answers = [ev.answer_bool(r["answer"]) for r in recs]
+        parsed = [ev.parse_bool(p) for p in preds]
+        results["nlvr2"] = ev.score_binary(parsed, answers)
+        write_jsonl("nlvr2.jsonl", [{"id": r["id"], "answer": a, "prediction": p, "parsed": b}
+                                    for r, a, p, b in zip(recs, answers, preds, parsed)])
+
+    if args.mc:
+        recs = _read(args.mc, args.limit, need_answer=True)
+        preds = replies(recs)
+        parsed = [ev.parse_option(p, len(r.get("choices") or "ABCDEFGHIJ"), r.get("choices"))
+                  for r, p in zip(recs, preds)]
+        results["mc"] = ev.score_mc(parsed, [str(r["answer"]) for r in recs])
+        write_jsonl("mc.jsonl", [{"id": r["id"], "answer": r["answer"], "prediction": p, "parsed": c}
+                                 for r, p, c in zip(recs, preds, parsed)])
+
+    if args.text:
+        recs = _read(args.text, args.limit)
+        if any(r["images"] for r in recs):
+            raise SystemExit(f"vlm-eval: --text {args.text} must hold text-only records (no images)")
+        mine = ev.shard(recs, rank, world)
+        model = ev.merge_loss(ev.gather(ev.loss_sums(vlm, tokenizer, cfg.template, cfg.num_media_tokens,
+                                                     mine, None, feats.shape,
+                                                     args.batch_size, args.max_seq_len)))
+        base_vlm = base_model(vlm, cfg, args.model, device)
+        with base_vlm as b:
+            base = ev.merge_loss(ev.gather(ev.loss_sums(b, tokenizer, cfg.template, cfg.num_media_tokens,
+                                                        mine, None, feats.shape,
+                                                        args.batch_size, args.max_seq_len)))
+        results["text"] = {"perplexity": model["perplexity"], "base_perplexity": base["perplexity"],
+                           "ratio": model["perplexity"] / base["perplexity"], "tokens": model["tokens"],
+                           "samples": model["samples"]}
+
+    if main:
+        (out / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return results
+
+
+class base_model:
+    """Context manager: the VLM with its LLM's fine-tuning undone (adapter disabled, or the base loaded)."""
+
+    def __init__(self, vlm, cfg, export_dir, device):
+        self.vlm, self.cfg, self.export_dir, self.device = vlm, cfg, export_dir, device
+        self._ctx = None
+
+    def __enter__(self):
+        from vlm_dist.model.build import load_llm
+        from vlm_dist.model.vlm import VisionLanguageModel
+        if hasattr(self.vlm.llm, "disable_adapter"):
+            self._ctx = self.vlm.llm.disable_adapter()
+            self._ctx.__enter__()
+            return self.vlm
+        if self.cfg.base_llm is None:
+            if self.cfg.llm_mode == "frozen":
+                return self.vlm          # the LLM is the base LLM
+            raise SystemExit(f"vlm-eval --text: {self.export_dir} has no base_llm in vlm_config.json to "
+                             "compare against")
+        dtype = next(self.vlm.parameters()).dtype
+        llm = load_llm(self.cfg.base_llm, "frozen", dtype).to(self.device).eval()
+        return VisionLanguageModel(llm, dict(self.vlm.connectors), self.vlm.pad_ids, self.vlm.num_tokens)
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+        return False
+
+
+def summary_table(results: dict) -> str:
+    rows = []
+    if "loss" in results:
+        rows.append(("held-out loss / ppl", f"{results['loss']['loss']:.4f} / {results['loss']['perplexity']:.3f}"))
+    if "captions" in results:
+        c = results["captions"]
+        rows.append(("caption exact match", f"{c['accuracy']:.3f} (BLEU-4 {c['bleu_4']:.3f}, CIDEr {c['cider']:.3f})"))
+    if "describe" in results:
+        d = results["describe"]
+        per = ", ".join(f"{k}: {v['accuracy']:.2f}" for k, v in d["per_position"].items())
+        rows.append(("describe-in-order exact", f"{d['accuracy']:.3f} (per image {per})"))
+    if "probes" in results:
+        pr = results["probes"]
+        per = ", ".join(f"{k}: {v['accuracy']:.2f}" for k, v in pr["per_position"].items())
+        rows.append(("which-image accuracy", f"{pr['accuracy']:.3f} (per position {per}; last-image rate "
+                     f"{pr['last_image_rate']:.2f} vs chance {pr['last_image_chance']:.2f})"))
+    if "nlvr2" in results:
+        rows.append(("NLVR2 true/false", f"{results['nlvr2']['accuracy']:.3f}"))
+    if "mc" in results:
+        rows.append(("multiple choice", f"{results['mc']['accuracy']:.3f}"))
+    if "text" in results:
+        t = results["text"]
+        rows.append(("text ppl (base)", f"{t['perplexity']:.3f} ({t['base_perplexity']:.3f}, x{t['ratio']:.3f})"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    from vlm_dist.dist import is_main, shutdown
+    if is_main():
+        print(summary_table(results), flush=True)
+        print(f"wrote {Path(args.out) / 'eval.json'}", flush=True)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
