@@ -38,12 +38,13 @@ import numpy as np
 import pyarrow as pa
 
 CHUNK = 2048          # records per worker task
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 SCHEMA = pa.schema([
     ("index", pa.int64()), ("id", pa.string()), ("length", pa.int32()), ("supervised", pa.int32()),
     ("num_images", pa.int16()), ("truncated", pa.bool_()), ("reason", pa.string()), ("detail", pa.string()),
-    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("image_keys", pa.list_(pa.string())),
+    ("input_ids", pa.list_(pa.int32())), ("supervised_mask", pa.list_(pa.bool_())),
+    ("image_keys", pa.list_(pa.string())),
 ])
 
 
@@ -98,8 +99,10 @@ class LengthTable:
 def _to_sample(row: dict):
     from vlm_dist.media import IMAGE
     from vlm_dist.prompt import EncodedSample
+    from vlm_dist.prompt import IGNORE
     media = {IMAGE.name: row["image_keys"]} if row["image_keys"] else {}
-    return EncodedSample(row["id"], row["input_ids"], row["labels"], media, row["truncated"])
+    labels = [t if m else IGNORE for t, m in zip(row["input_ids"], row["supervised_mask"])]
+    return EncodedSample(row["id"], row["input_ids"], labels, media, row["truncated"])
 
 
 # -- fingerprints --------------------------------------------------------------
@@ -154,10 +157,13 @@ def _encode_chunk(task: tuple[int, list[str]]) -> pa.RecordBatch:
     cols = {name: [] for name in SCHEMA.names}
 
     def add(i, rid, ids=(), labels=(), keys=(), truncated=False, reason=None, detail=None, length=None):
-        for name, v in (("index", start + i), ("id", rid), ("input_ids", list(ids)), ("labels", list(labels)),
+        # labels are the token itself where supervised (prompt.py), so a bit mask stores them
+        assert all(l == -100 or l == t for t, l in zip(ids, labels))
+        mask = [l != -100 for l in labels]
+        for name, v in (("index", start + i), ("id", rid), ("input_ids", list(ids)), ("supervised_mask", mask),
                         ("image_keys", list(keys)), ("truncated", truncated), ("reason", reason),
                         ("detail", detail), ("length", len(ids) if length is None else length),
-                        ("supervised", sum(1 for x in labels if x != -100)), ("num_images", len(keys))):
+                        ("supervised", sum(mask)), ("num_images", len(keys))):
             cols[name].append(v)
 
     for i, line in enumerate(lines):
