@@ -1,13 +1,18 @@
-"""Records + feature cache -> encoded training samples, with every drop counted and listed.
+"""Records + feature cache -> the run's training samples, with every drop counted and listed.
 
-    samples, report = load_samples(records, encoder, cache, max_seq_len)
+    train_set, report = load_training_set(cfg.data.records, tokenizer_path, cfg.data, num_tokens, cache)
 
-- A record whose image is not in the cache (it failed to decode, or was never
-  cached) is dropped with reason `image_failed` / `image_missing`.
-- A sample with no supervised token is dropped with reason `no_supervision`.
-- A sample longer than max_seq_len is an error listing every such record,
-  unless `truncate` is set (text is cut, never inside an image block).
-Each sample's image references are replaced by cache keys (SHA-256).
+Each records file is tokenized once (vlm_dist.data.lengths, cached on disk), the
+mixture is drawn from the usable records (vlm_dist.data.mixture), and samples are
+built lazily from the memory-mapped token tables, so a 558K-record stage costs
+arrays of lengths, not Python lists of tokens, on every rank.
+
+- over-long records (and invalid ones) stop the run, listing them (the
+  supervision check); with data.truncate text is cut, never an image block;
+- a record with no supervised token is dropped (reason `no_supervision`);
+- a record whose image failed to encode, or is not in the cache, is dropped
+  (`image_failed` / `image_missing`).
+Drops are counted in the log and listed in `<output_dir>/dropped.jsonl`.
 """
 from __future__ import annotations
 
@@ -16,30 +21,27 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from vlm_dist.data.lengths import SupervisionError, tokenize_records
+from vlm_dist.data.mixture import build_mixture, format_summary, sources_from_config
+from vlm_dist.data.sampler import modality_of
 from vlm_dist.media import IMAGE
-from vlm_dist.prompt import EncodedSample, PromptEncoder, SampleError
-
-
-class DataError(ValueError):
-    """The training data cannot be used as given; the message lists the records."""
 
 
 @dataclass
 class DropReport:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
-    listed: list[dict] = field(default_factory=list)   # {"id", "reason", "detail"}
-    truncated: int = 0
+    listed: list[dict] = field(default_factory=list)   # {"id", "file", "reason", "detail"}
 
-    def drop(self, rid: str, reason: str, detail: str) -> None:
+    def drop(self, rid: str, file: str, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
-        self.listed.append({"id": rid, "reason": reason, "detail": detail})
+        self.listed.append({"id": rid, "file": file, "reason": reason, "detail": detail})
 
     def summary(self) -> str:
-        parts = [f"{self.kept} samples kept"] + [f"{n} dropped ({r})" for r, n in sorted(self.dropped.items())]
-        if self.truncated:
-            parts.append(f"{self.truncated} truncated")
-        return ", ".join(parts)
+        return ", ".join([f"{self.kept} samples"] +
+                         [f"{n} dropped ({r})" for r, n in sorted(self.dropped.items())])
 
     def write(self, path: str | Path) -> None:
         with open(path, "w") as f:
@@ -47,41 +49,84 @@ class DropReport:
                 f.write(json.dumps(row) + "\n")
 
 
-def load_samples(records: list[dict], encoder: PromptEncoder, cache, max_seq_len: int,
-                 truncate: bool = False) -> tuple[list[EncodedSample], DropReport]:
+class TrainingSet:
+    """The drawn samples: (table, row) references, turned into EncodedSamples on access."""
+
+    def __init__(self, tables, rows: np.ndarray, ref_to_key: dict[str, str]):
+        self.tables, self.rows, self.ref_to_key = tables, rows, ref_to_key
+        lengths = [t.lengths for t in tables]
+        images = [t.table.column("num_images").to_numpy() for t in tables]
+        self.lengths = np.array([lengths[t][r] for t, r in rows], dtype=np.int64)
+        self.modalities = np.array([modality_of(int(images[t][r])) for t, r in rows], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        t, r = self.rows[i]
+        sample = self.tables[t].sample(int(r))
+        if sample.image_keys:
+            sample.media[IMAGE.name] = [self.ref_to_key[ref] for ref in sample.image_keys]
+        return sample
+
+    def subset(self, indices) -> "TrainingSet":
+        out = TrainingSet.__new__(TrainingSet)
+        out.tables, out.ref_to_key = self.tables, self.ref_to_key
+        idx = np.asarray(indices, dtype=np.int64)
+        out.rows, out.lengths, out.modalities = self.rows[idx], self.lengths[idx], self.modalities[idx]
+        return out
+
+
+def read_index(cache_dir) -> dict[str, str]:
+    """The cache's record-reference -> image-key map, in one read (not a search per reference)."""
+    import pyarrow as pa
+    from vlm_dist.cache import INDEX_FILE
+    table = pa.ipc.open_file(pa.memory_map(str(Path(cache_dir) / INDEX_FILE))).read_all()
+    return dict(zip(table.column("ref").to_pylist(), table.column("key").to_pylist()))
+
+
+def load_training_set(sources, tokenizer_path: str, template: str, num_tokens: int, max_seq_len: int,
+                      truncate: bool, cache, seed: int, log=print) -> tuple[TrainingSet, DropReport]:
+    """Tokenize (cached), check supervision, drop unusable records, draw the mixture."""
     report = DropReport()
-    samples, too_long = [], []
-    failed = cache.failed_refs() if cache is not None else {}
-    for record in records:
-        rid = record["id"]
-        keys = []
-        for ref in record.get(IMAGE.record_field, []):
-            if ref in failed:
-                report.drop(rid, "image_failed", f"{ref}: {failed[ref]}")
-                break
-            key = cache.resolve(ref) if cache is not None else None
-            if key is None:
-                report.drop(rid, "image_missing", f"{ref} is not in the feature cache")
-                break
-            keys.append(key)
-        else:
-            try:
-                sample = encoder.encode(record, max_seq_len, truncate=truncate)
-            except SampleError as e:
-                if e.reason == "too_long":
-                    too_long.append(str(e))
-                    continue
-                report.drop(rid, e.reason, str(e))
+    ref_to_key = read_index(cache.cache_dir)
+    failed = {f["path"]: f["reason"] for f in cache.failures if f.get("path")}
+    tables, usable = [], {}
+    for src in sources:
+        table = tokenize_records(src.path, tokenizer_path, template, num_tokens, max_seq_len, truncate)
+        fatal = [p for p in table.problems() if p["reason"] != "no_supervision"]
+        if fatal:
+            lines = "\n  ".join(f"{p['id']!r} (record {p['index']}): {p['reason']}: {p['detail']}"
+                                for p in fatal[:20])
+            raise SupervisionError(
+                f"{src.path}: {len(fatal)} record(s) cannot be trained on (max_seq_len={max_seq_len}):\n  "
+                f"{lines}\nFix or drop them, raise --data.max_seq_len, or set --data.truncate=true "
+                "(text is cut, never an image block). `vlm-convert check` lists them all.")
+        ids = table.table.column("id").to_pylist()
+        refs = table.table.column("image_keys").to_pylist()
+        ok_rows = []
+        for row, (rid, reason, detail) in enumerate(zip(ids, table.table.column("reason").to_pylist(),
+                                                        table.table.column("detail").to_pylist())):
+            if reason is not None:
+                report.drop(rid, src.path, reason, detail)
                 continue
-            if keys:
-                sample.media[IMAGE.name] = keys[:len(sample.image_keys)]
-            report.truncated += sample.truncated
-            samples.append(sample)
-    if too_long:
-        shown = "\n  ".join(too_long[:20])
-        raise DataError(f"{len(too_long)} record(s) exceed data.max_seq_len={max_seq_len}:\n  {shown}"
-                        + ("\n  ..." if len(too_long) > 20 else "")
-                        + "\nRaise --data.max_seq_len, drop them, or set --data.truncate=true "
-                          "(text is cut, never an image block)")
-    report.kept = len(samples)
-    return samples, report
+            bad = next((r for r in refs[row] if r in failed or r not in ref_to_key), None)
+            if bad is not None:
+                if bad in failed:
+                    report.drop(rid, src.path, "image_failed", f"{bad}: {failed[bad]}")
+                else:
+                    report.drop(rid, src.path, "image_missing", f"{bad} is not in the feature cache")
+                continue
+            ok_rows.append(row)
+        tables.append(table)
+        usable[src.path] = np.asarray(ok_rows, dtype=np.int64)
+    if not any(len(v) for v in usable.values()):
+        raise SupervisionError(f"no usable training records ({report.summary()})")
+    mix = sources_from_config([s for s in sources if len(usable[s.path])],
+                              {p: len(v) for p, v in usable.items() if len(v)})
+    order, summary = build_mixture(mix, seed)
+    which = {s.path: k for k, s in enumerate(sources)}
+    rows = np.array([(which[name], usable[name][i]) for name, i in order], dtype=np.int64).reshape(-1, 2)
+    log(format_summary(summary))
+    report.kept = len(rows)
+    return TrainingSet(tables, rows, ref_to_key), report

@@ -1,0 +1,275 @@
+"""Train the VLM on cached vision features with DeepSpeed ZeRO-2/3.
+
+    deepspeed launch/train.py --deepspeed ds_configs/zero2.json \
+        --config launch/configs/stage1_align.yaml [--section.key=value ...]
+
+Also runs under torchrun, srun (one task per GPU) and mpirun; vlm_dist.dist finds
+rank and world size. The loop below is the whole training procedure, top to bottom:
+set up -> (resume) -> [micro-batches -> backward -> step -> log/eval/save] -> export.
+
+Loss: the mean over every supervised token of the global batch (all micro-batches,
+all ranks): each micro-batch's summed loss is scaled by world x accum / global count,
+which DeepSpeed's gradient averaging and accumulation turn back into exactly that mean.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from vlm_dist import dist  # noqa: E402
+from vlm_dist.checkpoint import (CheckpointError, load_rank_state, publish, resolve_resume,  # noqa: E402
+                                 save_rank_state, set_rng_state, tag_for, write_export)
+from vlm_dist.config import Config, check_run_inputs, load_config, save_config  # noqa: E402
+from vlm_dist.data.loader import BatchStream  # noqa: E402
+from vlm_dist.data.sampler import LengthGroupedSampler  # noqa: E402
+from vlm_dist.ds_config import build_ds_config  # noqa: E402
+from vlm_dist.metrics import MetricsLog  # noqa: E402
+from vlm_dist.optim import build_optimizer, build_scheduler  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"),
+                   help="DeepSpeed JSON with ZeRO/communication settings (default: ds_configs/zero2.json)")
+    p.add_argument("--config", default=None, help="run config YAML (default: launch/configs/stage1_align.yaml)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_known_args(argv)
+
+
+# ----------------------------------------------------------------------------- set-up
+def build_data(cfg: Config, cache, num_tokens: int, out_dir: Path, rank: int):
+    """Records -> tokenized (cached) -> mixture drawn -> train / eval sets; drops counted and listed."""
+    from vlm_dist.data.samples import load_training_set
+
+    log = dist.print0
+    common = dict(tokenizer_path=cfg.model.llm, template=cfg.data.template, num_tokens=num_tokens,
+                  max_seq_len=cfg.data.max_seq_len, truncate=cfg.data.truncate, cache=cache, log=log)
+    train_set, report = load_training_set(cfg.data.records, seed=cfg.data.seed, **common)
+    log(f"data: {report.summary()}" + (f" (listed in {out_dir / 'dropped.jsonl'})" if report.listed else ""))
+    if rank == 0:
+        report.write(out_dir / "dropped.jsonl")
+    eval_set = None
+    if cfg.data.eval_records:
+        eval_set, _ = load_training_set(cfg.data.eval_records, seed=cfg.data.seed, **common)
+    elif cfg.data.eval_fraction > 0:
+        order = np.random.default_rng([cfg.data.seed, 0xE7A1]).permutation(len(train_set))
+        n_eval = max(1, int(len(train_set) * cfg.data.eval_fraction))
+        eval_set = train_set.subset(np.sort(order[:n_eval]))
+        train_set = train_set.subset(np.sort(order[n_eval:]))
+    return train_set, eval_set
+
+
+def make_sampler(cfg: Config, samples, env, seed: int):
+    return LengthGroupedSampler(
+        samples.lengths, samples.modalities,
+        world_size=env.world_size, rank=env.rank, max_seq_len=cfg.data.max_seq_len,
+        rows_per_micro=cfg.train.micro_batch_size, packing=cfg.data.pack,
+        max_tokens_per_micro=cfg.train.micro_batch_tokens, seed=seed)
+
+
+def build_model(cfg: Config, tokenizer, feature_shape, is_main: bool):
+    from vlm_dist.model.build import (LoraSettings, build_vlm, load_connectors, load_llm, set_trainable,
+                                      trainable_table)
+
+    dtype = getattr(torch, cfg.model.dtype)
+    adapter = None
+    if cfg.model.init_from and cfg.model.llm_mode in ("lora", "qlora"):
+        cand = Path(cfg.model.init_from) / "adapter"
+        adapter = str(cand) if cand.is_dir() else None
+    llm = load_llm(cfg.model.llm, cfg.model.llm_mode, dtype, cfg.model.attn_implementation,
+                   LoraSettings(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.target_modules)),
+                   adapter=adapter, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    num_patches, vision_dim = feature_shape
+    connector = dict(kind=cfg.model.connector, depth=cfg.model.resampler_depth,
+                     heads=cfg.model.resampler_heads, use_layernorm=cfg.model.use_layernorm)
+    if cfg.model.connector == "resampler":
+        connector["num_latents"] = cfg.model.num_latents
+    vlm = build_vlm(llm, tokenizer, vision_dim, num_patches, connector, dtype)
+    if cfg.model.init_from:
+        load_connectors(vlm, cfg.model.init_from)
+    set_trainable(vlm, cfg.model.llm_mode)
+    if is_main:
+        print(trainable_table(vlm), flush=True)
+    return vlm
+
+
+# ----------------------------------------------------------------------------- the loop pieces
+def to_device(batch: dict, device) -> dict:
+    out = dict(batch)
+    for k in ("input_ids", "position_ids", "targets"):
+        out[k] = batch[k].to(device, non_blocking=True)
+    flat = batch["targets"].reshape(-1)
+    out["supervised_index"] = (flat != -100).nonzero().squeeze(1).to(device, non_blocking=True)
+    out["media"] = {name: {"features": m["features"].to(device, non_blocking=True), "counts": m["counts"]}
+                    for name, m in batch["media"].items()}
+    return out
+
+
+def train_step(engine, batches: list[dict], world: int) -> tuple[torch.Tensor, int]:
+    """One optimizer step over `batches` (this rank's micro-batches). Returns summed loss and count."""
+    local = sum(int(b["num_supervised"]) for b in batches)
+    global_count = dist.all_reduce_sum(local)
+    scale = world * len(batches) / max(global_count, 1)
+    loss_sum = torch.zeros((), device=engine.device)
+    for b in batches:
+        out = engine(**to_device(b, engine.device), validate=False)
+        engine.backward(out["loss_sum"] * scale)
+        engine.step()
+        loss_sum += out["loss_sum"].detach()
+    return loss_sum, global_count
+
+
+@torch.no_grad()
+def evaluate(engine, stream) -> float:
+    engine.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=engine.device), 0
+    for b in stream:
+        out = engine(**to_device(b, engine.device), validate=False)
+        total += out["loss_sum"].double()
+        count += int(b["num_supervised"])
+    engine.train()
+    total = dist.all_reduce_sum(total)
+    count = dist.all_reduce_sum(count)
+    return (total / max(count, 1)).item()
+
+
+def save(engine, vlm, cfg: Config, step: int, sampler, tokenizer, vlm_config: dict, env, info: dict):
+    """DeepSpeed checkpoint + per-rank state + export, published atomically by rank 0."""
+    root = Path(cfg.train.output_dir) / "checkpoints"
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    save_rank_state(root / tag, env.rank, {"step": step, "sampler": sampler.state_dict(), **info})
+    if cfg.checkpoint.export:
+        write_export(vlm, root / tag / "export", vlm_config, cfg.model.llm_mode, env.rank == 0, tokenizer)
+    dist.barrier()
+    if env.rank == 0:
+        publish(root, root / tag, {"step": step, "world_size": env.world_size}, cfg.checkpoint.keep_last)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config, overrides)
+    check_run_inputs(cfg)
+    env = dist.init_distributed()
+    out_dir = Path(cfg.train.output_dir)
+    if env.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    dist.barrier()
+    torch.manual_seed(cfg.train.seed)
+
+    from transformers import AutoTokenizer
+
+    from vlm_dist.cache import check_cache_for_training
+    from vlm_dist.model.vision import VisionTower
+
+    # resume target first: a missing explicit checkpoint fails on every rank before any work
+    resume_dir = resolve_resume(cfg.checkpoint.resume, out_dir / "checkpoints")
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.llm)
+    expected = VisionTower.expected_fingerprint(cfg.model.vision, cfg.model.feature_layer)
+    cache = check_cache_for_training(cfg.data.cache, expected)
+    feature_shape = cache.feature_shape
+    vlm = build_model(cfg, tokenizer, feature_shape, env.rank == 0)
+    num_tokens = vlm.num_tokens["image"]
+    samples, eval_samples = build_data(cfg, cache, num_tokens, out_dir, env.rank)
+
+    sampler = make_sampler(cfg, samples, env, cfg.data.seed)
+    steps_per_epoch = sampler.steps_per_epoch(0) // cfg.train.grad_accum
+    total_steps = cfg.train.max_steps or max(1, steps_per_epoch * cfg.train.epochs)
+    ds_config = build_ds_config(args.deepspeed, cfg, env.world_size)
+    optimizer = build_optimizer(vlm, cfg, ds_config)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    engine, _, _, scheduler = dist.ds_initialize(vlm, None, ds_config, optimizer=optimizer,
+                                                 lr_scheduler=scheduler)
+    vlm = engine.module
+    vlm_config = {"llm": cfg.model.llm, "vision": cfg.model.vision, "feature_layer": cfg.model.feature_layer,
+                  "pool": cache.manifest.get("pool", 1), "template": cfg.data.template,
+                  "num_media_tokens": num_tokens, "dtype": cfg.model.dtype}
+
+    step, nan_run = 0, 0
+    if resume_dir is not None:
+        engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
+        state = load_rank_state(resume_dir, env.rank)
+        sampler.load_state_dict(state["trainer"]["sampler"])
+        set_rng_state(state["rng"])
+        step = state["trainer"]["step"]
+        dist.print0(f"resumed from {resume_dir} at step {step}")
+
+    loader_args = dict(pad_id=tokenizer.pad_token_id, max_seq_len=cfg.data.max_seq_len,
+                       feature_shape=feature_shape, num_workers=cfg.data.num_workers,
+                       pin_memory=torch.cuda.is_available())
+    stream = iter(BatchStream(sampler, samples, cache.__getitem__, **loader_args))
+    eval_stream = None
+    if eval_samples:
+        eval_sampler = make_sampler(cfg, eval_samples, env, seed=0)
+
+        def eval_stream():  # the whole held-out set, from its start, every time
+            eval_sampler.set_position(0, 0)
+            return BatchStream(eval_sampler, eval_samples, cache.__getitem__, max_epochs=1, **loader_args)
+
+    metrics = MetricsLog(out_dir, enabled=env.rank == 0, total_steps=total_steps)
+    stop = dist.Preemption()
+    engine.train()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        batches = [next(stream) for _ in range(cfg.train.grad_accum)]
+        loss_sum, count = train_step(engine, batches, env.world_size)
+        step += 1
+        # one small collective per step: the loss (for NaN handling and the log)
+        loss = dist.all_reduce_sum(loss_sum).item() / max(count, 1)
+        if not math.isfinite(loss) or not engine.was_step_applied():
+            nan_run += 1
+            ids = [i for b in batches for row in b["sample_ids"] for i in row]
+            metrics.note(step, f"non-finite loss {loss}: step skipped ({nan_run} in a row); samples {ids[:8]}")
+            if nan_run >= cfg.train.nan_patience:
+                save(engine, vlm, cfg, step, sampler, tokenizer, vlm_config, env, {"nan_run": nan_run})
+                dist.print0(f"stopping: {nan_run} non-finite losses in a row, last at step {step} "
+                            f"(samples {ids})")
+                return 3
+        else:
+            nan_run = 0
+        tokens = dist.all_reduce_sum(sum(int(b["num_tokens"]) for b in batches))
+        samples_n = dist.all_reduce_sum(sum(len(r) for b in batches for r in b["sample_ids"]))
+        metrics.step(step, loss=loss, lr=scheduler.get_last_lr()[0],
+                     grad_norm=engine.get_global_grad_norm(), tokens=tokens, samples=samples_n,
+                     seconds=time.perf_counter() - t0, log=step % cfg.train.log_every == 0 or step == 1)
+        if eval_stream and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            metrics.eval(step, evaluate(engine, eval_stream()))
+        last = step == total_steps
+        if stop.should_stop():
+            save(engine, vlm, cfg, step, sampler, tokenizer, vlm_config, env, {})
+            dist.exit_for_requeue()
+        if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            save(engine, vlm, cfg, step, sampler, tokenizer, vlm_config, env, {})
+
+    if eval_stream and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+        metrics.eval(step, evaluate(engine, eval_stream()))
+    if cfg.checkpoint.export:
+        write_export(vlm, out_dir / "export", vlm_config, cfg.model.llm_mode, env.rank == 0, tokenizer)
+    metrics.close()
+    dist.barrier()
+    dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except CheckpointError as e:
+        print(f"rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
