@@ -73,6 +73,8 @@ def pretrain(tmp_path):
             {"from": "gpt", "value": "A blue square at the top right of the image."}]},
         {"id": "001", "image": "00001/gone.jpg", "conversations": [
             {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A dog."}]},
+        {"id": "002", "conversations": [
+            {"from": "human", "value": "Describe."}, {"from": "gpt", "value": "Nothing to see."}]},
     ]
     (root / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(rows))
     return root
@@ -87,9 +89,9 @@ def test_llava_pretrain_image_before_or_after_text_and_missing_image_listed(pret
     assert recs[0]["images"] == ["00453/004539375.jpg"]
     assert recs[0]["conversations"][0] == {
         "role": "user", "content": "Render a clear and concise summary of the photo.\n<image>"}
-    assert stats(out)["read"] == 3 and stats(out)["kept"] == 2
-    assert stats(out)["dropped_by_reason"] == {"missing image": 1}
-    [d] = dropped(out)
+    assert stats(out)["read"] == 4 and stats(out)["kept"] == 2
+    assert stats(out)["dropped_by_reason"] == {"missing image": 1, "no image": 1}
+    d = dropped(out)[0]
     assert d["id"] == "001" and d["reason"] == "missing image" and "gone.jpg" in d["detail"]
     assert d["source"] == "blip_laion_cc_sbu_558k.json[2]"
 
