@@ -17,6 +17,7 @@ import json
 import sys
 
 from vlm_dist.cache import CacheError, read_manifest, verify_cache, write_verified_stamp
+from vlm_dist.records import RecordError
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlm-cache", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="encode images into a feature cache")
+    b = sub.add_parser("build", help="encode images into a feature cache",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     b.add_argument("--records", nargs="+", default=[], metavar="JSONL",
                    help="record files (sample contract); their image references are encoded")
     b.add_argument("--image-list", nargs="+", default=[], dest="image_lists", metavar="TXT",
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 wait_timeout=args.wait_timeout, progress=not args.no_progress)
             try:
                 build(cfg)
-            except BuildError as e:
+            except (BuildError, RecordError) as e:
                 print(f"vlm-cache build: {e}", file=sys.stderr)
                 return 1
         elif args.command == "finalize":

@@ -144,13 +144,15 @@ def test_reader_in_forked_workers_with_bounded_open_shards(built):
     assert torch.equal(loaded, direct)
 
 
-def test_pooled_fp32_cache(data, tiny_models, tmp_path):
-    tower = VisionTower.from_pretrained(tiny_models["vision"], dtype=torch.float32)
-    build(config(data, tiny_models["vision"], tmp_path / "c", pool=2, dtype="fp32"))
-    cache = check_cache_for_training(tmp_path / "c", tower.fingerprint(pool=2))
-    assert cache.feature_shape == (4, 32) and read_manifest(tmp_path / "c")["pool"] == 2
-    want = tower(tower.preprocess([load_image(data["images"] / "a3.png")]), pool=2)[0]
-    assert torch.equal(cache.features_for("a3.png"), want)
+@pytest.mark.parametrize("dtype,pool,shape", [("fp32", 2, (4, 32)), ("fp16", 1, (16, 32))])
+def test_other_dtypes_and_pooling(data, tiny_models, tmp_path, dtype, pool, shape):
+    tower = VisionTower.from_pretrained(tiny_models["vision"], dtype=dtype)
+    build(config(data, tiny_models["vision"], tmp_path / "c", pool=pool, dtype=dtype))
+    cache = check_cache_for_training(tmp_path / "c", tower.fingerprint(pool=pool))
+    assert cache.feature_shape == shape and read_manifest(tmp_path / "c")["pool"] == pool
+    want = tower(tower.preprocess([load_image(data["images"] / "a3.png")]), pool=pool)[0]
+    got = cache.features_for("a3.png")
+    assert got.dtype == tower.dtype and torch.equal(got, want)
 
 
 # -- refusing -----------------------------------------------------------------------------------

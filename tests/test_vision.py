@@ -1,0 +1,83 @@
+"""VisionTower: the right layer of SigLIP / SigLIP2, frozen, fingerprinted, pooled."""
+import pytest
+import torch
+from PIL import Image
+
+from vlm_dist.model.vision import VisionTower, pool_patches
+
+IMAGES = [Image.effect_mandelbrot((40, 30), (-2, -1.5, 1, 1.5), 20).convert("RGB"),
+          Image.new("RGB", (20, 50), (200, 30, 10))]
+
+
+def reference_hidden_states(model_cls, path, inputs):
+    """hidden_states of the untouched Hugging Face model, loaded independently."""
+    model = model_cls.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(**inputs, output_hidden_states=True).hidden_states
+
+
+def test_siglip_penultimate_layer_from_a_full_checkpoint(tiny_models):
+    from transformers import SiglipModel
+
+    tower = VisionTower.from_pretrained(tiny_models["vision"], dtype=torch.float32)
+    pixels = tower.preprocess(IMAGES)
+    assert pixels.shape == (2, 3, 32, 32)
+    full = SiglipModel.from_pretrained(tiny_models["vision"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = full.vision_model(pixels, output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(tower(pixels), want)
+    assert (tower.num_patches, tower.hidden_size) == (16, 32)
+
+
+def test_frozen_and_stays_in_eval(tiny_models):
+    tower = VisionTower.from_pretrained(tiny_models["vision"])
+    parent = torch.nn.ModuleDict({"vision": tower}).train()
+    assert not parent["vision"].training and not tower.model.training
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert tower.model.head is None and len(tower.model.encoder.layers) == 2   # 3 layers, -2 needs 2
+
+
+def test_fingerprint_names_weights_not_dtype(tiny_models):
+    bf16 = VisionTower.from_pretrained(tiny_models["vision"], dtype=torch.bfloat16).fingerprint()
+    fp32 = VisionTower.from_pretrained(tiny_models["vision"], feature_layer=2,
+                                       dtype=torch.float32).fingerprint()
+    assert bf16["weights_sha256"] == fp32["weights_sha256"]
+    assert bf16["feature_layer"] == fp32["feature_layer"] == 2
+    assert (bf16["dtype"], fp32["dtype"]) == ("bfloat16", "float32")
+    assert bf16["preprocessing"]["size"] == {"height": 32, "width": 32}
+
+
+def test_feature_layer_out_of_range(tiny_models):
+    with pytest.raises(ValueError, match="feature_layer=7 is out of range"):
+        VisionTower.from_pretrained(tiny_models["vision"], feature_layer=7)
+
+
+def test_pooling_keeps_the_odd_edge():
+    grid = torch.arange(9, dtype=torch.float32).reshape(1, 9, 1)       # a 3x3 grid, one channel
+    pooled = pool_patches(grid, 2)[0, :, 0]
+    assert pooled.tolist() == [(0 + 1 + 3 + 4) / 4, (2 + 5) / 2, (6 + 7) / 2, 8.0]
+
+
+def test_siglip2_naflex(tmp_path):
+    from transformers import Siglip2Config, Siglip2ImageProcessorPil, Siglip2Model, Siglip2VisionModel
+
+    torch.manual_seed(0)
+    config = Siglip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=2, patch_size=8, num_patches=16),
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16))
+    Siglip2Model(config).save_pretrained(tmp_path)
+    Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16).save_pretrained(tmp_path)
+
+    tower = VisionTower.from_pretrained(str(tmp_path), dtype=torch.float32)
+    inputs = tower.preprocess(IMAGES)
+    feats = tower(inputs)
+    assert feats.shape == (2, 16, 32) and tower.feature_shape() == (16, 32)
+    want = reference_hidden_states(Siglip2VisionModel, tmp_path, inputs)[-2]
+    mask = inputs["pixel_attention_mask"].bool()
+    assert not mask.all()                                   # the tall image pads its sequence
+    assert torch.allclose(feats[mask], want[mask], atol=1e-6)
+    assert feats[~mask].abs().sum() == 0                    # padding rows carry nothing
+    with pytest.raises(ValueError, match="NaFlex"):
+        tower.feature_shape(pool=2)
