@@ -1,6 +1,7 @@
 """Supervision check: every record tokenized once (cached), lengths stored, bad records listed."""
 import json
 import os
+import pickle
 
 import pytest
 
@@ -44,6 +45,8 @@ def test_lengths_match_the_encoder_and_samples_come_from_the_cache(records, tiny
         assert (got.id, got.input_ids, got.labels, got.image_keys) == (s.id, s.input_ids, s.labels, s.image_keys)
     assert [(i, s.input_ids) for i, s in table.iter_samples()] == [(i, s.input_ids) for i, s in enumerate(want)]
     L.check_supervision(table)   # nothing to report
+    clone = pickle.loads(pickle.dumps(table))   # DataLoader workers get the path, not the buffers
+    assert len(pickle.dumps(table)) < 1000 and clone.sample(1).input_ids == want[1].input_ids
     assert os.path.dirname(table.cache_path) == str(tmp_path)
 
 
@@ -137,3 +140,21 @@ def test_check_cli_exit_status_and_side_files(records, tmp_path, tiny_models, ca
     assert "FAIL" in out and "too_long" in out
     listed = [json.loads(x) for x in (tmp_path / "good.problems.jsonl").read_text().splitlines()]
     assert [p["id"] for p in listed] == ["cap", "two"]   # "text" fits in 12 tokens
+
+
+def test_concurrent_callers_tokenize_once(records, tiny_models, monkeypatch):
+    """Every rank calls tokenize_records at start-up: one computes, the others wait and map the file."""
+    import threading
+    calls = []
+    real = L._encode_chunk
+    monkeypatch.setattr(L, "_encode_chunk", lambda task: calls.append(1) or real(task))
+    tables = []
+    threads = [threading.Thread(target=lambda: tables.append(
+        L.tokenize_records(records, tiny_models["tokenizer"], "plain", N, 512, num_workers=1)))
+        for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(tables) == 3 and len(calls) == 1
+    assert all(t.table.equals(tables[0].table) for t in tables)

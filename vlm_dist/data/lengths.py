@@ -26,6 +26,7 @@ hash of the records file. Default location: next to the records file, as
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
@@ -62,6 +63,14 @@ class LengthTable:
 
     def __len__(self) -> int:
         return self.table.num_rows
+
+    def __getstate__(self):
+        # pickled into DataLoader workers: send the path and re-map the file, never the buffers
+        return {"records_path": self.records_path, "cache_path": self.cache_path, "key": self.key}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.table = _open(self.cache_path)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -215,7 +224,6 @@ def tokenize_records(records_path: str | os.PathLike, tokenizer: str | os.PathLi
     `tokenizer` is a folder loadable with AutoTokenizer.from_pretrained (each worker loads it).
     """
     from transformers import AutoTokenizer
-    from tqdm import tqdm
 
     records_path = Path(records_path)
     if not records_path.is_file():
@@ -227,31 +235,46 @@ def tokenize_records(records_path: str | os.PathLike, tokenizer: str | os.PathLi
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stem = records_path.name[:-len(".jsonl")] if records_path.name.endswith(".jsonl") else records_path.name
     cache = Path(cache_dir or records_path.parent) / f"{stem}.lengths-{digest}.arrow"
-    if not cache.exists():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        init = (str(tokenizer), template, int(image_tokens), int(max_seq_len), bool(truncate))
-        workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        schema = SCHEMA.with_metadata({"vlm_dist.lengths.key": json.dumps(key, sort_keys=True)})
-        bar = tqdm(desc=f"tokenize {records_path.name}", unit=" rec", disable=None if progress else True)
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            if workers <= 1:
-                _init_worker(*init)
-                batches = map(_encode_chunk, _chunks(records_path))
-                for batch in batches:
-                    writer.write_batch(batch)
-                    bar.update(batch.num_rows)
-            else:
-                with mp.get_context("spawn").Pool(workers, _init_worker, init) as pool:
-                    for batch in pool.imap(_encode_chunk, _chunks(records_path)):
-                        writer.write_batch(batch)
-                        bar.update(batch.num_rows)
-        bar.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, cache)
-    table = pa.ipc.open_file(pa.memory_map(str(cache))).read_all()
-    return LengthTable(str(records_path), str(cache), key, table)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # every rank of a job may call this at start-up: one computes, the others wait and map the file
+    with open(cache.with_name(cache.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cache.exists():
+            _build(cache, records_path, key, (str(tokenizer), template, int(image_tokens), int(max_seq_len),
+                                              bool(truncate)), num_workers, progress)
+    return LengthTable(str(records_path), str(cache), key, _open(cache))
+
+
+def _build(cache: Path, records_path: Path, key: dict, init: tuple, num_workers: int | None, progress: bool):
+    """Tokenize every record into `cache` (temp file, fsync, rename: a reader never sees half a file)."""
+    from tqdm import tqdm
+
+    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    schema = SCHEMA.with_metadata({"vlm_dist.lengths.key": json.dumps(key, sort_keys=True)})
+    bar = tqdm(desc=f"tokenize {records_path.name}", unit=" rec", disable=None if progress else True)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        if workers <= 1:
+            _init_worker(*init)
+            batches = map(_encode_chunk, _chunks(records_path))
+        else:
+            pool = mp.get_context("spawn").Pool(workers, _init_worker, init)
+            batches = pool.imap(_encode_chunk, _chunks(records_path))
+        try:
+            for batch in batches:
+                writer.write_batch(batch)
+                bar.update(batch.num_rows)
+        finally:
+            if workers > 1:
+                pool.terminate()
+    bar.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, cache)
+
+
+def _open(path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 def check_supervision(table: LengthTable, max_listed: int = 20) -> None:
