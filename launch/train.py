@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from vlm_dist import dist  # noqa: E402
 from vlm_dist.checkpoint import (CheckpointError, load_rank_state, publish, resolve_resume,  # noqa: E402
                                  save_rank_state, set_rng_state, tag_for, write_export)
-from vlm_dist.config import Config, check_run_inputs, load_config, save_config  # noqa: E402
+from vlm_dist.config import (Config, ConfigError, check_run_inputs, config_help, load_config,  # noqa: E402
+                             save_config)
 from vlm_dist.data.loader import BatchStream  # noqa: E402
 from vlm_dist.data.sampler import LengthGroupedSampler  # noqa: E402
 from vlm_dist.ds_config import build_ds_config  # noqa: E402
@@ -40,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="run config keys (--section.key=value):\n" + config_help())
     p.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"),
                    help="DeepSpeed JSON with ZeRO/communication settings (default: ds_configs/zero2.json)")
     p.add_argument("--config", default=None, help="run config YAML (default: launch/configs/stage1_align.yaml)")
@@ -159,6 +161,14 @@ def save(engine, vlm, cfg: Config, step: int, sampler, tokenizer, vlm_config: di
     dist.barrier()
 
 
+def fault_injection(step: int, rank: int) -> None:
+    """VLM_DIST_KILL_AT=STEP:RANK makes that rank SIGKILL itself after that step (crash tests)."""
+    spec = os.environ.get("VLM_DIST_KILL_AT")
+    if spec and spec == f"{step}:{rank}":
+        print(f"rank {rank}: VLM_DIST_KILL_AT={spec}: killing myself with SIGKILL", flush=True)
+        os.kill(os.getpid(), 9)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
@@ -251,6 +261,7 @@ def main(argv=None) -> int:
         if eval_stream and cfg.train.eval_every and step % cfg.train.eval_every == 0:
             metrics.eval(step, evaluate(engine, eval_stream()))
         last = step == total_steps
+        fault_injection(step, env.rank)
         if stop.should_stop():
             save(engine, vlm, cfg, step, sampler, tokenizer, vlm_config, env, {})
             dist.exit_for_requeue()
@@ -270,6 +281,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except CheckpointError as e:
-        print(f"rank {dist.rank()}: {e}", file=sys.stderr, flush=True)
+    except (CheckpointError, ConfigError) as e:
+        print(f"rank {dist.rank()}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
