@@ -20,7 +20,10 @@ a key over: the tokenizer's serialized vocabulary and added tokens, the records
 file's SHA-256, the template, image_tokens, max_seq_len, truncate, and the
 source of prompt.py and media.py. Any change gives a new file; a hit costs one
 hash of the records file. Default location: next to the records file, as
-`<stem>.lengths-<key>.arrow`.
+`<stem>.lengths-<key>.arrow`. Concurrent callers (every rank at start-up) take a
+file lock: one tokenizes, the rest wait and map the result (flock does not reach
+across nodes on every network file system; there each node computes once, and the
+atomic rename keeps that correct).
 
     vlm-convert check --records mix665k.jsonl --tokenizer Qwen3-8B-Base --template chatml --max-seq-len 4096
 """
