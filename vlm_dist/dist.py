@@ -264,7 +264,14 @@ def shutdown() -> None:
 
 
 def exit_for_requeue() -> None:
-    """After the checkpoint is saved: wait for every rank, then exit with REQUEUE_EXIT_CODE."""
+    """After the checkpoint is saved: wait for every rank, then exit with REQUEUE_EXIT_CODE.
+
+    SIGTERM/SIGUSR1 are ignored from here on: once one rank has exited, srun/torchrun send
+    SIGTERM to the others, and that must not turn their exit code 75 into "Terminated"
+    (Python restores the default handlers while it shuts down; it leaves SIG_IGN alone).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     barrier()
     print0(f"preempted: checkpoint saved, exiting with {REQUEUE_EXIT_CODE} so the job is requeued")
     shutdown()
