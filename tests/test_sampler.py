@@ -1,0 +1,220 @@
+"""Length-grouped distributed sampler: permutation, equal steps, balance, grouping, resume."""
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from vlm_dist.data import BatchStream, LengthGroupedSampler
+
+
+def make(lengths, modalities, ws, rank=0, **kw):
+    kw.setdefault("max_seq_len", 64)
+    kw.setdefault("rows_per_micro", 2)
+    return LengthGroupedSampler(lengths, modalities, world_size=ws, rank=rank, **kw)
+
+
+def random_data(n, seed=0, lo=1, hi=64):
+    rng = np.random.default_rng(seed)
+    return rng.integers(lo, hi + 1, n).tolist(), rng.integers(0, 3, n).tolist()
+
+
+def check_epoch(s: LengthGroupedSampler, epoch=0):
+    """Every structural promise of one epoch's plan; returns the plan."""
+    plan = s.plan(epoch)
+    n, ws = s.num_samples, s.world_size
+    assert plan and all(len(step) == ws for step in plan)
+    seen = Counter()
+    for step in plan:
+        for mb in step:
+            assert 1 <= len(mb.rows) <= s.rows_per_micro, "no empty or oversized micro-batch"
+            assert all(sum(s.lengths[i] for i in row) <= s.max_seq_len for row in mb.rows)
+            if s.max_tokens_per_micro is not None:
+                longest = max(sum(s.lengths[i] for i in row) for row in mb.rows)
+                assert len(mb.rows) * longest <= s.max_tokens_per_micro
+            if not s.packing:
+                assert all(len(row) == 1 for row in mb.rows)
+            for r in mb.filler_rows:
+                assert len(mb.rows[r]) == 1
+            seen.update(mb.indices)
+    assert seen == Counter(range(n)), "an epoch's union over ranks is exactly a permutation"
+    return plan
+
+
+AWKWARD = [(1, 2), (2, 2), (3, 2), (5, 4), (7, 3), (13, 8), (100, 3), (257, 8), (1001, 7)]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("n,ws", AWKWARD)
+def test_permutation_and_equal_nonempty_steps_for_awkward_sizes(n, ws, packing):
+    lengths, mods = random_data(n, seed=n)
+    for rows_per_micro in (1, 3):
+        s = make(lengths, mods, ws, packing=packing, rows_per_micro=rows_per_micro)
+        plan = check_epoch(s)
+        # each rank's own view has the same number of micro-batches
+        per_rank = [len(make(lengths, mods, ws, rank=r, packing=packing,
+                             rows_per_micro=rows_per_micro).micro_batches(0)) for r in range(ws)]
+        assert per_rank == [len(plan)] * ws
+
+
+def test_many_small_random_configurations():
+    rng = np.random.default_rng(11)
+    for trial in range(100):
+        n, ws = int(rng.integers(1, 40)), int(rng.integers(1, 9))
+        lengths, mods = random_data(n, seed=trial, hi=int(rng.integers(1, 65)))
+        budget = [None, 64, 100][trial % 3]
+        s = make(lengths, mods, ws, packing=bool(trial % 2), rows_per_micro=int(rng.integers(1, 4)),
+                 max_tokens_per_micro=budget, seed=trial, mega_chunk_steps=int(rng.integers(1, 4)))
+        check_epoch(s, epoch=trial)
+        assert s.stats(trial)["filler_rows"] < ws
+
+
+@pytest.mark.parametrize("n,ws", AWKWARD)
+def test_token_budget_caps_rows_times_longest(n, ws):
+    lengths, mods = random_data(n, seed=n + 1)
+    check_epoch(make(lengths, mods, ws, packing=False, rows_per_micro=16, max_tokens_per_micro=128))
+
+
+def test_one_sample_two_ranks_gets_one_filler_duplicate():
+    s = make([10], [1], ws=2)
+    (step,) = s.plan(0)
+    assert sorted(len(mb.filler_rows) for mb in step) == [0, 1]
+    assert [mb.rows for mb in step] == [((0,),), ((0,),)]
+    assert s.stats(0)["filler_rows"] == 1
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_fillers_only_when_fewer_samples_than_ranks(packing):
+    """With >= 2 rows per micro-batch the tail is re-cut instead: no duplicate unless n < world."""
+    for n, ws in AWKWARD:
+        lengths, mods = random_data(n, seed=n)
+        s = make(lengths, mods, ws, packing=packing, rows_per_micro=2)
+        fillers = s.stats(0)["filler_rows"]
+        assert fillers == max(0, ws - n), (n, ws)
+
+
+def test_one_row_per_micro_without_packing_pads_only_the_last_step():
+    # 7 unsplittable samples, 3 ranks, 1 row each: the last step must carry 2 fillers
+    s = make([5] * 7, [0] * 7, ws=3, packing=False, rows_per_micro=1)
+    plan = check_epoch(s)
+    assert len(plan) == 3 and s.stats(0)["filler_rows"] == 2
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_tokens_balanced_across_ranks(packing):
+    lengths, mods = random_data(4000, seed=1, lo=8, hi=512)
+    s = make(lengths, mods, ws=8, packing=packing, max_seq_len=1024, rows_per_micro=4)
+    check_epoch(s)
+    assert s.stats(0)["rank_balance"] > 0.97
+
+
+def test_same_modality_and_similar_length_share_steps():
+    lengths, mods = random_data(6000, seed=2, lo=8, hi=1000)
+    s = make(lengths, mods, ws=4, packing=False, max_seq_len=1024, rows_per_micro=8)
+    plan = check_epoch(s)
+    stats = s.stats(0)
+    assert stats["mixed_modality_steps"] <= 3, stats          # only around the epoch's tail
+    assert stats["pad_efficiency"] > 0.9, stats                # random batches would waste ~half
+    mixed_mb = sum(len({mods[i] for i in mb.indices}) > 1 for step in plan for mb in step)
+    assert mixed_mb <= 3 * s.world_size
+    # steps are not in length order: an optimizer step does not see a run of long ones
+    longest = [max(lengths[i] for mb in step for i in mb.indices) for step in plan]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+
+
+@pytest.mark.parametrize("modality", [0, 1, 2])
+@pytest.mark.parametrize("packing", [True, False])
+def test_single_modality_data_is_fine(modality, packing):
+    lengths, _ = random_data(300, seed=3)
+    s = make(lengths, [modality] * 300, ws=4, packing=packing)
+    check_epoch(s)
+    assert s.stats(0)["mixed_modality_steps"] == 0
+
+
+def test_deterministic_for_seed_and_epoch():
+    lengths, mods = random_data(500, seed=4)
+    a, b = make(lengths, mods, 4, seed=7), make(lengths, mods, 4, seed=7)
+    assert a.plan(0) == b.plan(0) and a.plan(3) == b.plan(3)
+    assert a.plan(0) != a.plan(1), "a new epoch reshuffles"
+    assert a.plan(0) != make(lengths, mods, 4, seed=8).plan(0), "another seed, another order"
+
+
+def test_packing_fills_rows():
+    lengths, mods = random_data(3000, seed=5, lo=20, hi=200)
+    s = make(lengths, mods, ws=4, packing=True, max_seq_len=2048, rows_per_micro=2)
+    check_epoch(s)
+    assert s.stats(0)["pad_efficiency"] > 0.95
+
+
+# ---- resume ------------------------------------------------------------------------------
+
+class Sample:
+    def __init__(self, i, n, n_images):
+        self.id = f"s{i}"
+        self.input_ids = [(i + t) % 50 + 1 for t in range(n)]
+        self.labels = list(self.input_ids)
+        self.image_keys = [f"img{i}_{k}" for k in range(n_images)]
+
+
+def stream_for(samples, lengths, mods, rank, **kw):
+    s = make(lengths, mods, ws=2, rank=rank, packing=True, max_seq_len=64, rows_per_micro=2, seed=3)
+    feats = {k: torch.full((4, 3), float(j)) for j, smp in enumerate(samples) for k in smp.image_keys}
+    return s, BatchStream(s, samples, feats.__getitem__, pad_id=0, max_seq_len=64, feature_shape=(4, 3),
+                          num_workers=0, pin_memory=False, **kw)
+
+
+def test_resume_continues_with_exactly_the_same_batches():
+    lengths, _ = random_data(90, seed=6, lo=4, hi=40)
+    n_images = [i % 3 for i in range(90)]
+    mods = n_images  # 0, 1, 2 images -> modality 0, 1, 2
+    samples = [Sample(i, n, k) for i, (n, k) in enumerate(zip(lengths, n_images))]
+    s0, _ = stream_for(samples, lengths, mods, 0)
+    per_epoch = s0.steps_per_epoch(0)
+    total = 2 * per_epoch + 5  # cross two epoch boundaries
+    for rank in (0, 1):
+        _, full = stream_for(samples, lengths, mods, rank)
+        reference = []
+        for batch in full:
+            reference.append((batch["epoch"], batch["step"], batch["sample_ids"]))
+            if len(reference) == total:
+                break
+        for cut in (0, 3, per_epoch - 1, per_epoch, per_epoch + 2):
+            s1, first = stream_for(samples, lengths, mods, rank)
+            got = []
+            for batch in first if cut else ():
+                got.append((batch["epoch"], batch["step"], batch["sample_ids"]))
+                if len(got) == cut:
+                    break
+            state = s1.state_dict()
+            s2, resumed = stream_for(samples, lengths, mods, rank)
+            s2.load_state_dict(state)
+            for batch in resumed:
+                if len(got) == total:
+                    break
+                got.append((batch["epoch"], batch["step"], batch["sample_ids"]))
+            assert got == reference, f"rank {rank} resumed after {cut} batches"
+
+
+def test_state_from_other_data_or_world_is_refused():
+    lengths, mods = random_data(50, seed=7)
+    state = make(lengths, mods, 2).state_dict()
+    assert set(state) == {"epoch", "step", "seed", "world_size", "num_samples", "data_digest", "capacity"}
+    with pytest.raises(ValueError, match="world_size"):
+        make(lengths, mods, 4).load_state_dict(state)
+    with pytest.raises(ValueError, match="data_digest"):
+        make(lengths[::-1], mods, 2).load_state_dict(state)
+    with pytest.raises(ValueError, match="capacity"):
+        make(lengths, mods, 2, rows_per_micro=3).load_state_dict(state)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="sample 1 has 100 tokens"):
+        make([3, 100], [0, 0], 2)
+    with pytest.raises(ValueError, match="empty"):
+        make([], [], 2)
+    with pytest.raises(ValueError, match="modality 5"):
+        make([3, 4], [0, 5], 2)
+    with pytest.raises(ValueError, match="rank 2"):
+        make([3], [0], 2, rank=2)
+    with pytest.raises(ValueError, match="max_tokens_per_micro"):
+        make([3], [0], 2, max_tokens_per_micro=10)

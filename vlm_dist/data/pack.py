@@ -1,0 +1,165 @@
+"""Packing samples into rows and collating rows into the batch the model consumes.
+
+`pack_rows` puts samples into rows of at most `max_seq_len` tokens (best-fit
+decreasing). `collate` turns the rows of one micro-batch into tensors:
+
+    input_ids     (R, L) long   pad_id after each row's last sample, L = longest row
+                                rounded up to a multiple of 8 (never past max_seq_len
+                                unless a row is already longer)
+    targets       (R, L) long   next-token targets shifted WITHIN each sample:
+                                targets[r, t] = labels[t + 1] of the same sample; -100 at
+                                each sample's last token, at padding, and in filler rows
+    position_ids  (R, L) long   0..n-1 for every sample; the padding tail is its own 0..k-1
+    media         {"image": {"features": (M, P, D), "counts": (R,) long}}
+                                features of every image in slot order: rows in order,
+                                samples left to right, a sample's images in block order
+    sample_ids    list[list[str]]  ids per row (a filler row lists its duplicated id)
+    filler_rows   list[int]     rows that are zero-supervision duplicates (see sampler.py)
+    num_tokens    int           real tokens (padding and filler rows excluded)
+    num_supervised  long scalar (targets != -100).sum()
+
+The model computes CE(logits[r, t], targets[r, t]) with no further shift. Because
+position ids restart per sample, transformers 5 builds a block-diagonal causal mask
+(`find_packed_sequence_indices`) when called with attention_mask=None AND
+use_cache=False: Qwen3's config has use_cache=True, and with a cache object the
+packed-sequence detection is skipped and samples attend to each other silently.
+Flash-attention varlen reads the same position ids.
+
+    python -m pytest tests/test_pack.py -q
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+IGNORE = -100
+
+
+class PackableSample(Protocol):
+    """What collate needs from an encoded sample (vlm_dist.prompt.EncodedSample has it)."""
+    id: str
+    input_ids: Sequence[int]
+    labels: Sequence[int]  # the token itself where supervised, -100 elsewhere (unshifted)
+
+    @property
+    def image_keys(self) -> Sequence[str]: ...
+
+
+def pack_rows(lengths: Sequence[int], indices: Sequence[int], max_seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing: pack `indices` (into `lengths`) into rows of <= max_seq_len tokens.
+
+    Deterministic: longest first (ties by position in `indices`); each sample goes to
+    the fullest row it still fits in (ties: the older row); rows come back in the
+    order they were opened.
+    """
+    order = sorted(range(len(indices)), key=lambda i: (-lengths[indices[i]], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row number), sorted
+    for i in order:
+        idx = indices[i]
+        n = lengths[idx]
+        if n > max_seq_len:
+            raise ValueError(f"sample {idx} has {n} tokens, more than max_seq_len={max_seq_len}; "
+                             "encode with the same max_seq_len as the loader")
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            rows.append([idx])
+            bisect.insort(free, (max_seq_len - n, len(rows) - 1))
+        else:
+            room, row = free.pop(at)
+            rows[row].append(idx)
+            bisect.insort(free, (room - n, row))
+    return rows
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def collate(samples: Sequence[Sequence[PackableSample]], features_lookup: Callable[[str], torch.Tensor],
+            pad_id: int, max_seq_len: int, *, feature_shape: tuple[int, int] | None = None,
+            feature_dtype: torch.dtype | None = None, filler_rows: Sequence[int] = (),
+            pad_to_multiple: int = 8, pin_memory: bool = False) -> dict:
+    """Collate rows of samples (`samples[r]` = the samples of row r, left to right).
+
+    features_lookup(key) -> (P, D) tensor. feature_shape=(P, D) is needed only to
+    shape an image-less batch's empty features (and is checked against every
+    feature when given). Rows listed in filler_rows get no supervision.
+    """
+    if not samples or any(len(row) == 0 for row in samples):
+        raise ValueError(f"collate needs at least one row and no empty row; got row sizes "
+                         f"{[len(r) for r in samples]}")
+    fillers = set(filler_rows)
+    if not fillers <= set(range(len(samples))):
+        raise ValueError(f"filler_rows {sorted(fillers)} out of range for {len(samples)} rows")
+    row_lens = [sum(len(s.input_ids) for s in row) for row in samples]
+    longest = max(row_lens)
+    width = max(min(_round_up(longest, pad_to_multiple), max_seq_len), longest)
+
+    n_rows = len(samples)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    targets = torch.full((n_rows, width), IGNORE, dtype=torch.long)
+    position_ids = torch.empty((n_rows, width), dtype=torch.long)
+    counts = torch.zeros(n_rows, dtype=torch.long)
+    features: list[torch.Tensor] = []
+    sample_ids: list[list[str]] = []
+    num_tokens = 0
+    for r, row in enumerate(samples):
+        t = 0
+        for s in row:
+            n = len(s.input_ids)
+            if n == 0 or len(s.labels) != n:
+                raise ValueError(f"sample {s.id!r}: {n} input ids and {len(s.labels)} labels "
+                                 "(need the same, non-zero count)")
+            ids = torch.as_tensor(s.input_ids, dtype=torch.long)
+            labels = torch.as_tensor(s.labels, dtype=torch.long)
+            if not torch.all((labels == ids) | (labels == IGNORE)):
+                bad = int(torch.nonzero((labels != ids) & (labels != IGNORE))[0])
+                raise ValueError(f"sample {s.id!r}: label {int(labels[bad])} at position {bad} is "
+                                 f"neither the token {int(ids[bad])} nor {IGNORE} (labels must be "
+                                 "unshifted: the token itself where supervised)")
+            input_ids[r, t:t + n] = ids
+            position_ids[r, t:t + n] = torch.arange(n)
+            if r not in fillers:
+                targets[r, t:t + n - 1] = labels[1:]
+                num_tokens += n
+            for key in s.image_keys:
+                feat = features_lookup(key)
+                if feature_shape is not None and tuple(feat.shape) != tuple(feature_shape):
+                    raise ValueError(f"sample {s.id!r}: features of image {key!r} have shape "
+                                     f"{tuple(feat.shape)}, expected {tuple(feature_shape)}")
+                features.append(feat)
+            counts[r] += len(s.image_keys)
+            t += n
+        position_ids[r, t:] = torch.arange(width - t)
+        sample_ids.append([s.id for s in row])
+
+    if features:
+        feats = torch.stack(features)
+    else:
+        if feature_shape is None:
+            raise ValueError("this batch has no image, and collate was given no feature_shape=(P, D) "
+                             "to shape its empty (0, P, D) features; pass the cache's feature shape")
+        feats = torch.empty((0, *feature_shape), dtype=feature_dtype or torch.float32)
+    batch = {
+        "input_ids": input_ids,
+        "targets": targets,
+        "position_ids": position_ids,
+        "media": {"image": {"features": feats, "counts": counts}},
+        "sample_ids": sample_ids,
+        "filler_rows": sorted(fillers),
+        "num_tokens": num_tokens,
+        "num_supervised": (targets != IGNORE).sum(),
+    }
+    return pin(batch) if pin_memory else batch
+
+
+def pin(batch):
+    """Pin every tensor in a (nested) batch; other values pass through."""
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {k: pin(v) for k, v in batch.items()}
+    return batch
