@@ -206,16 +206,21 @@ def finalize(cache_dir: str | os.PathLike) -> dict:
     for stale in (out / SHARD_DIR).glob("*.tmp.*"):           # left by killed runs
         stale.unlink(missing_ok=True)
 
-    shards, keys, shard_col, row_col, failed = [], [], [], [], {}
+    shards, keys, shard_col, row_col, failed, written = [], [], [], [], {}, {}
     for j in range(num_files):
         side = json.loads(sidecar_path(out, j).read_text())
-        reader = pa.ipc.open_file(pa.memory_map(str(out / shard_name(j)), "r"))
-        shard_keys = reader.read_all().column("key").to_pylist()
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(out / shard_name(j)), "r"))
+            shard_keys = reader.read_all().column("key").to_pylist()
+        except (OSError, pa.ArrowInvalid) as e:
+            raise BuildError(f"{shard_name(j)} is unreadable ({e}): delete it and re-run the "
+                             "build") from e
         if len(shard_keys) != side["rows"]:
             raise BuildError(f"{shard_name(j)} has {len(shard_keys)} rows, its sidecar says "
                              f"{side['rows']}: delete both and re-run the build")
         shards.append({"file": shard_name(j), "rows": side["rows"], "bytes": side["bytes"],
                        "sha256": side["sha256"]})
+        written[shard_name(j)] = [side["bytes"], side["mtime_ns"]]
         keys += shard_keys
         shard_col += [j] * len(shard_keys)
         row_col += range(len(shard_keys))
@@ -286,7 +291,7 @@ def finalize(cache_dir: str | os.PathLike) -> dict:
         "files": files,
     }
     write_json_atomic(out / MANIFEST, manifest)
-    write_verified_stamp(out)    # shards were hashed as they were written
+    write_verified_stamp(out, written)    # shards were hashed as they were written
     return manifest
 
 

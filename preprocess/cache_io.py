@@ -123,12 +123,14 @@ class ShardWriter:
         self.rows += len(keys)
 
     def finish(self) -> dict:
-        """Close and fsync the temporary file; return {"rows", "bytes", "sha256"}."""
+        """Close and fsync the temporary file; return {"rows", "bytes", "sha256", "mtime_ns"}."""
         self.writer.close()
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        return {"rows": self.rows, "bytes": self.hashing.size, "sha256": self.hashing.sha.hexdigest()}
+        # rename keeps the mtime: finalize stamps the shard as it was written, not as it is then
+        return {"rows": self.rows, "bytes": self.hashing.size, "sha256": self.hashing.sha.hexdigest(),
+                "mtime_ns": os.stat(self.tmp).st_mtime_ns}
 
     def publish(self) -> None:
         """Rename the finished file into place: from here on the shard exists."""

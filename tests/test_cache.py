@@ -183,9 +183,13 @@ def test_broken_shard_fails_verify_and_training(built, tower, tmp_path, capsys, 
     shard = cache / "shards" / "shard-000001.arrow"
     if damage == "truncate":
         shard.write_bytes(shard.read_bytes()[:-100])
-    elif damage == "flip":
+    elif damage == "flip":                   # one bit inside the feature values, not the metadata
         data = bytearray(shard.read_bytes())
-        data[len(data) // 2] ^= 0x01                                 # inside the feature values
+        reader = FeatureCache(cache)
+        row = reader[next(k for k in reader.keys() if reader._locate(k)[0] == 1)]
+        at = data.find(row.view(torch.uint16).numpy().tobytes())
+        assert at > 0
+        data[at + 10] ^= 0x01
         shard.write_bytes(bytes(data))
     else:
         shard.unlink()
@@ -194,6 +198,10 @@ def test_broken_shard_fails_verify_and_training(built, tower, tmp_path, capsys, 
     assert "shard-000001.arrow" in err and "shard-000000.arrow" not in err, err
     with pytest.raises(CacheError, match="shard-000001.arrow"):
         check_cache_for_training(cache, tower.fingerprint())
+    if damage == "flip":                     # same size: a re-run's finalize must not bless it
+        finalize(cache)
+        with pytest.raises(CacheError, match="shard-000001.arrow: modified"):
+            check_cache_for_training(cache, tower.fingerprint())
 
 
 def test_verify_command_exit_status_and_info(built, tmp_path, capsys):

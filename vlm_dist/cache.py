@@ -301,15 +301,19 @@ def _stat_entries(cache_dir: Path, manifest: dict) -> dict[str, list[int]]:
     return out
 
 
-def write_verified_stamp(cache_dir: str | os.PathLike) -> None:
+def write_verified_stamp(cache_dir: str | os.PathLike,
+                         known: dict[str, list[int]] | None = None) -> None:
     """Record each file's size and mtime now that it is known good (after a build or full verify).
 
     Training compares against this instead of re-hashing a terabyte: a file
     written to since (truncated, a byte flipped, replaced) no longer matches.
+    `known` gives [size, mtime_ns] recorded when a file was written (the
+    builder's shards), so a shard altered before finalize is not blessed.
     """
     cache_dir = Path(cache_dir)
-    stamp = {"manifest_sha256": sha256_file(cache_dir / MANIFEST),
-             "files": _stat_entries(cache_dir, read_manifest(cache_dir))}
+    files = _stat_entries(cache_dir, read_manifest(cache_dir))
+    files.update(known or {})
+    stamp = {"manifest_sha256": sha256_file(cache_dir / MANIFEST), "files": files}
     tmp = cache_dir / f"{VERIFIED_FILE}.tmp.{os.getpid()}"
     tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, cache_dir / VERIFIED_FILE)
