@@ -20,8 +20,8 @@ relative to --out, which is the image root for `vlm-cache build`):
 
 In every which-image set the answer image sits in each position exactly equally
 often (n // k per position), so a model that only looks at the last image scores
-1/k. Distractors never show the asked colour+shape pair but may share the colour
-or the shape, so the answer needs both attributes bound to the right image.
+1/k. Distractors differ from the asked shape in both colour and shape, so the
+question is about finding the right image, not about fine attribute binding.
 Held-out images are drawn separately from training images (new jitter, own files).
 Same seed and scale -> byte-identical files.
 """
@@ -164,13 +164,12 @@ def which_record(rid: str, keys: list[str], scenes: list[Scene], answer: int) ->
 
 
 def _which_scenes(k: int, answer: int, rng: random.Random) -> list[Scene]:
-    """k scenes; only scene[answer-1] has the target's colour+shape pair."""
+    """k scenes; scene[answer-1] is the target, every other one differs from it in colour AND shape."""
     scenes = all_scenes()
     target = rng.choice(scenes)
-    others = [s for s in scenes if (s.colour, s.shape) != (target.colour, target.shape)]
-    # distractors differ in the pair but are distinct from each other's pair too
+    others = [s for s in scenes if s.colour != target.colour and s.shape != target.shape]
     picked: list[Scene] = []
-    while len(picked) < k - 1:
+    while len(picked) < k - 1:   # distractors also differ from each other in their colour+shape pair
         s = rng.choice(others)
         if all((s.colour, s.shape) != (p.colour, p.shape) for p in picked):
             picked.append(s)

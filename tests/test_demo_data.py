@@ -64,6 +64,8 @@ def test_questions_are_answerable_only_by_the_answer_image(data):
         target = (r["target"]["colour"], r["target"]["shape"])
         shows = [(s["colour"], s["shape"]) == target for s in r["scenes"]]
         assert shows.index(True) == r["answer"] - 1 and sum(shows) == 1
+        others = [s for i, s in enumerate(r["scenes"]) if i != r["answer"] - 1]
+        assert all(s["colour"] != target[0] and s["shape"] != target[1] for s in others)
         assert r["conversations"][-1]["content"] == dd.which_answer_text(r["answer"])
         assert f"the {target[0]} {target[1]}?" in r["conversations"][0]["content"]
 
