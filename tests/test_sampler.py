@@ -218,3 +218,23 @@ def test_bad_inputs_are_named():
         make([3], [0], 2, rank=2)
     with pytest.raises(ValueError, match="max_tokens_per_micro"):
         make([3], [0], 2, max_tokens_per_micro=10)
+
+
+def test_global_num_supervised_is_known_without_communication():
+    rng = np.random.default_rng(8)
+    samples = []
+    for i in range(60):
+        s = Sample(i, int(rng.integers(2, 30)), i % 3)
+        s.labels = [-100 if t < int(rng.integers(0, 5)) else x for t, x in enumerate(s.input_ids)]
+        samples.append(s)
+    feats = {k: torch.zeros(4, 3) for smp in samples for k in smp.image_keys}
+    per_rank = []
+    for rank in (0, 1):
+        sampler = LengthGroupedSampler.from_samples(samples, world_size=2, rank=rank, max_seq_len=64,
+                                                    rows_per_micro=2, seed=1)
+        stream = BatchStream(sampler, samples, feats.__getitem__, pad_id=0, max_seq_len=64,
+                             feature_shape=(4, 3), num_workers=0, pin_memory=False, max_epochs=1)
+        per_rank.append([(int(b["num_supervised"]), b["global_num_supervised"]) for b in stream])
+    assert len(per_rank[0]) == len(per_rank[1]) > 0
+    for (n0, g0), (n1, g1) in zip(*per_rank):
+        assert g0 == g1 == n0 + n1

@@ -5,8 +5,8 @@ rank-balanced, resumable); pack.py packs samples into rows and collates rows int
 the batch dict the model consumes; loader.py runs collate in DataLoader workers.
 """
 from vlm_dist.data.loader import BatchStream, MicroBatchDataset, build_loader
-from vlm_dist.data.pack import IGNORE, collate, pack_rows
+from vlm_dist.data.pack import IGNORE, collate, count_targets, pack_rows
 from vlm_dist.data.sampler import LengthGroupedSampler, MicroBatch, modality_of
 
-__all__ = ["BatchStream", "MicroBatchDataset", "build_loader", "IGNORE", "collate", "pack_rows",
+__all__ = ["BatchStream", "MicroBatchDataset", "build_loader", "IGNORE", "collate", "count_targets", "pack_rows",
            "LengthGroupedSampler", "MicroBatch", "modality_of"]

@@ -67,6 +67,10 @@ class BatchStream:
         sampler.load_state_dict(ckpt["sampler"])       # on resume, before iterating
         for batch in stream: ...                       # sampler.state_dict() = next batch to train on
 
+    Each batch is collate's dict plus "epoch" and "step" (its position) and, when the sampler
+    knows target counts (from_samples), "global_num_supervised": the targets of this
+    micro-step over all ranks, known without communication.
+
     Each epoch gets a fresh DataLoader over micro_batches(epoch)[step:]; skipped batches
     are never loaded. The position advances when a batch is handed out, so it counts
     batches the trainer received, not those the workers prefetched.
@@ -95,5 +99,7 @@ class BatchStream:
                 for i, batch in enumerate(loader):
                     s.set_position(epoch, start + i + 1)
                     batch["epoch"], batch["step"] = epoch, start + i
+                    if s.num_targets is not None:
+                        batch["global_num_supervised"] = s.global_num_supervised(epoch, start + i)
                     yield batch
             s.set_position(epoch + 1, 0)

@@ -74,6 +74,11 @@ def pack_rows(lengths: Sequence[int], indices: Sequence[int], max_seq_len: int) 
     return rows
 
 
+def count_targets(labels: Sequence[int]) -> int:
+    """Next-token targets a sample yields in collate: supervised labels after its first token."""
+    return sum(1 for x in labels[1:] if x != IGNORE)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

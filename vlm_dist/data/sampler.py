@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vlm_dist.data.pack import pack_rows
+from vlm_dist.data.pack import count_targets, pack_rows
 
 TEXT, SINGLE_IMAGE, MULTI_IMAGE = 0, 1, 2
 
@@ -93,7 +93,8 @@ class LengthGroupedSampler:
 
     def __init__(self, lengths: Sequence[int], modalities: Sequence[int], *, world_size: int, rank: int,
                  max_seq_len: int, rows_per_micro: int, packing: bool = True,
-                 max_tokens_per_micro: int | None = None, seed: int = 0, mega_chunk_steps: int = 64):
+                 max_tokens_per_micro: int | None = None, seed: int = 0, mega_chunk_steps: int = 64,
+                 num_targets: Sequence[int] | None = None):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.modalities = np.asarray(modalities, dtype=np.int64)
         n = len(self.lengths)
@@ -130,6 +131,15 @@ class LengthGroupedSampler:
             capacity=f"packing={packing} max_seq_len={max_seq_len} rows_per_micro={rows_per_micro} "
                      f"max_tokens_per_micro={max_tokens_per_micro} mega_chunk_steps={mega_chunk_steps}")
         self._cache: tuple[int, list[list[MicroBatch]]] | None = None
+        if num_targets is not None and len(num_targets) != n:
+            raise ValueError(f"LengthGroupedSampler: {n} lengths but {len(num_targets)} num_targets")
+        self.num_targets = None if num_targets is None else [int(x) for x in num_targets]
+
+    @classmethod
+    def from_samples(cls, samples: Sequence, **kwargs) -> "LengthGroupedSampler":
+        """Lengths, modalities and target counts from encoded samples (input_ids, labels, image_keys)."""
+        return cls([len(s.input_ids) for s in samples], [modality_of(len(s.image_keys)) for s in samples],
+                   num_targets=[count_targets(s.labels) for s in samples], **kwargs)
 
     # ---- planning -------------------------------------------------------------------
 
@@ -150,6 +160,14 @@ class LengthGroupedSampler:
 
     def steps_per_epoch(self, epoch: int) -> int:
         return len(self.plan(epoch))
+
+    def global_num_supervised(self, epoch: int, step: int) -> int:
+        """Targets (!= -100) in micro-step `step` summed over all ranks, known without any
+        communication: the denominator of a global-batch mean loss. Needs num_targets."""
+        if self.num_targets is None:
+            raise ValueError("global_num_supervised needs the sampler built with num_targets "
+                             "(LengthGroupedSampler.from_samples does it)")
+        return sum(self.num_targets[i] for mb in self.plan(epoch)[step] for i in mb.indices)
 
     def _chunk_size(self) -> int:
         """Samples per mega-chunk: about mega_chunk_steps steps' worth."""
