@@ -53,6 +53,7 @@ def test_targets_shift_within_each_sample_and_stop_at_boundaries():
                                               [0, 1, 0, 1, 2, 3, 4, 5]]
     assert batch["num_tokens"] == 9
     assert int(batch["num_supervised"]) == 5
+    assert batch["supervised_index"].tolist() == [1, 2, 4, 5, 8]
     assert batch["sample_ids"] == [["a", "b"], ["c"]]
 
 

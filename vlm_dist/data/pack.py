@@ -17,6 +17,7 @@ decreasing). `collate` turns the rows of one micro-batch into tensors:
     filler_rows   list[int]     rows that are zero-supervision duplicates (see sampler.py)
     num_tokens    int           real tokens (padding and filler rows excluded)
     num_supervised  long scalar (targets != -100).sum()
+    supervised_index  (S,) long flat positions in targets.reshape(-1) where != -100
 
 The model computes CE(logits[r, t], targets[r, t]) with no further shift. Because
 position ids restart per sample, transformers 5 builds a block-diagonal causal mask
@@ -157,6 +158,9 @@ def collate(samples: Sequence[Sequence[PackableSample]], features_lookup: Callab
         "filler_rows": sorted(fillers),
         "num_tokens": num_tokens,
         "num_supervised": (targets != IGNORE).sum(),
+        # flat positions of targets != -100, computed here in the worker so the trainer can
+        # gather hidden states at supervised positions without a host-device sync
+        "supervised_index": (targets.reshape(-1) != IGNORE).nonzero().squeeze(1),
     }
     return pin(batch) if pin_memory else batch
 
