@@ -1,0 +1,89 @@
+"""launch/benchmark.py on the tiny CPU configuration: the report has its fields and its arithmetic adds up.
+
+    python -m pytest tests/test_benchmark.py -q
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "launch" / "benchmark.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = module          # its dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory):
+    """Where the benchmark builds its tiny models: once for the module."""
+    return tmp_path_factory.mktemp("bench_work")
+
+
+def test_train_report_fields_and_mfu_arithmetic(tmp_path, work_dir):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--warmup", "1", "--out", str(out),
+         "--work-dir", str(work_dir), "--data.max_seq_len=256", "--train.micro_batch_size=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tokens/s/GPU" in proc.stdout and "MFU vs measured matmul peak" in proc.stdout
+    r = json.loads(out.read_text())
+
+    for key in ("tokens_per_s_per_gpu", "samples_per_s", "samples_per_s_per_gpu", "step_time_s", "mfu",
+                "mfu_measured", "hfu_measured", "peak_flops_spec", "peak_flops_measured", "peak_memory_gb",
+                "loader_stall_pct", "packing_efficiency", "flops_per_step", "flops_per_token",
+                "flops_breakdown_per_token", "gpu_hours_558k", "setup", "environment"):
+        assert key in r, key
+    assert r["setup"]["engine"] == "deepspeed" and r["setup"]["zero_stage"] == 2
+    assert r["setup"]["pack"] is True and r["setup"]["llm_mode"] == "frozen"
+    assert r["environment"]["device"] == "cpu" and r["environment"]["date"]
+    # the CPU has no data-sheet peak: no MFU against it, and none made up
+    assert r["peak_flops_spec"] is None and r["mfu"] is None
+    # MFU = FLOPs per step / step time / peak, by hand
+    assert r["mfu_measured"] == pytest.approx(r["flops_per_step"] / r["step_time_s"] / r["peak_flops_measured"],
+                                              rel=1e-9)
+    assert r["hfu_measured"] == pytest.approx(
+        r["hardware_flops_per_step"] / r["step_time_s"] / r["peak_flops_measured"], rel=1e-9)
+    assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_step"] / r["step_time_s"], rel=1e-9)
+    assert r["flops_per_step"] == pytest.approx(r["flops_per_token"] * r["tokens_per_step"], rel=1e-9)
+    assert sum(v for k, v in r["flops_breakdown_per_token"].items() if k != "recompute") == \
+        pytest.approx(r["flops_per_token"], rel=1e-9)
+    # stage-1 shaped samples: one 66-token image block each, ~110 tokens, the caption supervised
+    assert r["images_per_sample"] == 1.0
+    assert 80 < r["mean_sample_tokens"] < 160 and 0.1 < r["supervised_fraction"] < 0.5
+    assert 0 < r["packing_efficiency"] <= 1 and 0 <= r["loader_stall_pct"] <= 100
+    assert r["peak_memory_gb"] > 0
+
+
+def test_cache_builder_mode(tmp_path, work_dir, capsys):
+    bench = load_benchmark()
+    out = tmp_path / "cache.json"
+    assert bench.main(["--mode", "cache", "--tiny", "--engine", "torch", "--steps", "1", "--warmup", "1",
+                       "--work-dir", str(work_dir), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["images_per_s"] > 0 and r["hours_558k"] == pytest.approx(558_128 / r["images_per_s"] / 3600)
+    assert r["setup"]["patches"] == 16            # the tiny SigLIP: 32 px / 8 px patches
+    assert r["mfu_measured"] == pytest.approx(r["flops_per_step"] / r["step_time_s"] / r["peak_flops_measured"])
+    assert "images/s" in capsys.readouterr().out
+
+
+def test_bad_flags_are_named(tmp_path):
+    from vlm_dist.config import ConfigError
+    bench = load_benchmark()
+    with pytest.raises(ConfigError, match="llm_mode"):
+        bench.main(["--tiny", "--engine", "torch", "--model.llm_mode=lorra", "--work-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--stepz", "3"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--records", "x.jsonl"])     # lengths from records need their tokenizer
