@@ -376,9 +376,9 @@ def build(cfg: BuildConfig) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"[vlm-cache] this process: {s['images']} images encoded in {s['encode_seconds']}s "
-             f"({s['images_per_second']} img/s, {s['input_wait_seconds']}s waiting for decoded "
-             f"input), {s['failed']} failed, "
+    lines = [f"[vlm-cache] this process: {s['images']} images in {s['encode_seconds']}s "
+             f"({s['images_per_second']} img/s, {s['input_wait_seconds']}s of it waiting for "
+             f"decoded input): {s['encoded']} encoded, {s['failed']} failed, "
              f"{s['bytes'] / 1e9:.3f} GB written"]
     if "manifest" in s:
         c = s["manifest"]

@@ -98,7 +98,7 @@ def _open_arrow(path: Path) -> pa.ipc.RecordBatchFileReader:
 
 
 def _read_table(path: Path) -> pa.Table:
-    return _open_arrow(path).read_all().combine_chunks()
+    return _open_arrow(path).read_all()
 
 
 class _Shard:
@@ -163,11 +163,11 @@ class FeatureCache:
         self._check_pid()
         if self._keys is None:
             t = _read_table(self.cache_dir / KEYS_FILE)
-            keys = t.column("key").chunk(0)
+            keys = t.column("key").combine_chunks()
             key_bytes = np.frombuffer(keys.buffers()[1], dtype="S64", count=len(keys),
                                       offset=keys.offset * 64)
-            self._keys = (key_bytes, t.column("shard").chunk(0).to_numpy(),
-                          t.column("row").chunk(0).to_numpy())
+            self._keys = (key_bytes, t.column("shard").combine_chunks().to_numpy(),
+                          t.column("row").combine_chunks().to_numpy())
         return self._keys
 
     def _locate(self, key: str) -> tuple[int, int] | None:
@@ -224,7 +224,7 @@ class FeatureCache:
         self._check_pid()
         if self._index is None:
             t = _read_table(self.cache_dir / INDEX_FILE)
-            self._index = (t.column("ref").chunk(0), t.column("key").chunk(0))
+            self._index = (t.column("ref").combine_chunks(), t.column("key").combine_chunks())
         refs, keys = self._index
         lo, hi = 0, len(refs)
         while lo < hi:
