@@ -30,6 +30,7 @@ from vlm_dist.model.vision import VisionTower, dtype_name
 if TYPE_CHECKING:
     from preprocess.cache_build import BuildConfig, Plan
 
+
 class _DecodeDataset(Dataset):
     """Item i: read, check, decode and preprocess one image in a worker process."""
 
@@ -91,7 +92,7 @@ class _WriterThread(threading.Thread):
         super().__init__(daemon=True)
         self.out, self.dtype, self.feature_shape = out, dtype, feature_shape
         self.queue: queue.Queue = queue.Queue(maxsize=4)
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self.bytes = 0
 
     def run(self):
@@ -112,7 +113,7 @@ class _WriterThread(threading.Thread):
                     writer.publish()                    # the commit point of the shard
                     self.bytes += info["bytes"]
                     writer = None
-        except BaseException as e:     # re-raised in the main thread by put()/join_checked()
+        except Exception as e:         # re-raised in the main thread by put()/join_checked()
             self.error = e
             if writer is not None:
                 writer.abort()
