@@ -75,7 +75,7 @@ def test_open_mpi_env():
 def test_mpich_env_one_node_needs_no_mpi4py(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails
     env = discover({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"})
-    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (1, 2, 1, "127.0.0.1", "mpi")
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (1, 2, 1, "127.0.0.1")
     with pytest.raises(DistError, match="mpi4py"):
         discover({"PMI_RANK": "1", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"})
 
@@ -101,7 +101,7 @@ def _clean_env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def deepspeed_cpu_ops_built():
     """DeepSpeed compiles its CPU shared-memory comm op once per machine (~40 s, then cached);
     do it here once instead of in two ranks at the same time inside a test."""
@@ -150,6 +150,7 @@ def _finish(procs, limit_s: float = 120) -> list[tuple[int, str]]:
     return out
 
 
+@pytest.mark.usefixtures("deepspeed_cpu_ops_built")
 def test_torchrun_two_cpu_ranks_all_reduce():
     r = subprocess.run(["torchrun", "--nproc-per-node", "2", "--master-port", str(dist._free_port()),
                         "-m", "vlm_dist.dist", "--selftest", "--steps", "2"],
@@ -158,6 +159,7 @@ def test_torchrun_two_cpu_ranks_all_reduce():
     assert "selftest ok: world_size=2 backend=gloo launcher=torchrun sum=3" in r.stdout
 
 
+@pytest.mark.usefixtures("deepspeed_cpu_ops_built")
 def test_torchrun_two_nodes_on_loopback(tmp_path):
     port = str(dist._free_port())
     procs = []
@@ -173,6 +175,7 @@ def test_torchrun_two_nodes_on_loopback(tmp_path):
     assert "selftest ok: world_size=2 backend=gloo launcher=torchrun" in out0
 
 
+@pytest.mark.usefixtures("deepspeed_cpu_ops_built")
 def test_signal_on_one_rank_stops_both_at_the_same_step(tmp_path):
     procs = _start_two_ranks(tmp_path, "--steps", "1000", "--step-s", "0.05")
     _wait_for(procs[0][1], "step 3\n", procs)
@@ -186,6 +189,7 @@ def test_signal_on_one_rank_stops_both_at_the_same_step(tmp_path):
     assert "signal on rank 1 (SIGUSR1)" in out0
 
 
+@pytest.mark.usefixtures("deepspeed_cpu_ops_built")
 def test_hung_rank_ends_the_job_and_is_named(tmp_path):
     # rank 1 stops making steps: rank 0's step check names it after the collective timeout,
     # and rank 1's own stall watchdog ends it with its stack
@@ -197,6 +201,7 @@ def test_hung_rank_ends_the_job_and_is_named(tmp_path):
     assert "time.sleep" in out1 or "_selftest" in out1  # the stack of the hung rank
 
 
+@pytest.mark.usefixtures("deepspeed_cpu_ops_built")
 def test_crashed_rank_ends_the_other(tmp_path):
     procs = _start_two_ranks(tmp_path, "--steps", "100", "--step-s", "0.05", "--crash-rank", "1",
                              "--fault-step", "3", "--timeout-s", "30")
@@ -206,6 +211,7 @@ def test_crashed_rank_ends_the_other(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun on PATH (pip install mpich mpi4py)")
+@pytest.mark.usefixtures("deepspeed_cpu_ops_built")
 def test_mpirun_two_ranks():
     pytest.importorskip("mpi4py", reason="mpi4py not installed (pip install mpich mpi4py)")
     r = subprocess.run(["mpirun", "-n", "2", *_selftest("--steps", "2")], env=_clean_env(), cwd=REPO,

@@ -26,7 +26,8 @@ from vlm_dist.dist import REQUEUE_EXIT_CODE
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["common.sh", "env.sh", "build_cache.sbatch", "stage1_align.sbatch", "stage2_sft.sbatch",
            "stage3_multi.sbatch"]
-CPU_JOB = ["--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=60"]  # > the 10-min USR1 lead
+CPU_JOB = ["--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+           "--time=60"]  # longer than the 10 minutes of the USR1 lead
 
 # launch/train.py's side of the contract: init_distributed, a Preemption check every step,
 # checkpoint + exit_for_requeue on a signal, resume from the checkpoint under --resume auto.

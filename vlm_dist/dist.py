@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import os
 import signal
 import socket
@@ -185,9 +186,13 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> Di
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
                       MASTER_PORT=str(env.master_port))
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    from deepspeed.accelerator import get_accelerator
+
+    # follow DeepSpeed's accelerator, so DS_ACCELERATOR=cpu on a GPU machine means gloo too
+    backend = backend or ("nccl" if get_accelerator().device_name() == "cuda" else "gloo")
     if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
+        # local_rank indexes the node's GPUs; with one GPU visible per task (--gpus-per-task=1) it is 0
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         # a timed-out NCCL collective aborts the process (logging "[Rank r] Watchdog caught
         # collective operation timeout") instead of leaving it blocked on the GPU
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
@@ -258,9 +263,19 @@ def ds_initialize(model, model_parameters, config: dict | str, **kwargs):
 
 
 def shutdown() -> None:
-    """Tear the process group down (avoids NCCL teardown warnings and hangs at exit)."""
+    """Tear the process groups down before Python exits.
+
+    The group objects must be gone before interpreter finalization: a gloo group destroyed
+    then can abort the process ("terminate called without an active exception"), turning a
+    clean exit into SIGABRT. So drop our reference, let DeepSpeed drop its own, and collect.
+    """
+    global _MONITOR
+    _MONITOR = None
     if tdist.is_initialized():
-        tdist.destroy_process_group()
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    gc.collect()
 
 
 def exit_for_requeue() -> None:
@@ -314,8 +329,8 @@ class Preemption:
             flag = torch.tensor([int(self.signal_name is not None)])
             tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=_MONITOR)
         except RuntimeError as e:  # DistBackendError: timeout or a peer's connection closed
-            raise DistError(f"rank {rank()}: step check {self._checks} failed after at most {_TIMEOUT_S:g}s "
-                            f"(a rank crashed or hung: see its log, and rank 0's monitoredBarrier line): {e}") from e
+            raise DistError(f"rank {rank()}: step check {self._checks} failed within {_TIMEOUT_S:g}s: a rank "
+                            f"crashed or hung (see its log, and rank 0's monitoredBarrier line): {e}") from e
         if flag.item():
             flags = [None] * world_size()
             tdist.all_gather_object(flags, self.signal_name, group=_MONITOR)
@@ -336,11 +351,12 @@ class Preemption:
 
 def _selftest(args: argparse.Namespace) -> int:
     env = init_distributed(timeout_s=args.timeout_s)
-    device = torch.device("cuda", env.local_rank) if tdist.get_backend() == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu"
     total = all_reduce_sum(torch.tensor([float(env.rank + 1)], device=device)).item()
     want = env.world_size * (env.world_size + 1) / 2
-    print(f"rank {env.rank}/{env.world_size} pid {os.getpid()} local {env.local_rank}/{env.local_world_size} node {env.node_rank} "
-          f"host {socket.gethostname()} launcher {env.launcher} backend {tdist.get_backend()}", flush=True)
+    print(f"rank {env.rank}/{env.world_size} pid {os.getpid()} local {env.local_rank}/{env.local_world_size} "
+          f"node {env.node_rank} host {socket.gethostname()} launcher {env.launcher} backend {tdist.get_backend()}",
+          flush=True)
     if total != want:
         raise DistError(f"rank {env.rank}: all-reduce sum {total} != {want}")
     stop = Preemption(stall_timeout_s=args.stall_timeout_s)
