@@ -112,8 +112,7 @@ def to_device(batch: dict, device) -> dict:
     out = dict(batch)
     for k in ("input_ids", "position_ids", "targets"):
         out[k] = batch[k].to(device, non_blocking=True)
-    flat = batch["targets"].reshape(-1)
-    out["supervised_index"] = (flat != -100).nonzero().squeeze(1).to(device, non_blocking=True)
+    out["supervised_index"] = batch["supervised_index"].to(device, non_blocking=True)  # built in the worker
     out["media"] = {name: {"features": m["features"].to(device, non_blocking=True), "counts": m["counts"]}
                     for name, m in batch["media"].items()}
     return out

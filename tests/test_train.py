@@ -154,7 +154,7 @@ def test_kill9_one_rank_then_resume_auto_matches_uninterrupted(tiny_data, tmp_pa
 def test_qlora_sft_stage_runs_and_loss_falls(tiny_data, tmp_path, ds):
     out = tmp_path / ds
     launch(train_args(tiny_data, out, stage="stage3_multi", ds=ds, **{
-        "model.llm_mode": "qlora", "model.init_from": "null", "train.max_steps": 10, "checkpoint.every": 0}))
+        "model.llm_mode": "qlora", "model.dtype": "bfloat16", "model.init_from": "null", "train.max_steps": 10, "checkpoint.every": 0}))
     ls = losses(out)
     assert sum(ls[s] for s in (9, 10)) < sum(ls[s] for s in (1, 2))
     assert (out / "export" / "adapter" / "adapter_config.json").exists()
