@@ -139,11 +139,10 @@ def run(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
 
     def replies(records):
-        mine = ev.shard(records, rank, world)
-        got = ev.generate_replies(gen, mine, feats, settings)
-        pairs = ev.gather_lists(list(zip([r["id"] for r in mine], got)))
-        by_id = dict(pairs)
-        return [by_id[r["id"]] for r in records]
+        mine = ev.shard(list(range(len(records))), rank, world)     # indices: ids may repeat
+        got = ev.generate_replies(gen, [records[i] for i in mine], feats, settings)
+        by_index = dict(ev.gather_lists(list(zip(mine, got))))
+        return [by_index[i] for i in range(len(records))]
 
     def write_jsonl(name, rows):
         if main:
