@@ -160,6 +160,15 @@ def test_torchrun_two_cpu_ranks_all_reduce():
 
 
 @pytest.mark.usefixtures("deepspeed_cpu_ops_built")
+def test_deepspeed_launcher_two_cpu_ranks():
+    r = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(dist._free_port()),
+                        "--module", "vlm_dist.dist", "--selftest"],
+                       env=_clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "selftest ok: world_size=2 backend=gloo launcher=deepspeed sum=3" in r.stdout
+
+
+@pytest.mark.usefixtures("deepspeed_cpu_ops_built")
 def test_torchrun_two_nodes_on_loopback(tmp_path):
     port = str(dist._free_port())
     procs = []

@@ -117,6 +117,21 @@ def test_srun_selftest_through_common_sh(tmp_path):
 
 
 @needs_slurm
+def test_hung_rank_fails_the_job_naming_it(tmp_path):
+    # rank 1 hangs: rank 0's step check names it after 5 s and exits non-zero, then srun
+    # (--kill-on-bad-exit) ends rank 1; the job fails instead of running to its time limit
+    job = tmp_path / "hang.sbatch"
+    job.write_text('#!/bin/bash\nsource "$VLM_REPO/slurm/common.sh"\nvlm_setup\n'
+                   'vlm_srun "$PYTHON" -m vlm_dist.dist --selftest --steps 50 --hang-rank 1 --timeout-s 5\n')
+    r, log = run_stage(str(job), tmp_path)
+    out = _read(log)
+    assert r.returncode != 0, out[-3000:]
+    assert "0: [rank0]: DistError: rank 0: step check" in out and "Ranks 1 failed to pass monitoredBarrier" in out, \
+        out[-3000:]
+    assert "srun failed with exit code" in out
+
+
+@needs_slurm
 def test_stage_template_passes_configs_paths_and_overrides(tmp_path):
     (tmp_path / "fake_train.py").write_text(FAKE_TRAINER)
     run_dir = tmp_path / "run"

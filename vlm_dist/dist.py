@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hang-rank", type=int, default=-1, help="this rank sleeps forever at --fault-step")
     p.add_argument("--crash-rank", type=int, default=-1, help="this rank raises at --fault-step")
     p.add_argument("--fault-step", type=int, default=2)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher's
     return _selftest(p.parse_args(argv))
 
 
