@@ -4,28 +4,31 @@
     python launch/benchmark.py --config launch/configs/stage3_multi.yaml --model.llm_mode=qlora
     deepspeed launch/benchmark.py --deepspeed ds_configs/zero3.json  # many GPUs
     python launch/benchmark.py --mode cache                          # the feature-cache builder
-    python launch/benchmark.py --tiny --out bench.json               # CPU pipeline check (auto without CUDA)
+    python launch/benchmark.py --tiny --out bench.json               # CPU pipeline check (automatic without CUDA)
 
 Builds Qwen3-8B-Base and SigLIP-so400m-patch14-384 at full size from the configs in
-launch/model_configs/ with random weights (written once to --work-dir, then loaded through
-the same load_llm / build_vlm path as training; nothing is downloaded). Without CUDA, or
-with --tiny, it uses the tiny models of vlm_dist.tiny instead.
+launch/model_configs/ with random weights (written once to --work-dir; nothing is
+downloaded), then runs what training runs: launch/train.py's build_model and train_step,
+vlm_dist.optim's AdamW, vlm_dist.ds_config's DeepSpeed config, the LengthGroupedSampler's
+packed (or padded) micro-batches and vlm_dist.data.loader's DataLoader. Only the samples
+are synthetic: token ids with the layout of real ones (image blocks, prompt, supervised
+answer) and random (P, D) features standing in for the cache. Without CUDA (and with the
+default model configs), or with --tiny, the tiny models of vlm_dist.tiny are used.
 
-Sample lengths come from a built-in distribution (stage-1 "plain": one 66-token image block +
-prompt + caption ~ 110 tokens; chatml: a multi-image SFT shape) or, exactly, from a records
-file (--records FILE.jsonl --tokenizer DIR). Samples are packed into rows (--data.pack) or
-padded one per row, collated by vlm_dist.data.pack in DataLoader workers, features are
-random (P, D) tensors standing in for the cache.
+Sample lengths come from a built-in model (stage1: one 66-token image block + prompt +
+caption, ~110 tokens; multi: a multi-image SFT shape) or, exactly, from a records file
+(--records FILE.jsonl --tokenizer DIR, encoded as training encodes them).
 
-Variants are the run config's own flags (any --section.key=value of vlm_dist.config) plus:
---deepspeed ds_configs/zero{2,3}.json, --engine torch (no DeepSpeed), --steps, --warmup.
-Everything else: `python launch/benchmark.py --help`.
+Variants are the run config's own flags (any --section.key=value of vlm_dist.config:
+--data.pack, --model.llm_mode, --train.micro_batch_size, --train.micro_batch_tokens,
+--model.gradient_checkpointing, --model.attn_implementation, --lora.r, ...) plus
+--deepspeed ds_configs/zero{2,3}.json and --engine torch (no DeepSpeed, one process).
 
 Reports a table and JSON (--out): tokens_per_s_per_gpu, samples/s, step time, MFU against
 the GPU's data-sheet bf16 peak (mfu) and against a bf16 matmul peak measured here
 (mfu_measured), HFU (recomputation included), peak memory, data-loader stall %, packing
-efficiency (real tokens / row capacity). FLOPs are counted by vlm_dist.flops from the real
-per-sample lengths of the batches that ran (see BENCHMARKS.md).
+efficiency (real tokens / row capacity). FLOPs are counted by vlm_dist.flops from the
+lengths of the samples that ran in the timed window (see BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -46,9 +49,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "launch"))      # launch/train.py's loop pieces
 
 from vlm_dist import flops as F  # noqa: E402
-from vlm_dist.data.pack import collate, pack_rows  # noqa: E402
 from vlm_dist.media import IMAGE, block_ids  # noqa: E402
 from vlm_dist.prompt import IGNORE, EncodedSample  # noqa: E402
 from vlm_dist.tiny import QWEN3_SPECIAL_TOKENS  # noqa: E402
@@ -121,6 +124,7 @@ class Qwen3SpecialIds:
     for the tokenizer of a full-size run: the splice only needs these ids; text ids are random."""
     name_or_path = "qwen3-special-ids"
     unk_token_id = None
+    pad_token_id = QWEN3_FIRST_SPECIAL_ID     # <|endoftext|>, Qwen3's pad token
 
     def __init__(self):
         self.ids = {t: QWEN3_FIRST_SPECIAL_ID + i for i, t in enumerate(QWEN3_SPECIAL_TOKENS)}
@@ -148,57 +152,18 @@ def make_samples(shapes: list[Shape], block, eos: int, text_vocab: int, seed: in
 
 # ----------------------------------------------------------------------------- batches
 
-class MicroBatches(torch.utils.data.Dataset):
-    """Micro-batch i = rows[i]; collated in the DataLoader workers like training's collator."""
+class FeatureBank:
+    """features_lookup for the loader: a few random (P, D) maps made once per worker, reused
+    like cache pages, so the workers cost what collating real cached features costs."""
 
-    def __init__(self, rows, pad_id, max_seq_len, feature_shape, dtype, pad_ids, num_tokens):
-        self.rows, self.pad_id, self.max_seq_len = rows, pad_id, max_seq_len
-        self.feature_shape, self.dtype, self.pad_ids, self.num_tokens = feature_shape, dtype, pad_ids, num_tokens
-        self.bank = None
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, n: int = 8):
+        self.shape, self.dtype, self.n, self.bank = shape, dtype, n, None
 
-    def __len__(self):
-        return len(self.rows)
-
-    def _features(self, key: str) -> torch.Tensor:
-        if self.bank is None:   # a few random feature maps, made in the worker, reused like cache pages
+    def __call__(self, key: str) -> torch.Tensor:
+        if self.bank is None:
             g = torch.Generator().manual_seed(0)
-            self.bank = [torch.randn(self.feature_shape, generator=g).to(self.dtype) for _ in range(8)]
-        return self.bank[hash(key) % len(self.bank)]
-
-    def __getitem__(self, i):
-        from vlm_dist.model.vlm import check_media_slots
-        batch = collate(self.rows[i], self._features, self.pad_id, self.max_seq_len,
-                        feature_shape=self.feature_shape, feature_dtype=self.dtype)
-        check_media_slots(batch["input_ids"], batch["media"], self.pad_ids, self.num_tokens,
-                          batch["sample_ids"])         # here, on the CPU: the step needs no host sync
-        batch["supervised_index"] = (batch["targets"].reshape(-1) != IGNORE).nonzero().squeeze(1)
-        batch["capacity"] = batch["input_ids"].numel()
-        return batch
-
-
-def plan_rows(samples: list[EncodedSample], pack: bool, rows_per_micro: int, max_seq_len: int,
-              n_micro: int, rng: random.Random) -> list[list[list[EncodedSample]]]:
-    """n_micro micro-batches of rows_per_micro rows: best-fit packed rows, or one sample per row."""
-    if pack:
-        rows = pack_rows([len(s) for s in samples], list(range(len(samples))), max_seq_len)
-        rng.shuffle(rows)
-        rows = [[samples[i] for i in r] for r in rows]
-    else:
-        rows = [[s] for s in samples]
-    need = n_micro * rows_per_micro
-    if len(rows) < need:
-        raise AssertionError(f"planned {len(rows)} rows, need {need}")
-    return [rows[k * rows_per_micro:(k + 1) * rows_per_micro] for k in range(n_micro)]
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    nb = device.type == "cuda"
-    out = dict(batch)
-    for k in ("input_ids", "targets", "position_ids", "supervised_index", "num_supervised"):
-        out[k] = batch[k].to(device, non_blocking=nb)
-    out["media"] = {name: {"features": m["features"].to(device, non_blocking=nb), "counts": m["counts"]}
-                    for name, m in batch["media"].items()}
-    return out
+            self.bank = [torch.randn(self.shape, generator=g).to(self.dtype) for _ in range(self.n)]
+        return self.bank[hash(key) % self.n]
 
 
 # ----------------------------------------------------------------------------- models
@@ -224,11 +189,13 @@ def random_checkpoint(config_json: Path, out_dir: Path, kind: str) -> Path:
         SiglipImageProcessor(size={"height": vc.image_size, "width": vc.image_size}, resample=3,
                              image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(str(out_dir))
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     done.write_text(str(config_json))
     return out_dir
 
 
-def model_paths(args) -> tuple[str, str, object]:
+def model_paths(args, need_llm: bool = True) -> tuple[str | None, str, object]:
     """(llm dir, vision dir, tokenizer) for the tiny or the full-size run."""
     work = Path(args.work_dir)
     if args.tiny:
@@ -237,10 +204,11 @@ def model_paths(args) -> tuple[str, str, object]:
         from vlm_dist.tiny import build_tiny_models
         paths = build_tiny_models(work / "tiny")
         return paths["llm"], paths["vision"], AutoTokenizer.from_pretrained(paths["tokenizer"])
-    llm = random_checkpoint(Path(args.llm_config), work / (Path(args.llm_config).stem + "-random"), "llm")
     vision = random_checkpoint(Path(args.vision_config), work / (Path(args.vision_config).stem + "-random"),
                                "vision")
-    return str(llm), str(vision), Qwen3SpecialIds()
+    llm = random_checkpoint(Path(args.llm_config), work / (Path(args.llm_config).stem + "-random"), "llm") \
+        if need_llm else None
+    return (str(llm) if llm else None), str(vision), Qwen3SpecialIds()
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
@@ -265,192 +233,163 @@ def sync(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- the training benchmark
 
-def build_model(cfg, llm_dir: str, vision_dir: str, tokenizer, device: torch.device):
-    """The VLM exactly as training builds it: load_llm in the mode, build_vlm, set_trainable."""
-    from transformers import AutoConfig
+class TorchEngine:
+    """The slice of DeepSpeed's engine that train.train_step uses, over plain torch (--engine torch):
+    the baseline that shows what DeepSpeed costs or saves."""
 
-    from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
+    def __init__(self, module, optimizer, accum: int, max_grad_norm: float, device: torch.device):
+        self.module, self.optimizer, self.accum, self.max_grad_norm = module.to(device), optimizer, accum, max_grad_norm
+        self.device, self.micro = device, 0
+        self.params = [p for p in module.parameters() if p.requires_grad]
 
-    m, dtype = cfg.model, getattr(torch, cfg.model.dtype)
-    llm = load_llm(llm_dir, m.llm_mode, dtype, m.attn_implementation,
-                   lora=LoraSettings(r=cfg.lora.r, alpha=int(cfg.lora.alpha), dropout=cfg.lora.dropout,
-                                     target_modules=list(cfg.lora.target_modules)),
-                   gradient_checkpointing=m.gradient_checkpointing)
-    vcfg = AutoConfig.from_pretrained(vision_dir)
-    vcfg = getattr(vcfg, "vision_config", vcfg)
-    connector = dict(kind=m.connector, use_layernorm=m.use_layernorm)
-    if m.connector == "resampler":
-        connector.update(num_latents=m.num_latents, depth=m.resampler_depth, heads=m.resampler_heads)
-    vlm = build_vlm(llm, tokenizer, vcfg.hidden_size, F.num_patches(vcfg), connector, dtype)
-    set_trainable(vlm, m.llm_mode)
-    vlm.train()
-    if m.llm_mode != "qlora" or device.type == "cuda":   # bitsandbytes quantises when moved to the GPU
-        vlm.to(device)
-    return vlm, vcfg
+    def __call__(self, **batch):
+        return self.module(**batch)
 
+    def backward(self, loss):
+        (loss / self.accum).backward()      # DeepSpeed averages over accumulation steps the same way
 
-def rows_per_micro_batch(cfg) -> int:
-    """Packed: micro_batch_tokens (or micro_batch_size x max_seq_len) // max_seq_len rows; padded: micro_batch_size."""
-    d, t = cfg.data, cfg.train
-    if d.pack:
-        return max(1, (t.micro_batch_tokens or t.micro_batch_size * d.max_seq_len) // d.max_seq_len)
-    return t.micro_batch_size
+    def step(self):
+        self.micro += 1
+        if self.micro % self.accum:
+            return
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
-def make_engine(cfg, args, vlm, device):
-    """(step function, engine name, zero stage). The step is forward + backward + optimizer step."""
-    params = [p for p in vlm.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps,
-                            weight_decay=cfg.train.weight_decay, fused=fused)
-    accum = cfg.train.grad_accum
+def plan_samples(cfg, args, tokenizer, image_tokens: int, n_micro: int, world: int, rank: int):
+    """Synthetic samples and this rank's first n_micro micro-batches, planned by training's sampler."""
+    from vlm_dist.data.sampler import LengthGroupedSampler
 
-    if args.engine == "torch":
-        def step(micro_batches):
-            for b in micro_batches:
-                out = vlm(**b, validate=False)
-                (out["loss_sum"] / b["num_supervised"] / accum).backward()
-            if cfg.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step, "torch", None
-
-    from vlm_dist import dist
-    ds = json.loads(Path(args.deepspeed).read_text())
-    ds.update(train_micro_batch_size_per_gpu=rows_per_micro_batch(cfg), gradient_accumulation_steps=accum,
-              gradient_clipping=cfg.train.max_grad_norm, zero_allow_untested_optimizer=True)
-    ds["bf16" if cfg.model.dtype == "bfloat16" else "fp16"] = {"enabled": cfg.model.dtype != "float32"}
-    engine, _, _, _ = dist.ds_initialize(vlm, params, ds, optimizer=opt)
-
-    def step(micro_batches):
-        for b in micro_batches:
-            out = engine(**b, validate=False)
-            engine.backward(out["loss_sum"] / b["num_supervised"])   # DeepSpeed divides by grad_accum
-            engine.step()
-    return step, "deepspeed", ds["zero_optimization"]["stage"]
+    d = cfg.data
+    block = block_ids(tokenizer, IMAGE, image_tokens)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    rng = random.Random(args.seed)       # the same samples on every rank: the sampler plans globally
+    if args.records:
+        pool = shapes_from_records(args.records, args.tokenizer, d.template, image_tokens, d.max_seq_len,
+                                   limit=args.max_records)
+        lengths = args.records
+    else:
+        lengths = args.lengths or ("stage1" if d.template == "plain" else "multi")
+        pool = None
+    n = 64 * world * n_micro
+    while True:
+        shapes = [rng.choice(pool) for _ in range(n)] if pool else builtin_shapes(lengths, n, rng)
+        too_long = [s for s in shapes if s.prompt + s.answer + s.images * (image_tokens + 2) > d.max_seq_len]
+        if too_long:
+            raise ValueError(f"{len(too_long)} of {n} sampled lengths exceed --data.max_seq_len={d.max_seq_len}; "
+                             "raise it or use shorter samples")
+        samples = make_samples(shapes, block, eos, min(block.start, block.pad, block.end, eos), args.seed)
+        sampler = LengthGroupedSampler.from_samples(
+            samples, world_size=world, rank=rank, max_seq_len=d.max_seq_len,
+            rows_per_micro=cfg.train.micro_batch_size, packing=d.pack,
+            max_tokens_per_micro=cfg.train.micro_batch_tokens, seed=args.seed)   # as launch/train.py does
+        micro = sampler.micro_batches(0)
+        if len(micro) >= n_micro:
+            return samples, micro[:n_micro], eos, lengths
+        n *= 2
 
 
 def run_train(cfg, args, device) -> dict:
+    import train   # launch/train.py: the benchmark runs training's own model build, optimizer and step
+
     from vlm_dist import dist
+    from vlm_dist.data.loader import build_loader
+    from vlm_dist.ds_config import build_ds_config
+    from vlm_dist.optim import build_optimizer
 
-    world = dist.world_size()
-    rank = dist.rank()
-    llm_dir, vision_dir, tokenizer = model_paths(args)
-    vlm, vcfg = build_model(cfg, llm_dir, vision_dir, tokenizer, device)
-    step_fn, engine_name, zero_stage = make_engine(cfg, args, vlm, device)
-
-    # -- the samples and their rows
+    world, rank = dist.world_size(), dist.rank()
     m, d, t = cfg.model, cfg.data, cfg.train
-    image_tokens = vlm.num_tokens["image"]
-    block = block_ids(tokenizer, IMAGE, image_tokens)
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    text_vocab = min(block.start, block.pad, block.end, eos)
-    rows_per_micro = rows_per_micro_batch(cfg)
-    n_micro = (args.warmup + args.steps) * t.grad_accum
-    rng = random.Random(args.seed + rank)
-    if args.records:
-        shapes = shapes_from_records(args.records, args.tokenizer, d.template, image_tokens, d.max_seq_len,
-                                     limit=args.max_records)
-        shapes = [rng.choice(shapes) for _ in range(len(shapes))]
-    else:
-        shapes = []
-    lengths = args.lengths or ("stage1" if d.template == "plain" else "multi")
-    mean_len = 120 if lengths == "stage1" else 700
-    per_row = max(1, d.max_seq_len // mean_len) if d.pack else 1
-    want = int(n_micro * rows_per_micro * per_row * 1.3) + 8
-    pool = shapes or builtin_shapes(lengths, want, rng)
-    shapes = [pool[i % len(pool)] for i in range(want)]
-    too_long = [s for s in shapes if s.prompt + s.answer + s.images * (image_tokens + 2) > d.max_seq_len]
-    if too_long:
-        raise ValueError(f"{len(too_long)} sampled lengths exceed --data.max_seq_len={d.max_seq_len}; "
-                         "raise it or use shorter samples")
-    samples = make_samples(shapes, block, eos, text_vocab, args.seed + rank)
-    plan = plan_rows(samples, d.pack, rows_per_micro, d.max_seq_len, n_micro, rng)
-
+    llm_dir, vision_dir, tokenizer = model_paths(args)
+    from transformers import AutoConfig
+    vcfg = AutoConfig.from_pretrained(vision_dir)
+    vcfg = getattr(vcfg, "vision_config", vcfg)
     feature_shape = (F.num_patches(vcfg), vcfg.hidden_size)
-    dataset = MicroBatches(plan, eos, d.max_seq_len, feature_shape, getattr(torch, m.dtype),
-                           vlm.pad_ids, vlm.num_tokens)
-    workers = min(d.num_workers, 1) if args.tiny else d.num_workers
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == "cuda",
-                                         prefetch_factor=4 if workers else None)
+    m.llm, m.init_from = llm_dir, None           # random weights; a fresh connector
+    vlm = train.build_model(cfg, tokenizer, feature_shape, dist.is_main())
 
-    # -- warm up, then time whole steps; the only host syncs are at the window's ends
+    if args.engine == "torch":
+        if world > 1:
+            raise ValueError("--engine torch runs one process; use the deepspeed engine for several ranks")
+        engine = TorchEngine(vlm, build_optimizer(vlm, cfg), t.grad_accum, t.max_grad_norm, device)
+        zero_stage = None
+    else:
+        ds_config = build_ds_config(args.deepspeed, cfg, world)
+        engine = dist.ds_initialize(vlm, None, ds_config, optimizer=build_optimizer(vlm, cfg, ds_config))[0]
+        zero_stage = ds_config["zero_optimization"]["stage"]
+    vlm.train()
+
+    image_tokens = vlm.num_tokens["image"]
+    n_micro = (args.warmup + args.steps) * t.grad_accum
+    samples, micro, pad_id, lengths = plan_samples(cfg, args, tokenizer, image_tokens, n_micro, world, rank)
+    workers = min(d.num_workers, 1) if device.type == "cpu" else d.num_workers
+    loader = build_loader(micro, samples, FeatureBank(feature_shape, getattr(torch, m.dtype)), pad_id=pad_id,
+                          max_seq_len=d.max_seq_len, feature_shape=feature_shape, num_workers=workers,
+                          pin_memory=device.type == "cuda")
+
+    # -- warm up, then time whole optimizer steps; host syncs only at the window's ends
     it = iter(loader)
     for _ in range(args.warmup):
-        step_fn([to_device(next(it), device) for _ in range(t.grad_accum)])
+        train.train_step(engine, [next(it) for _ in range(t.grad_accum)], world)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dist.barrier()
-    tokens = n_samples = capacity = 0
+    tokens = capacity = 0
     wait = 0.0
     start = time.perf_counter()
     for _ in range(args.steps):
-        micro = []
+        batches = []
         for _ in range(t.grad_accum):
             w0 = time.perf_counter()
-            b = next(it)
+            batches.append(next(it))
             wait += time.perf_counter() - w0
-            micro.append(to_device(b, device))
-            capacity += b["capacity"]
-            tokens += b["num_tokens"]
-            for row_ids in b["sample_ids"]:
-                n_samples += len(row_ids)
-        step_fn(micro)
+        train.train_step(engine, batches, world)
+        tokens += sum(b["num_tokens"] for b in batches)
+        capacity += sum(b["input_ids"].numel() for b in batches)
     sync(device)
     elapsed = time.perf_counter() - start
     del it
 
-    # FLOPs of exactly the samples that ran in the timed window
-    timed = [s for mb in plan[args.warmup * t.grad_accum:] for row in mb for s in row]
-    shapes_run = [F.SampleShape(len(s), sum(1 for x in s.labels[1:] if x != IGNORE), len(s.image_keys))
-                  for s in timed]
-    supervised = sum(s.supervised for s in shapes_run)
-    n_images = sum(s.images for s in shapes_run)
-    assert len(shapes_run) == n_samples and sum(s.length for s in shapes_run) == tokens
-    llm_config = vlm.llm.config if not hasattr(vlm.llm, "get_base_model") else vlm.llm.get_base_model().config
-    fl = F.step_flops(llm_config, vcfg, vlm.connectors["image"].config, shapes_run, m.llm_mode,
+    # FLOPs of exactly the samples that ran in the timed window (filler rows carry no work worth counting)
+    timed = [samples[i] for mb in micro[args.warmup * t.grad_accum:] for i in mb.indices]
+    shapes = [F.SampleShape(len(s), sum(1 for x in s.labels[1:] if x != IGNORE), len(s.image_keys)) for s in timed]
+    assert sum(s.length for s in shapes) == tokens, "timed tokens and planned samples disagree"
+    llm_config = vlm.llm.get_base_model().config if hasattr(vlm.llm, "get_base_model") else vlm.llm.config
+    fl = F.step_flops(llm_config, vcfg, vlm.connectors["image"].config, shapes, m.llm_mode,
                       F.LoraShape(cfg.lora.r, tuple(cfg.lora.target_modules)), m.gradient_checkpointing)
 
     # one rank's view -> the job's: sums over ranks, the slowest rank's time
     elapsed = dist.all_reduce_max(elapsed)
-    tokens_all = dist.all_reduce_sum(tokens)
-    samples_all = dist.all_reduce_sum(n_samples)
-    flops_all = dist.all_reduce_sum(fl.total)
-    hw_all = dist.all_reduce_sum(fl.hardware)
     wait = dist.all_reduce_max(wait)
+    tokens_all, samples_all = dist.all_reduce_sum(tokens), dist.all_reduce_sum(len(shapes))
+    flops_all, hw_all = dist.all_reduce_sum(fl.total), dist.all_reduce_sum(fl.hardware)
     capacity_all = dist.all_reduce_sum(capacity)
-
-    step_time = elapsed / args.steps
-    flops_per_step = flops_all / world / args.steps          # per GPU
     return dict(
         tokens_per_s_per_gpu=tokens_all / world / elapsed,
         samples_per_s_per_gpu=samples_all / world / elapsed,
         samples_per_s=samples_all / elapsed,
-        step_time_s=step_time,
-        flops_per_step=flops_per_step,
+        step_time_s=elapsed / args.steps,
+        flops_per_step=flops_all / world / args.steps,                  # per GPU
         hardware_flops_per_step=hw_all / world / args.steps,
         flops_per_token=flops_all / tokens_all,
-        flops_breakdown_per_token={k: v / max(fl.tokens, 1) for k, v in asdict(fl).items()
-                                   if k in F.COMPONENTS},
+        flops_breakdown_per_token={k: v / max(fl.tokens, 1) for k, v in asdict(fl).items() if k in F.COMPONENTS},
         tokens_per_step=tokens_all / world / args.steps,
         samples_per_step=samples_all / world / args.steps,
-        supervised_fraction=supervised / max(tokens, 1),
-        images_per_sample=n_images / max(n_samples, 1),
-        mean_sample_tokens=tokens / max(n_samples, 1),
+        supervised_fraction=fl.supervised / max(fl.tokens, 1),
+        images_per_sample=fl.images / max(fl.samples, 1),
+        mean_sample_tokens=fl.tokens / max(fl.samples, 1),
         loader_stall_pct=100 * wait / elapsed,
         packing_efficiency=tokens_all / capacity_all,
         gpu_hours_558k=LLAVA_PRETRAIN_SAMPLES / (samples_all / world / elapsed) / 3600,
-        setup=dict(engine=engine_name, zero_stage=zero_stage, llm_mode=m.llm_mode, pack=d.pack,
-                   max_seq_len=d.max_seq_len, rows_per_micro_batch=rows_per_micro, grad_accum=t.grad_accum,
-                   micro_batch_tokens=rows_per_micro * d.max_seq_len if d.pack else None,
+        setup=dict(engine=args.engine, zero_stage=zero_stage, llm_mode=m.llm_mode, pack=d.pack,
+                   max_seq_len=d.max_seq_len, micro_batch_size=t.micro_batch_size,
+                   micro_batch_tokens=t.micro_batch_tokens, grad_accum=t.grad_accum,
                    gradient_checkpointing=m.gradient_checkpointing, attn_implementation=m.attn_implementation,
-                   dtype=m.dtype, template=d.template, lengths=args.records or lengths,
-                   connector=vlm.connectors["image"].config, lora_r=cfg.lora.r if m.llm_mode in ("lora", "qlora")
-                   else None, image_tokens=image_tokens, num_workers=workers, world_size=world,
-                   warmup_steps=args.warmup, timed_steps=args.steps),
+                   dtype=m.dtype, template=d.template, lengths=lengths, connector=vlm.connectors["image"].config,
+                   lora_r=cfg.lora.r if m.llm_mode in ("lora", "qlora") else None, image_tokens=image_tokens,
+                   num_workers=workers, world_size=world, warmup_steps=args.warmup, timed_steps=args.steps),
     )
 
 
@@ -462,7 +401,7 @@ def run_cache(args, device) -> dict:
 
     from vlm_dist.model.vision import VisionTower
 
-    _, vision_dir, _ = model_paths(args)
+    _, vision_dir, _ = model_paths(args, need_llm=False)
     tower = VisionTower.from_pretrained(vision_dir, feature_layer=args.feature_layer, dtype=torch.bfloat16,
                                         device=device)
     side = tower.image_size
@@ -618,19 +557,22 @@ def main(argv: list[str] | None = None) -> int:
     from vlm_dist.config import load_config
 
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    if not torch.cuda.is_available() and not args.tiny:
-        print("no CUDA device: running the tiny CPU configuration (a pipeline check, not a measurement)")
+    on_cpu = not torch.cuda.is_available()
+    default_models = (Path(args.llm_config) == MODEL_CONFIGS / "qwen3-8b-base.json"
+                      and Path(args.vision_config) == MODEL_CONFIGS / "siglip-so400m-patch14-384.json")
+    if on_cpu and not args.tiny and default_models:
+        print("no CUDA device: running the tiny models on the CPU (a pipeline check, not a measurement)")
         args.tiny = True
-    if args.tiny:
+    if on_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # small rows keep the CPU run in seconds; explicit overrides win
+        # small rows keep a CPU run in seconds; explicit overrides win
         defaults = {"data.max_seq_len": "512", "train.micro_batch_size": "2", "data.num_workers": "1"}
         given = {o[2:].split("=")[0] for o in overrides}
         overrides = [f"--{k}={v}" for k, v in defaults.items() if k not in given] + overrides
-    args.steps = args.steps or (2 if args.tiny else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.steps = args.steps or (2 if on_cpu else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 3)
     cfg = load_config(args.config, overrides)
-    if args.tiny and "--model.dtype" not in " ".join(overrides) and cfg.model.llm_mode != "qlora":
+    if on_cpu and "--model.dtype" not in " ".join(overrides) and cfg.model.llm_mode != "qlora":
         cfg.model.dtype = "float32"   # CPUs without bf16 units emulate it ~50x slower; QLoRA needs 16 bits
     if args.engine == "deepspeed" or dist.discover().world_size > 1:
         dist.init_distributed()

@@ -66,15 +66,49 @@ def test_train_report_fields_and_mfu_arithmetic(tmp_path, work_dir):
     assert r["peak_memory_gb"] > 0
 
 
-def test_cache_builder_mode(tmp_path, work_dir, capsys):
+@pytest.fixture(scope="module")
+def small_configs(tmp_path_factory):
+    """The shipped Qwen3-8B-Base / so400m config.json files, shrunk: the full-size code path in seconds."""
+    d = tmp_path_factory.mktemp("configs")
+    llm = json.loads((REPO / "launch" / "model_configs" / "qwen3-8b-base.json").read_text())
+    llm.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=16)
+    vision = json.loads((REPO / "launch" / "model_configs" / "siglip-so400m-patch14-384.json").read_text())
+    vision["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, image_size=56)       # 4 x 4 patches of 14 px
+    (d / "llm.json").write_text(json.dumps(llm))
+    (d / "vision.json").write_text(json.dumps(vision))
+    return ["--llm-config", str(d / "llm.json"), "--vision-config", str(d / "vision.json")]
+
+
+def test_full_size_path_on_random_weights(tmp_path, small_configs):
+    """Random-weight checkpoints from config.json, Qwen3's real special-token ids (vocabulary 151,936),
+    training's model build and step, with a plain-torch engine."""
+    bench = load_benchmark()
+    out = tmp_path / "bench.json"
+    assert bench.main(["--engine", "torch", "--steps", "1", "--warmup", "0", "--work-dir", str(tmp_path / "w"),
+                       "--out", str(out), "--data.max_seq_len=256", "--train.micro_batch_size=1",
+                       "--model.num_latents=8", *small_configs]) == 0
+    r = json.loads(out.read_text())
+    assert r["tiny"] is False and r["setup"]["engine"] == "torch" and r["setup"]["image_tokens"] == 8
+    assert r["setup"]["connector"]["vision_dim"] == 32 and r["setup"]["connector"]["llm_dim"] == 32
+    assert r["tokens_per_s_per_gpu"] > 0
+    # lm_head at supervised positions: 4 x 32 x 151,936 per supervised token, the biggest part here
+    assert r["flops_breakdown_per_token"]["lm_head"] == pytest.approx(4 * 32 * 151_936 * r["supervised_fraction"])
+    assert (tmp_path / "w" / "llm-random" / "BUILT").exists()
+
+
+def test_cache_builder_mode(tmp_path, small_configs, capsys):
     bench = load_benchmark()
     out = tmp_path / "cache.json"
-    assert bench.main(["--mode", "cache", "--tiny", "--engine", "torch", "--steps", "1", "--warmup", "1",
-                       "--work-dir", str(work_dir), "--out", str(out)]) == 0
+    assert bench.main(["--mode", "cache", "--engine", "torch", "--steps", "1", "--warmup", "1",
+                       "--cache-batch", "2", "--work-dir", str(tmp_path / "w"), "--out", str(out),
+                       *small_configs]) == 0
     r = json.loads(out.read_text())
     assert r["images_per_s"] > 0 and r["hours_558k"] == pytest.approx(558_128 / r["images_per_s"] / 3600)
-    assert r["setup"]["patches"] == 16            # the tiny SigLIP: 32 px / 8 px patches
+    assert r["setup"]["patches"] == 16 and r["setup"]["layers_run"] == 1    # feature layer -2 of 2
     assert r["mfu_measured"] == pytest.approx(r["flops_per_step"] / r["step_time_s"] / r["peak_flops_measured"])
+    assert not (tmp_path / "w" / "llm-random").exists()                     # the cache builder needs no LLM
     assert "images/s" in capsys.readouterr().out
 
 

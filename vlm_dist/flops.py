@@ -40,6 +40,8 @@ gradient and 2nkm for the weight gradient. Counted per linear layer and per toke
   so padding shows up as lower MFU, and packing efficiency says how much).
 - Activation (gradient) checkpointing reruns each decoder layer's forward: counted
   in `recompute` (hardware FLOPs, for HFU), not in the model FLOPs.
+
+The feature-cache builder's work is SigLIP's forward only: `vision_flops_per_image`.
 """
 from __future__ import annotations
 
