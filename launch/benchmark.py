@@ -196,7 +196,16 @@ def random_checkpoint(config_json: Path, out_dir: Path, kind: str) -> Path:
 
 
 def model_paths(args, need_llm: bool = True) -> tuple[str | None, str, object]:
-    """(llm dir, vision dir, tokenizer) for the tiny or the full-size run."""
+    """(llm dir, vision dir, tokenizer) for the tiny or the full-size run. The first process on each
+    node writes the checkpoints; the others wait for it, then find them built."""
+    from vlm_dist import dist
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        _build_models(args, need_llm)
+    dist.barrier()
+    return _build_models(args, need_llm)
+
+
+def _build_models(args, need_llm: bool) -> tuple[str | None, str, object]:
     work = Path(args.work_dir)
     if args.tiny:
         from transformers import AutoTokenizer

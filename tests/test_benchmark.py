@@ -112,6 +112,24 @@ def test_cache_builder_mode(tmp_path, small_configs, capsys):
     assert "images/s" in capsys.readouterr().out
 
 
+def test_lengths_from_a_records_file(tmp_path, work_dir, tiny_models):
+    from vlm_dist.records import write_records
+    records = tmp_path / "records.jsonl"
+    write_records(records, [
+        {"id": f"r{i}", "images": [f"k{i}a", f"k{i}b"][:1 + i % 2],
+         "conversations": [{"role": "user", "content": "<image>" * (1 + i % 2) + "\nWhat is shown?"},
+                           {"role": "assistant", "content": "A red circle on the left. " * (1 + i % 3)}]}
+        for i in range(6)])
+    bench = load_benchmark()
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--engine", "torch", "--steps", "1", "--warmup", "0", "--work-dir", str(work_dir),
+                       "--records", str(records), "--tokenizer", tiny_models["tokenizer"], "--out", str(out),
+                       "--model.num_latents=4", "--data.max_seq_len=128"]) == 0
+    r = json.loads(out.read_text())
+    assert r["setup"]["lengths"] == str(records)
+    assert 1.0 <= r["images_per_sample"] <= 2.0 and r["tokens_per_step"] > 0
+
+
 def test_bad_flags_are_named(tmp_path):
     from vlm_dist.config import ConfigError
     bench = load_benchmark()
