@@ -191,3 +191,29 @@ def test_preempted_job_saves_requeues_and_resumes(tmp_path):
     assert {r["restart"] for r in rows if r["step"] > stopped_at} == {1}
     assert [r["loss"] for r in rows] == [float(s) for s in range(1, steps + 1)]  # = an uninterrupted run
     assert (run_dir / "done.json").exists()
+
+
+@needs_slurm
+def test_build_cache_template_two_ranks(tmp_path, tiny_models):
+    import numpy as np
+    from PIL import Image
+
+    from vlm_dist.records import write_records
+
+    (tmp_path / "images").mkdir()
+    records = []
+    for i in range(6):
+        pixels = (np.random.RandomState(i).rand(40, 40, 3) * 255).astype("uint8")
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+        records.append({"id": f"r{i}", "images": [f"{i}.png"],
+                        "conversations": [{"role": "user", "content": "<image> what is it?"},
+                                          {"role": "assistant", "content": "a thing"}]})
+    write_records(tmp_path / "records.jsonl", records)
+    cache = tmp_path / "cache"
+    r, log = run_stage("build_cache.sbatch", tmp_path, "--shard-size", "2", "--no-progress",
+                       RECORDS=str(tmp_path / "records.jsonl"), IMAGE_ROOT=str(tmp_path / "images"),
+                       CACHE_DIR=str(cache), VISION_MODEL=tiny_models["vision"])
+    out = _read(log)
+    assert r.returncode == 0, out[-3000:]
+    assert "0: [vlm-cache]" in out and "1: " in out  # both ranks ran
+    assert (cache / "manifest.json").exists(), out[-3000:]

@@ -3,13 +3,14 @@
 The one module that knows about distribution (model code never imports torch.distributed).
 
     env = init_distributed(timeout_s=600)      # any launcher: torchrun, deepspeed, srun, mpirun, plain python
+    stop = Preemption()                         # SIGUSR1/SIGTERM -> flag; install it early (before, they kill)
     engine, optimizer, _, scheduler = ds_initialize(model, params, ds_config)
-    stop = Preemption(stall_timeout_s=1800)     # SIGUSR1/SIGTERM -> flag
     for step in ...:
         train_step(...)
         if stop.should_stop():                  # every rank agrees at the same step
             save_checkpoint(...)
             exit_for_requeue()                  # exit code REQUEUE_EXIT_CODE: the sbatch script requeues
+    shutdown()                                  # before Python exits, on every rank
 
 Faults end the job instead of hanging it: every collective has a bounded timeout, NCCL
 aborts the process on a timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING), the per-step check
@@ -21,6 +22,7 @@ Self-test on any cluster (all-reduce across all ranks; exits 0 when it adds up):
     srun -n 2 python -m vlm_dist.dist --selftest
     torchrun --nproc-per-node 2 -m vlm_dist.dist --selftest
     mpirun -n 2 python -m vlm_dist.dist --selftest
+    deepspeed --num_gpus 2 --module vlm_dist.dist --selftest
 """
 from __future__ import annotations
 
@@ -171,6 +173,7 @@ def discover(env: dict | None = None) -> DistEnv:
 
 _MONITOR: tdist.ProcessGroup | None = None  # gloo group for CPU-side checks (= WORLD on gloo)
 _TIMEOUT_S: float = 600.0
+_ENV: DistEnv | None = None  # what init_distributed found; a second call returns it
 
 
 def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> DistEnv:
@@ -179,9 +182,11 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> Di
     Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT so DeepSpeed and torch agree.
     Every collective gives up after `timeout_s`, so a dead or hung rank ends the job.
     """
-    global _MONITOR, _TIMEOUT_S
+    global _MONITOR, _TIMEOUT_S, _ENV
     import deepspeed
 
+    if _ENV is not None and tdist.is_initialized():
+        return _ENV
     env = discover()
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
@@ -205,6 +210,7 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> Di
         raise DistError(f"asked DeepSpeed for backend {backend!r}, torch.distributed runs {got!r}")
     _MONITOR = (tdist.group.WORLD if backend == "gloo"
                 else tdist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
+    _ENV = env
     return env
 
 
@@ -269,8 +275,8 @@ def shutdown() -> None:
     then can abort the process ("terminate called without an active exception"), turning a
     clean exit into SIGABRT. So drop our reference, let DeepSpeed drop its own, and collect.
     """
-    global _MONITOR
-    _MONITOR = None
+    global _MONITOR, _ENV
+    _MONITOR, _ENV = None, None
     if tdist.is_initialized():
         import deepspeed.comm
 
