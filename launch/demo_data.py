@@ -159,7 +159,8 @@ def which_record(rid: str, keys: list[str], scenes: list[Scene], answer: int) ->
     return {"id": rid, "images": keys, "task": "which_image", "answer": answer,
             "target": {"colour": target.colour, "shape": target.shape},
             "scenes": [asdict(s) for s in scenes],
-            "conversations": [{"role": "user", "content": f"{_numbered(len(keys))}\n{question}"},
+            # the question comes first, so a causal LM reads each image already knowing what to look for
+            "conversations": [{"role": "user", "content": f"{question}\n{_numbered(len(keys))}"},
                               {"role": "assistant", "content": which_answer_text(answer)}]}
 
 

@@ -67,7 +67,7 @@ def test_questions_are_answerable_only_by_the_answer_image(data):
         others = [s for i, s in enumerate(r["scenes"]) if i != r["answer"] - 1]
         assert all(s["colour"] != target[0] and s["shape"] != target[1] for s in others)
         assert r["conversations"][-1]["content"] == dd.which_answer_text(r["answer"])
-        assert f"the {target[0]} {target[1]}?" in r["conversations"][0]["content"]
+        assert r["conversations"][0]["content"].startswith(f"Which image shows the {target[0]} {target[1]}?")
 
 
 def test_captions_name_what_is_drawn(data):
