@@ -146,12 +146,13 @@ def test_stage_template_passes_configs_paths_and_overrides(tmp_path):
 
 
 def _start_requeued_now(job_id: str, proc: subprocess.Popen) -> None:
-    """Slurm holds a requeued job back for ~2 minutes (BeginTime); in CI, start it at once."""
+    """Slurm holds a requeued job back for ~2 minutes (BeginTime); in CI, start it in 5 s
+    (not at once: slurmd refuses a start in the same second its old credential was revoked)."""
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
         if "Restarts=0" not in info and "JobState=PENDING" in info:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], check=True)
             return
         time.sleep(0.5)
 
@@ -217,3 +218,67 @@ def test_build_cache_template_two_ranks(tmp_path, tiny_models):
     assert r.returncode == 0, out[-3000:]
     assert "0: [vlm-cache]" in out and "1: " in out  # both ranks ran
     assert (cache / "manifest.json").exists(), out[-3000:]
+
+
+# ----------------------------------------------------------------------------- the real trainer
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_models, tmp_path_factory):
+    """Demo shapes data + its feature cache, and the tiny-model overrides for launch/train.py."""
+    root = tmp_path_factory.mktemp("slurm_train")
+    subprocess.run([sys.executable, str(REPO / "launch" / "demo_data.py"), "--out", str(root / "data"),
+                    "--scale", "0.05"], check=True, capture_output=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "preprocess.cache_cli", "build", "--records",
+                    str(root / "data" / "stage1_train.jsonl"), "--image-root", str(root / "data"),
+                    "--vision-model", tiny_models["vision"], "--out", str(root / "cache"), "--dtype", "fp32",
+                    "--workers", "0", "--no-progress"], check=True, capture_output=True, cwd=REPO)
+    overrides = [f"--model.llm={tiny_models['llm']}", f"--model.vision={tiny_models['vision']}",
+                 "--model.dtype=float32", "--model.num_latents=4", "--model.resampler_depth=1",
+                 "--model.resampler_heads=4", "--data.max_seq_len=160", "--data.num_workers=0",
+                 "--train.epochs=null", "--train.micro_batch_size=1", "--train.log_every=1",
+                 "--train.lr_connector=3e-3", "--train.warmup_ratio=0.0", "--train.eval_every=0"]
+    return {"env": {"RECORDS": str(root / "data" / "stage1_train.jsonl"), "CACHE_DIR": str(root / "cache")},
+            "overrides": overrides}
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r.get("kind") == "train"}
+
+
+@needs_slurm
+def test_stage1_real_trainer_preempted_requeued_same_losses(tiny_run, tmp_path):
+    """launch/train.py through slurm/stage1_align.sbatch: USR1 -> checkpoint -> exit 75 ->
+    requeue -> --resume auto; the losses equal an uninterrupted run's, and the export exists."""
+    steps = 60
+    args = [*tiny_run["overrides"], f"--train.max_steps={steps}", "--checkpoint.every=0"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    r, log = run_stage("stage1_align.sbatch", tmp_path / "a", *args, RUN_DIR=str(tmp_path / "a" / "run"),
+                       **tiny_run["env"])
+    assert r.returncode == 0, _read(log)[-4000:]
+    want = _train_losses(tmp_path / "a" / "run")
+
+    run_dir = tmp_path / "b" / "run"
+    proc, log = run_stage("stage1_align.sbatch", tmp_path / "b", *args, block=False, RUN_DIR=str(run_dir),
+                          **tiny_run["env"])
+    try:
+        job_id = re.search(r"Submitted batch job (\d+)", proc.stdout.readline()).group(1)
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "metrics.jsonl").exists() and len(_train_losses(run_dir)) >= 5):
+            assert proc.poll() is None and time.monotonic() < deadline, _read(log)[-3000:]
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+        _start_requeued_now(job_id, proc)
+        proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            subprocess.run(["scancel", job_id])
+            proc.kill()
+    out = _read(log)
+    assert proc.returncode == 0, out[-4000:]
+    assert "requeueing job" in out and "resumed from" in out, out[-4000:]
+    got = _train_losses(run_dir)
+    assert sorted(got) == list(range(1, steps + 1))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert (run_dir / "export" / "connector.safetensors").exists()
