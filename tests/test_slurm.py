@@ -136,13 +136,21 @@ def test_stage_template_passes_configs_paths_and_overrides(tmp_path):
     (tmp_path / "fake_train.py").write_text(FAKE_TRAINER)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    (tmp_path / "cache" / "shards").mkdir(parents=True)
+    (tmp_path / "cache" / "shards" / "shard-00000.arrow").write_bytes(b"features")
     r, log = run_stage("stage1_align.sbatch", tmp_path, "--train.max_steps=3",
-                       TRAIN_CMD=f"{sys.executable} {tmp_path / 'fake_train.py'}", RUN_DIR=str(run_dir))
+                       TRAIN_CMD=f"{sys.executable} {tmp_path / 'fake_train.py'}", RUN_DIR=str(run_dir),
+                       RECORDS="a.jsonl,b.jsonl", CACHE_DIR=str(tmp_path / "cache"), STAGE_DIR=str(tmp_path / "nvme"),
+                       LOADER_WORKERS="3")
     assert r.returncode == 0, r.stderr + _read(log)[-3000:]
     done = json.loads((run_dir / "done.json").read_text())
     assert done["world_size"] == 2 and done["launcher"] == "slurm"
     assert done["argv"] == ["--deepspeed", "ds_configs/zero2.json", "--config", "launch/configs/stage1_align.yaml",
-                            f"--train.output_dir={run_dir}", "--resume", "auto", "--train.max_steps=3"]
+                            f"--train.output_dir={run_dir}", "--data.records=a.jsonl,b.jsonl",
+                            f"--data.cache={tmp_path / 'nvme' / 'cache'}", "--data.num_workers=3",
+                            "--resume", "auto", "--train.max_steps=3"]
+    # the cache was staged to the node-local directory before training
+    assert (tmp_path / "nvme" / "cache" / "shards" / "shard-00000.arrow").read_bytes() == b"features"
 
 
 def _start_requeued_now(job_id: str, proc: subprocess.Popen) -> None:
