@@ -47,7 +47,8 @@ vlm_setup() {
         export CUDA_VISIBLE_DEVICES=""
     fi
     # the main process of a rank needs few threads; the loader workers get the rest
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS_PER_TASK > ${LOADER_WORKERS:-0} ? CPUS_PER_TASK - ${LOADER_WORKERS:-0} : 1 ))}
+    local workers=${LOADER_WORKERS:-0}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS_PER_TASK > workers ? CPUS_PER_TASK - workers : 1 ))}
     # rendezvous on the allocation's first node; vlm_dist.dist.discover() derives the same values
     export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
     export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
