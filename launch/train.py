@@ -174,6 +174,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, overrides)
     check_run_inputs(cfg)
     env = dist.init_distributed()
+    stop = dist.Preemption()  # right away: a SIGUSR1 before the first step must not kill the rank
     out_dir = Path(cfg.train.output_dir)
     if env.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +233,6 @@ def main(argv=None) -> int:
             return BatchStream(eval_sampler, eval_samples, cache.__getitem__, max_epochs=1, **loader_args)
 
     metrics = MetricsLog(out_dir, enabled=env.rank == 0, total_steps=total_steps)
-    stop = dist.Preemption()
     engine.train()
     while step < total_steps:
         t0 = time.perf_counter()
@@ -249,6 +249,7 @@ def main(argv=None) -> int:
                 save(engine, vlm, cfg, step, sampler, tokenizer, vlm_config, env, {"nan_run": nan_run})
                 dist.print0(f"stopping: {nan_run} non-finite losses in a row, last at step {step} "
                             f"(samples {ids})")
+                dist.shutdown()
                 return 3
         else:
             nan_run = 0

@@ -237,7 +237,8 @@ def tiny_run(tiny_models, tmp_path_factory):
     subprocess.run([sys.executable, str(REPO / "launch" / "demo_data.py"), "--out", str(root / "data"),
                     "--scale", "0.05"], check=True, capture_output=True, cwd=REPO)
     subprocess.run([sys.executable, "-m", "preprocess.cache_cli", "build", "--records",
-                    str(root / "data" / "stage1_train.jsonl"), "--image-root", str(root / "data"),
+                    str(root / "data" / "stage1_train.jsonl"), str(root / "data" / "sft_train.jsonl"),
+                    "--image-root", str(root / "data"),
                     "--vision-model", tiny_models["vision"], "--out", str(root / "cache"), "--dtype", "fp32",
                     "--workers", "0", "--no-progress"], check=True, capture_output=True, cwd=REPO)
     overrides = [f"--model.llm={tiny_models['llm']}", f"--model.vision={tiny_models['vision']}",
@@ -246,7 +247,7 @@ def tiny_run(tiny_models, tmp_path_factory):
                  "--train.epochs=null", "--train.micro_batch_size=1", "--train.log_every=1",
                  "--train.lr_connector=3e-3", "--train.warmup_ratio=0.0", "--train.eval_every=0"]
     return {"env": {"RECORDS": str(root / "data" / "stage1_train.jsonl"), "CACHE_DIR": str(root / "cache")},
-            "overrides": overrides}
+            "overrides": overrides, "sft_records": str(root / "data" / "sft_train.jsonl")}
 
 
 def _train_losses(run_dir: Path) -> dict[int, float]:
@@ -290,3 +291,18 @@ def test_stage1_real_trainer_preempted_requeued_same_losses(tiny_run, tmp_path):
     assert sorted(got) == list(range(1, steps + 1))
     assert got == pytest.approx(want, rel=1e-5)
     assert (run_dir / "export" / "connector.safetensors").exists()
+
+
+@needs_slurm
+def test_stage3_multi_image_lora_through_sbatch(tiny_run, tmp_path):
+    """sbatch --wait slurm/stage3_multi.sbatch on the tiny config: exit 0, metrics, exported adapter."""
+    run_dir = tmp_path / "run"
+    args = [*tiny_run["overrides"], "--train.max_steps=6", "--checkpoint.every=3", "--model.init_from=null",
+            "--lora.r=4", "--lora.alpha=8", "--lora.dropout=0.0"]
+    r, log = run_stage("stage3_multi.sbatch", tmp_path, *args, RUN_DIR=str(run_dir),
+                       **dict(tiny_run["env"], RECORDS=tiny_run["sft_records"]))
+    assert r.returncode == 0, _read(log)[-4000:]
+    assert sorted(_train_losses(run_dir)) == list(range(1, 7))
+    assert (run_dir / "export" / "connector.safetensors").exists()
+    assert (run_dir / "export" / "adapter" / "adapter_config.json").exists()
+    assert (run_dir / "checkpoints" / "step_00000006" / "COMPLETE").exists()
