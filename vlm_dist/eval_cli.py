@@ -105,6 +105,11 @@ def open_cache(path: str, tower, pool: int):
     return cache
 
 
+def cfg_has_vision_dtype(export_dir: str) -> bool:
+    from vlm_dist.export import read_export_config
+    return read_export_config(export_dir).vision_dtype is not None
+
+
 def caption_markdown(rows: list[dict]) -> str:
     lines = ["| id | image(s) | reference | generated | exact |", "|---|---|---|---|---|"]
     for r in rows:
@@ -127,7 +132,12 @@ def run(args) -> dict:
         env = init_distributed()
         rank, world = env.rank, env.world_size
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    vlm, tokenizer, tower, cfg = load_export(args.model, device=device, dtype=args.dtype)
+    cache_dtype = None
+    if args.cache:   # the tower runs in the cache's dtype unless the export recorded its own
+        from vlm_dist.cache import read_manifest
+        cache_dtype = read_manifest(args.cache)["fingerprint"]["dtype"]
+    vlm, tokenizer, tower, cfg = load_export(args.model, device=device, dtype=args.dtype,
+                                             vision_dtype=None if cfg_has_vision_dtype(args.model) else cache_dtype)
     gen = Generator(vlm, tokenizer, cfg, tower)
     cache = open_cache(args.cache, tower, cfg.pool) if args.cache else None
     feats = Features(gen, cache, args.image_root)

@@ -59,8 +59,8 @@ class ExportConfig:
     """Visual tokens per image (the connector's output length)."""
     pool: int = 1
     """Patch-grid average pooling of the features (true/2: 2x2; false/1: none), as the cache was built."""
-    vision_dtype: str = "bfloat16"
-    """dtype the vision tower ran in when the cache was built (vlm-cache's default: bf16)."""
+    vision_dtype: str | None = None
+    """dtype the vision tower ran in when the cache was built; None (not recorded): bf16, vlm-cache's default."""
     merged: bool = False
     """True for a merge_export output: llm/ holds the merged LLM, there is no adapter."""
     base_llm: str | None = None
@@ -77,7 +77,8 @@ class ExportConfig:
         kwargs = {k: v for k, v in d.items() if k in names}
         pool = kwargs.get("pool", 1)
         kwargs["pool"] = 2 if pool is True else 1 if pool is False or pool is None else int(pool)
-        kwargs["vision_dtype"] = dtype_name(resolve_dtype(kwargs.get("vision_dtype", "bfloat16")))
+        if kwargs.get("vision_dtype") is not None:
+            kwargs["vision_dtype"] = dtype_name(resolve_dtype(kwargs["vision_dtype"]))
         cfg = cls(**kwargs)
         cfg.extra = {k: v for k, v in d.items() if k not in names}  # kept and rewritten on merge
         return cfg
@@ -139,9 +140,11 @@ def load_llm_from_export(export_dir: str | os.PathLike, cfg: ExportConfig, dtype
     raise ExportError(f"{export_dir}: unknown llm_mode {cfg.llm_mode!r} in {EXPORT_CONFIG}")
 
 
-def load_vision_tower(cfg: ExportConfig, export_dir: str | os.PathLike, device="cpu") -> VisionTower:
+def load_vision_tower(cfg: ExportConfig, export_dir: str | os.PathLike, device="cpu",
+                      dtype: str | None = None) -> VisionTower:
+    """The export's vision tower in `dtype`, else cfg.vision_dtype, else bf16 (vlm-cache's default)."""
     return VisionTower.from_pretrained(resolve_path(cfg.vision, export_dir), feature_layer=cfg.feature_layer,
-                                       dtype=cfg.vision_dtype, device=device)
+                                       dtype=dtype or cfg.vision_dtype or "bfloat16", device=device)
 
 
 def build_from_export(llm, tokenizer, export_dir: str | os.PathLike, cfg: ExportConfig,
@@ -160,17 +163,19 @@ def build_from_export(llm, tokenizer, export_dir: str | os.PathLike, cfg: Export
 
 
 def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                dtype: str | torch.dtype | None = None, with_vision: bool = True):
+                dtype: str | torch.dtype | None = None, with_vision: bool = True,
+                vision_dtype: str | None = None):
     """(vlm, tokenizer, vision_tower, cfg) ready for inference; tower is None without with_vision.
 
     dtype: the LLM and connector dtype (default bf16 on CUDA, fp32 on CPU). The
-    vision tower runs in cfg.vision_dtype, the dtype the cache was built in.
+    vision tower runs in `vision_dtype` if given (vlm-eval passes its cache's),
+    else cfg.vision_dtype (the dtype the training cache was built in), else bf16.
     """
     export_dir = Path(export_dir)
     cfg = read_export_config(export_dir)
     dtype = resolve_dtype(dtype) if dtype is not None else _default_dtype(device)
     tokenizer = load_tokenizer(cfg, export_dir)
-    tower = load_vision_tower(cfg, export_dir, device) if with_vision else None
+    tower = load_vision_tower(cfg, export_dir, device, vision_dtype) if with_vision else None
     num_patches = tower.feature_shape(cfg.pool)[0] if tower is not None else _patches_from_config(cfg, export_dir)
     llm = load_llm_from_export(export_dir, cfg, dtype)
     vlm = build_from_export(llm, tokenizer, export_dir, cfg, num_patches, dtype)
