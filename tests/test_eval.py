@@ -183,10 +183,28 @@ def demo_data(tmp_path_factory):
     return out
 
 
+def _nlvr2_and_mc(demo_data, tmp_path):
+    """Hand-made NLVR2-style and multiple-choice sets over the demo images, with answer keys."""
+    from vlm_dist.records import write_records
+    which = [json.loads(line) for line in (demo_data / "heldout_which.jsonl").open()][:4]
+    pairs = [{"id": f"pair{i}", "images": r["images"][:2], "answer": i % 2 == 0, "conversations": [
+        {"role": "user", "content": "<image> <image> Both images show a red shape. True or false?"},
+        {"role": "assistant", "content": "True." if i % 2 == 0 else "False."}]} for i, r in enumerate(which)]
+    mc = [{"id": f"mc{i}", "images": r["images"][:1], "answer": "ABC"[i % 3],
+           "choices": ["circle", "square", "triangle"], "conversations": [
+               {"role": "user", "content": "<image>\nWhich shape? A. circle B. square C. triangle"},
+               {"role": "assistant", "content": "ABC"[i % 3]}]} for i, r in enumerate(which)]
+    write_records(tmp_path / "pairs.jsonl", pairs)
+    write_records(tmp_path / "mc.jsonl", mc)
+    return tmp_path / "pairs.jsonl", tmp_path / "mc.jsonl"
+
+
 def test_vlm_eval_end_to_end(tiny_export, demo_data, tmp_path):
     from vlm_dist.eval_cli import main
     out = tmp_path / "eval"
+    pairs, mc = _nlvr2_and_mc(demo_data, tmp_path)
     rc = main(["--model", str(tiny_export), "--out", str(out), "--image-root", str(demo_data),
+               "--nlvr2", str(pairs), "--mc", str(mc),
                "--loss", str(demo_data / "heldout_loss.jsonl"), "--captions", str(demo_data / "heldout_captions.jsonl"),
                "--probes", str(demo_data / "heldout_which.jsonl"), "--describe", str(demo_data / "heldout_describe.jsonl"),
                "--text", str(demo_data / "heldout_text.jsonl"), "--limit", "6", "--max-new-tokens", "6",
@@ -203,6 +221,8 @@ def test_vlm_eval_end_to_end(tiny_export, demo_data, tmp_path):
     # adapter disabled -> base LLM perplexity differs from the adapted model's
     assert res["text"]["perplexity"] != res["text"]["base_perplexity"]
     assert (out / "captions.md").read_text().startswith("# Caption report")
+    assert res["nlvr2"]["n"] == 4 and res["nlvr2"]["per_answer"]["true"]["n"] == 2
+    assert res["mc"]["n"] == 4 and len((out / "mc.jsonl").read_text().splitlines()) == 4
     n_caps = min(6, len((demo_data / "heldout_captions.jsonl").read_text().splitlines()))
     assert len((out / "captions.jsonl").read_text().splitlines()) == res["captions"]["n"] == n_caps
 
