@@ -121,3 +121,41 @@ def build_tiny_models(root: str | os.PathLike, llm_hidden: int = 64, llm_layers:
         build_tiny_siglip(vision_dir, seed=seed)
         done.write_text(json.dumps({"llm": str(llm_dir), "vision": str(vision_dir)}))
     return {"llm": str(llm_dir), "vision": str(vision_dir), "tokenizer": str(llm_dir)}
+
+
+def pretrain_tiny_llm(llm_dir: str | os.PathLike, texts: list[str], steps: int = 300, lr: float = 3e-3,
+                      batch_size: int = 32, seed: int = 0) -> list[float]:
+    """Give a tiny random Qwen3 the language of `texts` (plain causal-LM training, in place).
+
+    A real base LLM already speaks English; a random tiny one does not. The demo uses
+    this to make its tiny Qwen3 a "base model" for its own vocabulary, so the VLM stages
+    then only have to learn grounding, as they do with a real Qwen3. Returns the losses.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(llm_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32)
+    model.train()
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    encoded = [tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((batch_size, width), eos)
+        labels = torch.full((batch_size, width), -100)
+        for row, i in enumerate(idx):
+            ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
+            labels[row, :len(encoded[i])] = torch.tensor(encoded[i])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.save_pretrained(str(llm_dir), safe_serialization=True)
+    return losses

@@ -1,0 +1,139 @@
+"""The embedded demo: the whole system on synthetic data, on this machine, downloading nothing.
+
+    python launch/demo.py [--out demo_out]
+
+1. writes a synthetic dataset (coloured shapes; captions, "describe each image in
+   order", "which image shows X?" over 2 and 3 images; train and held-out splits);
+2. builds tiny models locally (SigLIP, Qwen3, tokenizer) with save_pretrained;
+3. builds the feature cache with `vlm-cache build`;
+4. trains stage 1 (connector only) and then a LoRA SFT stage with the real
+   `deepspeed launch/train.py` on the devices present (2 CPU ranks on a CPU machine);
+5. evaluates before and after with `vlm-eval`, and writes results.json, report.md,
+   loss.png and samples.png under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# The demo's model sizes and schedules: small enough for 2 CPU cores in minutes.
+LLM_HIDDEN, LLM_LAYERS = 128, 4
+NUM_LATENTS = 8
+PRETRAIN_STEPS = 80
+STAGE1 = dict(steps=120, lr=3e-3)
+STAGE2 = dict(steps=200, lr_connector=1e-3, lr_adapters=2e-3, lora_r=32)
+
+
+def language_texts(data: Path) -> list[str]:
+    """The text of the training records, images removed: the tiny base LLM's corpus."""
+    from vlm_dist.records import read_records
+    texts = set()
+    for name in ("stage1_train.jsonl", "sft_train.jsonl"):
+        for rec in read_records(data / name):
+            for turn in rec["conversations"]:
+                texts.add(" ".join(turn["content"].replace("<image>", " ").split()))
+    return sorted(t for t in texts if t)
+
+
+def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
+    """Run a step, its output to a log file; on failure show the log's tail and stop."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([str(c) for c in cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, **(env or {})))
+    if proc.returncode != 0:
+        tail = log.read_text().splitlines()[-40:]
+        sys.exit(f"demo step failed ({' '.join(map(str, cmd[:4]))} ...), rc={proc.returncode}; "
+                 f"log {log}:\n" + "\n".join(tail))
+    print(f"  done in {time.perf_counter() - t0:.0f}s (log: {log})", flush=True)
+
+
+def launcher() -> tuple[list[str], dict]:
+    """`deepspeed` on the GPUs present, else 2 CPU ranks (gloo)."""
+    import torch
+    if torch.cuda.is_available():
+        return ["deepspeed", "--num_gpus", str(torch.cuda.device_count())], {}
+    return ["deepspeed", "--num_gpus", "2"], {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def train(stage: str, out: Path, models: dict, data: Path, cache: Path, extra: dict, logs: Path) -> Path:
+    cmd, env = launcher()
+    cfg = {
+        "model.llm": models["llm"], "model.vision": models["vision"], "model.dtype": "float32",
+        "model.num_latents": NUM_LATENTS, "model.resampler_depth": 2, "model.resampler_heads": 4,
+        "data.cache": cache, "data.max_seq_len": 512, "data.num_workers": 1,
+        "train.output_dir": out, "train.epochs": "null", "train.micro_batch_size": 1,
+        "train.warmup_ratio": 0.05, "train.log_every": 10, "train.eval_every": 0,
+        "checkpoint.every": 0, "checkpoint.keep_last": 1, **extra,
+    }
+    args = ["--master_port", str(29400 + (os.getpid() % 500)), REPO / "launch" / "train.py",
+            "--deepspeed", REPO / "ds_configs" / "zero2.json",
+            "--config", REPO / "launch" / "configs" / f"{stage}.yaml"] + [f"--{k}={v}" for k, v in cfg.items()]
+    run(cmd + args, logs / f"{stage}.log", env)
+    return out / "export"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    print("[1/6] synthetic dataset", flush=True)
+    from launch.demo_data import generate
+    data = out / "data"
+    summary = generate(data)
+    print(f"  {summary['files']}", flush=True)
+
+    print("[2/6] tiny models (SigLIP, Qwen3, tokenizer)", flush=True)
+    from vlm_dist.tiny import build_tiny_models, pretrain_tiny_llm
+    fresh = not (out / "models" / "BUILT.json").exists()
+    models = build_tiny_models(out / "models", llm_hidden=LLM_HIDDEN, llm_layers=LLM_LAYERS)
+    if fresh:  # a real Qwen3 already speaks English; give the tiny one the demo's words
+        t0 = time.perf_counter()
+        losses = pretrain_tiny_llm(models["llm"], language_texts(data), steps=PRETRAIN_STEPS)
+        print(f"  tiny Qwen3 language pretraining: loss {losses[0]:.2f} -> {losses[-1]:.2f} "
+              f"in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    print("[3/6] feature cache (vlm-cache build)", flush=True)
+    cache = out / "cache"
+    run([sys.executable, "-m", "preprocess.cache_cli", "build", "--records", data / "stage1_train.jsonl",
+         data / "sft_train.jsonl", data / "heldout_loss.jsonl", "--image-root", data,
+         "--vision-model", models["vision"], "--out", cache, "--dtype", "fp32", "--no-progress"],
+        logs / "cache.log")
+
+    print("[4/6] stage 1: connector alignment (LLM frozen)", flush=True)
+    s1 = train("stage1_align", out / "stage1", models, data, cache, {
+        "data.records": data / "stage1_train.jsonl", "train.max_steps": STAGE1["steps"],
+        "train.lr_connector": STAGE1["lr"]}, logs)
+
+    print("[5/6] stage 2: LoRA SFT (captions, describe-in-order, which-image)", flush=True)
+    s2 = train("stage2_sft", out / "stage2", models, data, cache, {
+        "data.records": data / "sft_train.jsonl", "model.init_from": s1, "model.llm_mode": "lora",
+        "lora.r": STAGE2["lora_r"], "lora.alpha": 2 * STAGE2["lora_r"], "lora.dropout": 0.0,
+        "train.max_steps": STAGE2["steps"], "train.lr_connector": STAGE2["lr_connector"],
+        "train.lr_adapters": STAGE2["lr_adapters"]}, logs)
+
+    print("[6/6] evaluation before / after (vlm-eval)", flush=True)
+    from launch.demo_report import before_export, evaluate, write_report
+    before = before_export(out / "before", models, s1)
+    results = {name: evaluate(export, data, cache, out / f"eval_{name}", logs, run)
+               for name, export in (("before", before), ("after", s2))}
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    write_report(out, results, [out / "stage1", out / "stage2"], data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

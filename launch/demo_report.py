@@ -1,0 +1,116 @@
+"""The demo's evaluation and report: before/after accuracies, results.json, report.md, two PNGs.
+
+Used by launch/demo.py; evaluation itself is `vlm-eval` (vlm_dist/eval_cli.py).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+
+def before_export(out: Path, models: dict, trained_export: Path) -> Path:
+    """The "before" model: the stage-1 export's layout with a freshly initialised connector."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vlm_dist.model.connector import Connector
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(trained_export, out)
+    cfg = json.loads((out / "connector_config.json").read_text())["image"]
+    cfg.pop("num_tokens")
+    torch.manual_seed(0)
+    fresh = Connector(**cfg).state_dict()
+    assert fresh.keys() == load_file(str(out / "connector.safetensors")).keys()
+    save_file({k: v.contiguous() for k, v in fresh.items()}, str(out / "connector.safetensors"))
+    return out
+
+
+def evaluate(export: Path, data: Path, cache: Path, out: Path, logs: Path, run) -> dict:
+    """vlm-eval on the held-out sets; returns the demo's headline numbers."""
+    run([sys.executable, "-m", "vlm_dist.eval_cli", "--model", export, "--cache", cache, "--out", out,
+         "--loss", data / "heldout_loss.jsonl", "--captions", data / "heldout_captions.jsonl",
+         "--describe", data / "heldout_describe.jsonl", "--probes", data / "heldout_which.jsonl",
+         "--max-new-tokens", "24"], logs / f"{out.name}.log")
+    res = json.loads((out / "eval.json").read_text())
+    probes = res["probes"]
+    return {
+        "caption_accuracy": res["captions"]["accuracy"],
+        "caption_bleu_4": res["captions"].get("bleu_4"),
+        "caption_cider": res["captions"].get("cider"),
+        "describe": res.get("describe"),
+        "which_image_accuracy": probes["accuracy"],
+        "which_image_accuracy_by_position": probes.get("by_position"),
+        "which_image_accuracy_by_count": probes.get("by_count"),
+        "heldout_loss": res["loss"].get("loss"),
+        "heldout_perplexity": res["loss"].get("perplexity"),
+        "eval_dir": str(out),
+    }
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def plot_losses(run_dirs: list[Path], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(run_dirs), figsize=(5 * len(run_dirs), 3.2))
+    for ax, run_dir in zip(axes, run_dirs):
+        rows = _metrics(run_dir)
+        train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+        evals = [(r["step"], r["eval_loss"]) for r in rows if r["kind"] == "eval"]
+        ax.plot(*zip(*train), lw=1, label="train")
+        if evals:
+            ax.plot(*zip(*evals), "o", label="held-out")
+        ax.set_title(run_dir.name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_samples(eval_dir: Path, data: Path, path: Path, n: int = 12) -> None:
+    """A grid of held-out images with the caption the trained model generated."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    rows = [json.loads(line) for line in (eval_dir / "captions.jsonl").read_text().splitlines()][:n]
+    cols = 4
+    fig, axes = plt.subplots((len(rows) + cols - 1) // cols, cols, figsize=(3.2 * cols, 3.0 * ((len(rows) + 3) // 4)))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows):
+        ax.imshow(Image.open(data / row["images"][0]))
+        mark = "ok" if row["exact"] else "x"
+        ax.set_title(f"[{mark}] {row['prediction']}", fontsize=8, color="green" if row["exact"] else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out: Path, results: dict, run_dirs: list[Path], data: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    plot_losses(run_dirs, out / "loss.png")
+    plot_samples(Path(results["after"]["eval_dir"]), data, out / "samples.png")
+    b, a = results["before"], results["after"]
+    table = ["| metric | before | after |", "|---|---|---|"]
+    for key in ("caption_accuracy", "which_image_accuracy", "heldout_loss"):
+        table.append(f"| {key} | {b[key]:.3f} | {a[key]:.3f} |")
+    for pos, acc in sorted((a.get("which_image_accuracy_by_position") or {}).items()):
+        before = (b.get("which_image_accuracy_by_position") or {}).get(pos, float("nan"))
+        table.append(f"| which_image_accuracy, answer in position {pos} | {before:.3f} | {acc:.3f} |")
+    text = "\n".join(table)
+    print("\n" + text + f"\n\ndemo took {results['seconds']:.0f}s; report: {out / 'report.md'}", flush=True)
+    (out / "report.md").write_text(
+        "# vlm_dist demo\n\nTiny SigLIP + tiny Qwen3 built locally; stage 1 (connector) then LoRA SFT with "
+        "`deepspeed launch/train.py`; evaluated with `vlm-eval` on held-out images.\n\n" + text +
+        f"\n\nRun time: {results['seconds']:.0f} s.\n\n![losses](loss.png)\n\n"
+        "Held-out images with the generated captions:\n\n![samples](samples.png)\n")
