@@ -19,6 +19,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "pycocoevalcap>=1.2",   # BLEU and CIDEr for vlm-eval's caption report (pure-Python parts only)
         "pytest>=8",
     ],
     extras_require={"mpi": ["mpi4py>=3.1"]},

@@ -27,20 +27,34 @@ sys.path.insert(0, str(REPO))
 # The demo's model sizes and schedules: small enough for 2 CPU cores in minutes.
 LLM_HIDDEN, LLM_LAYERS = 128, 4
 NUM_LATENTS = 8
-PRETRAIN_STEPS = 80
+PRETRAIN_STEPS = {"vision": 600, "llm": 80}
 STAGE1 = dict(steps=120, lr=3e-3)
 STAGE2 = dict(steps=200, lr_connector=1e-3, lr_adapters=2e-3, lora_r=32)
 
 
-def language_texts(data: Path) -> list[str]:
-    """The text of the training records, images removed: the tiny base LLM's corpus."""
+def caption_pairs(data: Path) -> tuple[list[Path], list[str]]:
+    """(image file, caption) of every stage-1 training record."""
     from vlm_dist.records import read_records
-    texts = set()
-    for name in ("stage1_train.jsonl", "sft_train.jsonl"):
+    recs = list(read_records(data / "stage1_train.jsonl"))
+    return [data / r["images"][0] for r in recs], [r["conversations"][-1]["content"] for r in recs]
+
+
+def language_sequences(data: Path, llm_dir: str) -> list[list[int]]:
+    """The training records as the templates render them, image blocks removed: the tiny LLM's corpus."""
+    from transformers import AutoTokenizer
+
+    from vlm_dist.prompt import PromptEncoder
+    from vlm_dist.records import read_records
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    seqs = []
+    for name, template in (("stage1_train.jsonl", "plain"), ("sft_train.jsonl", "chatml")):
+        enc = PromptEncoder(tok, template, 1)
         for rec in read_records(data / name):
-            for turn in rec["conversations"]:
-                texts.add(" ".join(turn["content"].replace("<image>", " ").split()))
-    return sorted(t for t in texts if t)
+            text_only = {"id": rec["id"], "images": [], "conversations": [
+                {"role": t["role"], "content": " ".join(t["content"].replace("<image>", " ").split()) or "?"}
+                for t in rec["conversations"]]}
+            seqs.append(enc.encode(text_only).input_ids)
+    return seqs
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
@@ -97,14 +111,21 @@ def main(argv=None) -> int:
     print(f"  {summary['files']}", flush=True)
 
     print("[2/6] tiny models (SigLIP, Qwen3, tokenizer)", flush=True)
-    from vlm_dist.tiny import build_tiny_models, pretrain_tiny_llm
+    from vlm_dist.tiny import build_tiny_models, pretrain_tiny_llm, pretrain_tiny_siglip
     fresh = not (out / "models" / "BUILT.json").exists()
     models = build_tiny_models(out / "models", llm_hidden=LLM_HIDDEN, llm_layers=LLM_LAYERS)
-    if fresh:  # a real Qwen3 already speaks English; give the tiny one the demo's words
+    if fresh:
+        # Real SigLIP and Qwen3 arrive pretrained; random tiny ones know nothing. Give each a
+        # short pretraining on the demo's training split (SigLIP: its sigmoid image-caption
+        # loss; Qwen3: the text of the records), so the VLM stages learn grounding as they would.
         t0 = time.perf_counter()
-        losses = pretrain_tiny_llm(models["llm"], language_texts(data), steps=PRETRAIN_STEPS)
-        print(f"  tiny Qwen3 language pretraining: loss {losses[0]:.2f} -> {losses[-1]:.2f} "
-              f"in {time.perf_counter() - t0:.0f}s", flush=True)
+        paths, captions = caption_pairs(data)
+        v = pretrain_tiny_siglip(models["vision"], paths, captions, steps=PRETRAIN_STEPS["vision"])
+        t1 = time.perf_counter()
+        l = pretrain_tiny_llm(models["llm"], language_sequences(data, models["llm"]),
+                              steps=PRETRAIN_STEPS["llm"])
+        print(f"  tiny SigLIP (sigmoid loss {v[0]:.1f} -> {v[-1]:.1f}, {t1 - t0:.0f}s), tiny Qwen3 (LM loss "
+              f"{l[0]:.2f} -> {l[-1]:.2f}, {time.perf_counter() - t1:.0f}s)", flush=True)
 
     print("[3/6] feature cache (vlm-cache build)", flush=True)
     cache = out / "cache"

@@ -22,7 +22,7 @@ def before_export(out: Path, models: dict, trained_export: Path) -> Path:
     cfg = json.loads((out / "connector_config.json").read_text())["image"]
     cfg.pop("num_tokens")
     torch.manual_seed(0)
-    fresh = Connector(**cfg).state_dict()
+    fresh = {f"image.{k}": v for k, v in Connector(**cfg).state_dict().items()}
     assert fresh.keys() == load_file(str(out / "connector.safetensors")).keys()
     save_file({k: v.contiguous() for k, v in fresh.items()}, str(out / "connector.safetensors"))
     return out
@@ -42,8 +42,8 @@ def evaluate(export: Path, data: Path, cache: Path, out: Path, logs: Path, run) 
         "caption_cider": res["captions"].get("cider"),
         "describe": res.get("describe"),
         "which_image_accuracy": probes["accuracy"],
-        "which_image_accuracy_by_position": probes.get("by_position"),
-        "which_image_accuracy_by_count": probes.get("by_count"),
+        "which_image_accuracy_by_position": {pos: v["accuracy"] for pos, v in probes["per_position"].items()},
+        "which_image_last_image_rate": probes["last_image_rate"],
         "heldout_loss": res["loss"].get("loss"),
         "heldout_perplexity": res["loss"].get("perplexity"),
         "eval_dir": str(out),
@@ -104,8 +104,8 @@ def write_report(out: Path, results: dict, run_dirs: list[Path], data: Path) -> 
     table = ["| metric | before | after |", "|---|---|---|"]
     for key in ("caption_accuracy", "which_image_accuracy", "heldout_loss"):
         table.append(f"| {key} | {b[key]:.3f} | {a[key]:.3f} |")
-    for pos, acc in sorted((a.get("which_image_accuracy_by_position") or {}).items()):
-        before = (b.get("which_image_accuracy_by_position") or {}).get(pos, float("nan"))
+    for pos, acc in sorted(a["which_image_accuracy_by_position"].items()):
+        before = b["which_image_accuracy_by_position"].get(pos, float("nan"))
         table.append(f"| which_image_accuracy, answer in position {pos} | {before:.3f} | {acc:.3f} |")
     text = "\n".join(table)
     print("\n" + text + f"\n\ndemo took {results['seconds']:.0f}s; report: {out / 'report.md'}", flush=True)

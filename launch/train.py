@@ -208,7 +208,8 @@ def main(argv=None) -> int:
                                                  lr_scheduler=scheduler)
     vlm = engine.module
     vlm_config = {"llm": cfg.model.llm, "vision": cfg.model.vision, "feature_layer": cfg.model.feature_layer,
-                  "pool": cache.manifest.get("pool", 1), "template": cfg.data.template,
+                  "pool": cache.fingerprint["pool"], "vision_dtype": cache.fingerprint["dtype"],
+                  "template": cfg.data.template,
                   "num_media_tokens": num_tokens, "dtype": cfg.model.dtype}
 
     step, nan_run = 0, 0
@@ -254,7 +255,8 @@ def main(argv=None) -> int:
         else:
             nan_run = 0
         tokens = dist.all_reduce_sum(sum(int(b["num_tokens"]) for b in batches))
-        samples_n = dist.all_reduce_sum(sum(len(r) for b in batches for r in b["sample_ids"]))
+        samples_n = dist.all_reduce_sum(sum(len(r) for b in batches for i, r in enumerate(b["sample_ids"])
+                                            if i not in b["filler_rows"]))
         metrics.step(step, loss=loss, lr=scheduler.get_last_lr()[0],
                      grad_norm=engine.get_global_grad_norm(), tokens=tokens, samples=samples_n,
                      seconds=time.perf_counter() - t0, log=step % cfg.train.log_every == 0 or step == 1)

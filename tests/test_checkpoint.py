@@ -57,3 +57,37 @@ def test_rank_state_round_trip_and_missing_rank(tmp_path):
     assert torch.equal(torch.rand(3), a)
     with pytest.raises(CheckpointError, match="rank 0"):
         load_rank_state(tmp_path, 0)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_write_export_reloads_with_identical_outputs(tiny_models, tokenizer, tmp_path, mode):
+    """The trainer's export (adapter/ or llm/ + connector) loads in one call and computes the same loss."""
+    import torch
+
+    from vlm_dist.checkpoint import write_export
+    from vlm_dist.export import load_export
+    from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
+    from vlm_dist.prompt import IGNORE, PromptEncoder
+
+    torch.manual_seed(0)
+    llm = load_llm(tiny_models["llm"], mode, torch.float32, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    vlm = build_vlm(llm, tokenizer, 32, 16, dict(num_latents=4, depth=1, heads=4), torch.float32)
+    set_trainable(vlm, mode)
+    with torch.no_grad():  # move every trainable weight away from its initial value
+        for p in vlm.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    cfg = {"llm": tiny_models["llm"], "vision": tiny_models["vision"], "feature_layer": -2, "pool": 1,
+           "vision_dtype": "float32", "template": "plain", "num_media_tokens": 4, "dtype": "float32"}
+    write_export(vlm, tmp_path / "export", cfg, mode, is_main=True, tokenizer=tokenizer)
+    fresh, _, _, _ = load_export(tmp_path / "export", device="cpu", dtype=torch.float32, with_vision=False)
+    s = PromptEncoder(tokenizer, "plain", 4).encode({"id": "a", "images": ["k"], "conversations": [
+        {"role": "user", "content": "<image> Describe."}, {"role": "assistant", "content": "a red circle"}]})
+    ids, lab = torch.tensor([s.input_ids]), torch.tensor([s.labels])
+    tgt = torch.full_like(lab, IGNORE)
+    tgt[:, :-1] = lab[:, 1:]
+    media = {"image": {"features": torch.randn(1, 16, 32), "counts": torch.tensor([1])}}
+    pos = torch.arange(ids.shape[1])[None]
+    vlm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, pos, tgt, media)["loss_sum"], vlm(ids, pos, tgt, media)["loss_sum"])

@@ -181,7 +181,7 @@ def write_export(vlm, out_dir: str | os.PathLike, vlm_config: dict, llm_mode: st
         unwrap_llm(vlm.llm).save_pretrained(str(tmp / "llm"), state_dict=llm_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "llm"))
-        cfg["llm"] = str(Path(out).resolve() / "llm")
+        cfg["base_llm"], cfg["llm"] = cfg["llm"], "llm"   # relative: the export can be moved
     _write_atomic(tmp / EXPORT_CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

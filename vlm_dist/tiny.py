@@ -123,13 +123,13 @@ def build_tiny_models(root: str | os.PathLike, llm_hidden: int = 64, llm_layers:
     return {"llm": str(llm_dir), "vision": str(vision_dir), "tokenizer": str(llm_dir)}
 
 
-def pretrain_tiny_llm(llm_dir: str | os.PathLike, texts: list[str], steps: int = 300, lr: float = 3e-3,
-                      batch_size: int = 32, seed: int = 0) -> list[float]:
-    """Give a tiny random Qwen3 the language of `texts` (plain causal-LM training, in place).
+def pretrain_tiny_llm(llm_dir: str | os.PathLike, sequences: list[list[int]], steps: int = 300,
+                      lr: float = 3e-3, batch_size: int = 32, seed: int = 0) -> list[float]:
+    """Give a tiny random Qwen3 the language of `sequences` (token ids; plain causal-LM training, in place).
 
     A real base LLM already speaks English; a random tiny one does not. The demo uses
-    this to make its tiny Qwen3 a "base model" for its own vocabulary, so the VLM stages
-    then only have to learn grounding, as they do with a real Qwen3. Returns the losses.
+    this to make its tiny Qwen3 a "base model" for its own vocabulary and templates, so the
+    VLM stages then only have to learn grounding, as they do with a real Qwen3. Returns the losses.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,20 +137,19 @@ def pretrain_tiny_llm(llm_dir: str | os.PathLike, texts: list[str], steps: int =
     tok = AutoTokenizer.from_pretrained(str(llm_dir))
     model = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32)
     model.train()
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    encoded = [tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos] for t in texts]
+    pad = tok.convert_tokens_to_ids("<|endoftext|>")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        idx = torch.randint(len(encoded), (batch_size,), generator=g).tolist()
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((batch_size, width), eos)
+        idx = torch.randint(len(sequences), (batch_size,), generator=g).tolist()
+        width = max(len(sequences[i]) for i in idx)
+        ids = torch.full((batch_size, width), pad)
         labels = torch.full((batch_size, width), -100)
         for row, i in enumerate(idx):
-            ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
-            labels[row, :len(encoded[i])] = torch.tensor(encoded[i])
+            ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
+            labels[row, :len(sequences[i])] = torch.tensor(sequences[i])
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
@@ -158,4 +157,45 @@ def pretrain_tiny_llm(llm_dir: str | os.PathLike, texts: list[str], steps: int =
         opt.zero_grad()
         losses.append(loss.item())
     model.save_pretrained(str(llm_dir), safe_serialization=True)
+    return losses
+
+
+def pretrain_tiny_siglip(vision_dir: str | os.PathLike, image_paths: list, captions: list[str],
+                         steps: int = 200, lr: float = 2e-3, batch_size: int = 64, seed: int = 0) -> list[float]:
+    """Train the tiny SiglipModel on image-caption pairs with SigLIP's own sigmoid loss (in place).
+
+    A real SigLIP has seen billions of pairs; a random tiny one has seen none, so its
+    features barely separate colours or shapes. The demo gives it its own images first,
+    as the real tower arrives pretrained. Captions use a word vocabulary (the tiny text
+    tower has 64 ids and 16 positions). Returns the losses.
+    """
+    from PIL import Image
+    from transformers import AutoImageProcessor, SiglipModel
+
+    torch.manual_seed(seed)
+    model = SiglipModel.from_pretrained(str(vision_dir), dtype=torch.float32)
+    processor = AutoImageProcessor.from_pretrained(str(vision_dir))
+    words = sorted({w for c in captions for w in c.lower().split()})
+    cfg = model.config.text_config
+    if len(words) + 1 > cfg.vocab_size:
+        raise ValueError(f"{len(words)} caption words do not fit the tiny text tower's {cfg.vocab_size} ids")
+    vocab = {w: i + 1 for i, w in enumerate(words)}          # 0 pads (on the left: SigLIP pools the last token)
+    width = cfg.max_position_embeddings
+    text = torch.zeros(len(captions), width, dtype=torch.long)
+    for row, c in enumerate(captions):
+        ids = [vocab[w] for w in c.lower().split()][-width:]
+        text[row, width - len(ids):] = torch.tensor(ids)
+    pixels = processor([Image.open(p).convert("RGB") for p in image_paths], return_tensors="pt")["pixel_values"]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(captions), (min(batch_size, len(captions)),), generator=g)
+        loss = model(input_ids=text[idx], pixel_values=pixels[idx], return_loss=True).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.save_pretrained(str(vision_dir), safe_serialization=True)
     return losses
