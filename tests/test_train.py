@@ -6,6 +6,7 @@ the export.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,16 @@ def tiny_data(tiny_models, tmp_path_factory):
     subprocess.run([sys.executable, str(REPO / "launch" / "demo_data.py"), "--out", str(root / "data"),
                     "--scale", "0.05"], check=True, capture_output=True)
     data = root / "data"
+    # one record whose image is an empty file: the cache lists it as failed, training drops it
+    (data / "images" / "broken.png").write_bytes(b"")
+    good = (data / "stage1_train.jsonl").read_text().splitlines()[0]
+    bad = json.loads(good)
+    bad["id"], bad["images"] = "broken-image-record", ["images/broken.png"]
+    (data / "with_broken.jsonl").write_text(good + "\n" + json.dumps(bad) + "\n")
     subprocess.run([sys.executable, "-m", "preprocess.cache_cli", "build", "--records",
                     str(data / "stage1_train.jsonl"), str(data / "sft_train.jsonl"),
-                    str(data / "heldout_loss.jsonl"), "--image-root", str(data), "--vision-model",
+                    str(data / "heldout_loss.jsonl"), str(data / "with_broken.jsonl"),
+                    "--image-root", str(data), "--vision-model",
                     tiny_models["vision"], "--out", str(root / "cache"), "--dtype", "fp32", "--workers", "0",
                     "--no-progress"], check=True, capture_output=True, cwd=REPO)
     return {"data": data, "cache": root / "cache", **tiny_models}
@@ -186,3 +194,34 @@ def test_run_without_inputs_names_the_flags_to_add(tmp_path):
     assert proc.returncode != 0
     err = proc.stderr
     assert "--model.llm" in err and "--data.records" in err
+
+
+def test_records_whose_image_failed_are_dropped_counted_and_listed(tiny_data):
+    from vlm_dist.cache import FeatureCache
+    from vlm_dist.config import RecordSource
+    from vlm_dist.data.samples import load_training_set
+
+    train_set, report = load_training_set(
+        [RecordSource(str(tiny_data["data"] / "with_broken.jsonl"))], tiny_data["llm"], "plain", 4, 160, False,
+        FeatureCache(tiny_data["cache"]), seed=0, log=lambda *_: None)
+    assert len(train_set) == 1 and report.dropped == {"image_failed": 1}
+    assert report.listed[0]["id"] == "broken-image-record" and "broken.png" in report.listed[0]["detail"]
+    sample = train_set[0]
+    assert len(sample.image_keys[0]) == 64  # references became SHA-256 cache keys
+
+
+@pytest.mark.skipif(not shutil.which("mpirun"), reason="no mpirun (pip install mpich mpi4py)")
+def test_mpirun_two_ranks_trains(tiny_data, tmp_path):
+    """mpirun -n 2: rank and world come from MPI (mpi4py), as on a cluster without torchrun."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    _PORT[0] += 1
+    env["MASTER_PORT"] = str(_PORT[0])
+    out = tmp_path / "mpi"
+    proc = subprocess.run(["mpirun", "-n", "2", sys.executable, str(REPO / "launch" / "train.py")] +
+                          [str(a) for a in train_args(tiny_data, out, **{"train.max_steps": 3})],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert sorted(losses(out)) == [1, 2, 3]
+    assert (out / "export" / "connector.safetensors").exists()

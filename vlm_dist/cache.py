@@ -235,7 +235,7 @@ class FeatureCache:
                 hi = mid
         if lo < len(refs) and refs[lo].as_py() == ref:
             return keys[lo].as_py()
-        failed = next((f for f in self.failures if f.get("path") == ref), None)
+        failed = next((f for f in self.failures if ref in (f["paths"] if "key" in f else [f["path"]])), None)
         why = (f"the file could not be read ({failed['reason']})" if failed
                else "it was not in the records the cache was built from")
         raise KeyError(f"image reference {ref!r} is not in the cache index: {why}")

@@ -90,7 +90,9 @@ def load_training_set(sources, tokenizer_path: str, template: str, num_tokens: i
     """Tokenize (cached), check supervision, drop unusable records, draw the mixture."""
     report = DropReport()
     ref_to_key = read_index(cache.cache_dir)
-    failed = {f["path"]: f["reason"] for f in cache.failures if f.get("path")}
+    # failures.jsonl rows: {"key", "paths", ...} for files read but not encodable, {"path", ...} for unreadable
+    failed = {path: f["reason"] for f in cache.failures for path in (f["paths"] if "key" in f else [f["path"]])}
+    failed_keys = {f["key"]: f["reason"] for f in cache.failures if f.get("key")}
     tables, usable = [], {}
     for src in sources:
         table = tokenize_records(src.path, tokenizer_path, template, num_tokens, max_seq_len, truncate)
@@ -110,10 +112,12 @@ def load_training_set(sources, tokenizer_path: str, template: str, num_tokens: i
             if reason is not None:
                 report.drop(rid, src.path, reason, detail)
                 continue
-            bad = next((r for r in refs[row] if r in failed or r not in ref_to_key), None)
+            bad = next((r for r in refs[row] if r in failed or r not in ref_to_key
+                        or ref_to_key[r] in failed_keys), None)
             if bad is not None:
-                if bad in failed:
-                    report.drop(rid, src.path, "image_failed", f"{bad}: {failed[bad]}")
+                if bad in failed or ref_to_key.get(bad) in failed_keys:
+                    why = failed.get(bad) or failed_keys[ref_to_key[bad]]
+                    report.drop(rid, src.path, "image_failed", f"{bad}: {why}")
                 else:
                     report.drop(rid, src.path, "image_missing", f"{bad} is not in the feature cache")
                 continue
