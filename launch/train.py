@@ -235,14 +235,17 @@ def main(argv=None) -> int:
 
     metrics = MetricsLog(out_dir, enabled=env.rank == 0, total_steps=total_steps)
     engine.train()
+    since_log, t_log = [0, 0], time.perf_counter()   # local tokens and samples since the last log line
     while step < total_steps:
-        t0 = time.perf_counter()
         batches = [next(stream) for _ in range(cfg.train.grad_accum)]
         loss_sum, count = train_step(engine, batches, env.world_size)
         step += 1
-        # one small collective per step: the loss (for NaN handling and the log)
-        loss = dist.all_reduce_sum(loss_sum).item() / max(count, 1)
-        if not math.isfinite(loss) or not engine.was_step_applied():
+        # DeepSpeed skips a step whose gradients are not finite (bf16/fp32 overflow check);
+        # the loss itself is read back (a host sync) only when logging or after such a step
+        applied = engine.was_step_applied()
+        log_now = step % cfg.train.log_every == 0 or step == 1 or not applied
+        loss = dist.all_reduce_sum(loss_sum).item() / max(count, 1) if log_now else None
+        if not applied or (loss is not None and not math.isfinite(loss)):
             nan_run += 1
             ids = [i for b in batches for row in b["sample_ids"] for i in row]
             metrics.note(step, f"non-finite loss {loss}: step skipped ({nan_run} in a row); samples {ids[:8]}")
@@ -254,12 +257,15 @@ def main(argv=None) -> int:
                 return 3
         else:
             nan_run = 0
-        tokens = dist.all_reduce_sum(sum(int(b["num_tokens"]) for b in batches))
-        samples_n = dist.all_reduce_sum(sum(len(r) for b in batches for i, r in enumerate(b["sample_ids"])
-                                            if i not in b["filler_rows"]))
-        metrics.step(step, loss=loss, lr=scheduler.get_last_lr()[0],
-                     grad_norm=engine.get_global_grad_norm(), tokens=tokens, samples=samples_n,
-                     seconds=time.perf_counter() - t0, log=step % cfg.train.log_every == 0 or step == 1)
+        since_log[0] += sum(int(b["num_tokens"]) for b in batches)
+        since_log[1] += sum(len(r) for b in batches for i, r in enumerate(b["sample_ids"])
+                            if i not in b["filler_rows"])
+        if log_now:
+            tokens, samples_n = dist.all_reduce_sum(since_log[0]), dist.all_reduce_sum(since_log[1])
+            metrics.step(step, loss=loss, lr=scheduler.get_last_lr()[0],
+                         grad_norm=engine.get_global_grad_norm(), tokens=tokens, samples=samples_n,
+                         seconds=time.perf_counter() - t_log)
+            since_log, t_log = [0, 0], time.perf_counter()
         if eval_stream and cfg.train.eval_every and step % cfg.train.eval_every == 0:
             metrics.eval(step, evaluate(engine, eval_stream()))
         last = step == total_steps

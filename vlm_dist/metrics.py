@@ -35,15 +35,16 @@ class MetricsLog:
         self._file.flush()
 
     def step(self, step: int, *, loss: float, lr: float, grad_norm, tokens: int, samples: int,
-             seconds: float, log: bool) -> None:
+             seconds: float) -> None:
+        """A logged step: a line for people, a row in metrics.jsonl, TensorBoard scalars."""
         if not self.enabled:
             return
         if self._first_step is None:
             self._first_step, self.start = step, time.perf_counter() - seconds
         grad_norm = float(grad_norm) if grad_norm is not None else None
         row = {"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-               "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds, "step_time_s": seconds,
-               "tokens": tokens, "samples": samples}
+               "tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds, "tokens": tokens,
+               "samples": samples, "seconds": seconds}   # totals since the previous logged step
         if torch.cuda.is_available():
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self._write(row)
@@ -51,14 +52,13 @@ class MetricsLog:
         if self._tb is not None:
             for k in ("loss", "lr", "tokens_per_s", "samples_per_s"):
                 self._tb.add_scalar(f"train/{k}", row[k], step)
-        if log:
-            done = step - self._first_step + 1
-            eta = (time.perf_counter() - self.start) / done * (self.total_steps - step)
-            mem = f" | mem {row['peak_mem_gb']:.1f}GB" if "peak_mem_gb" in row else ""
-            gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
-            print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gn} | "
-                  f"{row['tokens_per_s']:,.0f} tok/s | {row['samples_per_s']:.1f} samples/s | "
-                  f"eta {_hms(eta)}{mem}", flush=True)
+        done = step - self._first_step + 1
+        eta = (time.perf_counter() - self.start) / done * (self.total_steps - step)
+        mem = f" | mem {row['peak_mem_gb']:.1f}GB" if "peak_mem_gb" in row else ""
+        gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
+        print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gn} | "
+              f"{row['tokens_per_s']:,.0f} tok/s | {row['samples_per_s']:.1f} samples/s | "
+              f"eta {_hms(eta)}{mem}", flush=True)
 
     def eval(self, step: int, loss: float) -> None:
         if not self.enabled:
