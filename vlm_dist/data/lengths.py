@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from vlm_dist.cache import sha256_file
+
 CHUNK = 2048          # records per worker task
 CACHE_VERSION = 2
 
@@ -118,14 +120,6 @@ def _to_sample(row: dict):
 
 
 # -- fingerprints --------------------------------------------------------------
-def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """SHA-256 over what decides token ids: the serialized fast tokenizer and the added tokens."""
     h = hashlib.sha256(type(tokenizer).__name__.encode())
@@ -233,7 +227,7 @@ def tokenize_records(records_path: str | os.PathLike, tokenizer: str | os.PathLi
         raise FileNotFoundError(f"records file {records_path} does not exist")
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
     key = {"version": CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tok),
-           "records": file_sha256(records_path), "template": template, "image_tokens": int(image_tokens),
+           "records": sha256_file(records_path), "template": template, "image_tokens": int(image_tokens),
            "max_seq_len": int(max_seq_len), "truncate": bool(truncate), "code": _code_fingerprint()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stem = records_path.name[:-len(".jsonl")] if records_path.name.endswith(".jsonl") else records_path.name
