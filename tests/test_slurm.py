@@ -165,6 +165,25 @@ def _start_requeued_now(job_id: str, proc: subprocess.Popen) -> None:
         time.sleep(0.5)
 
 
+def _preempt_when(proc: subprocess.Popen, log: Path, ready) -> str:
+    """Once ready(): USR1 to the batch shell (what `#SBATCH --signal=B:USR1@600` does before the
+    time limit), let the requeued job start, wait for the end. Returns the job id."""
+    try:
+        job_id = re.search(r"Submitted batch job (\d+)", proc.stdout.readline()).group(1)
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, _read(log)[-3000:]
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+        _start_requeued_now(job_id, proc)
+        proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            subprocess.run(["scancel", job_id])
+            proc.kill()
+    return job_id
+
+
 @needs_slurm
 def test_preempted_job_saves_requeues_and_resumes(tmp_path):
     (tmp_path / "fake_train.py").write_text(FAKE_TRAINER)
@@ -174,21 +193,8 @@ def test_preempted_job_saves_requeues_and_resumes(tmp_path):
     proc, log = run_stage("stage3_multi.sbatch", tmp_path, f"--train.max_steps={steps}", "--fake.step_s=0.2",
                           block=False, TRAIN_CMD=f"{sys.executable} {tmp_path / 'fake_train.py'}",
                           RUN_DIR=str(run_dir))
-    try:
-        job_id = re.search(r"Submitted batch job (\d+)", proc.stdout.readline()).group(1)
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + 300
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert proc.poll() is None and time.monotonic() < deadline, _read(log)[-3000:]
-            time.sleep(0.3)
-        # what `#SBATCH --signal=B:USR1@600` does before the time limit: signal the batch shell
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
-        _start_requeued_now(job_id, proc)
-        proc.wait(timeout=400)
-    finally:
-        if proc.poll() is None:
-            subprocess.run(["scancel", job_id])
-            proc.kill()
+    metrics = run_dir / "metrics.jsonl"
+    job_id = _preempt_when(proc, log, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
     out = _read(log)
     assert proc.returncode == 0, out[-4000:]
     assert f"exit {REQUEUE_EXIT_CODE}): requeueing job {job_id}" in out, out[-4000:]
@@ -271,19 +277,7 @@ def test_stage1_real_trainer_preempted_requeued_same_losses(tiny_run, tmp_path):
     run_dir = tmp_path / "b" / "run"
     proc, log = run_stage("stage1_align.sbatch", tmp_path / "b", *args, block=False, RUN_DIR=str(run_dir),
                           **tiny_run["env"])
-    try:
-        job_id = re.search(r"Submitted batch job (\d+)", proc.stdout.readline()).group(1)
-        deadline = time.monotonic() + 300
-        while not ((run_dir / "metrics.jsonl").exists() and len(_train_losses(run_dir)) >= 5):
-            assert proc.poll() is None and time.monotonic() < deadline, _read(log)[-3000:]
-            time.sleep(0.2)
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
-        _start_requeued_now(job_id, proc)
-        proc.wait(timeout=400)
-    finally:
-        if proc.poll() is None:
-            subprocess.run(["scancel", job_id])
-            proc.kill()
+    _preempt_when(proc, log, lambda: (run_dir / "metrics.jsonl").exists() and len(_train_losses(run_dir)) >= 5)
     out = _read(log)
     assert proc.returncode == 0, out[-4000:]
     assert "requeueing job" in out and "resumed from" in out, out[-4000:]
