@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -112,9 +113,11 @@ def main(argv=None) -> int:
 
     print("[2/6] tiny models (SigLIP, Qwen3, tokenizer)", flush=True)
     from vlm_dist.tiny import build_tiny_models, pretrain_tiny_llm, pretrain_tiny_siglip
-    fresh = not (out / "models" / "BUILT.json").exists()
+    pretrained = out / "models" / "PRETRAINED.json"   # written only once both pretrainings finished
+    if not pretrained.exists():
+        shutil.rmtree(out / "models", ignore_errors=True)   # an interrupted build starts over
     models = build_tiny_models(out / "models", llm_hidden=LLM_HIDDEN, llm_layers=LLM_LAYERS)
-    if fresh:
+    if not pretrained.exists():
         # Real SigLIP and Qwen3 arrive pretrained; random tiny ones know nothing. Give each a
         # short pretraining on the demo's training split (SigLIP: its sigmoid image-caption
         # loss; Qwen3: the text of the records), so the VLM stages learn grounding as they would.
@@ -126,6 +129,7 @@ def main(argv=None) -> int:
                               steps=PRETRAIN_STEPS["llm"])
         print(f"  tiny SigLIP (sigmoid loss {v[0]:.1f} -> {v[-1]:.1f}, {t1 - t0:.0f}s), tiny Qwen3 (LM loss "
               f"{l[0]:.2f} -> {l[-1]:.2f}, {time.perf_counter() - t1:.0f}s)", flush=True)
+        pretrained.write_text(json.dumps({"vision_loss": [v[0], v[-1]], "llm_loss": [l[0], l[-1]]}))
 
     print("[3/6] feature cache (vlm-cache build)", flush=True)
     cache = out / "cache"

@@ -58,19 +58,13 @@ def plot_losses(run_dirs: list[Path], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from vlm_dist.metrics import plot_losses as plot_run
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(5 * len(run_dirs), 3.2))
     for ax, run_dir in zip(axes, run_dirs):
         rows = _metrics(run_dir)
-        train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
-        evals = [(r["step"], r["eval_loss"]) for r in rows if r["kind"] == "eval"]
-        ax.plot(*zip(*train), lw=1, label="train")
-        if evals:
-            ax.plot(*zip(*evals), "o", label="held-out")
-        ax.set_title(run_dir.name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        plot_run([(r["step"], r["loss"]) for r in rows if r["kind"] == "train"],
+                 [(r["step"], r["eval_loss"]) for r in rows if r["kind"] == "eval"], ax=ax, title=run_dir.name)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

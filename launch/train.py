@@ -27,14 +27,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vlm_dist import dist  # noqa: E402
-from vlm_dist.checkpoint import (CheckpointError, load_rank_state, publish, resolve_resume,  # noqa: E402
-                                 save_rank_state, set_rng_state, tag_for, write_export)
+from vlm_dist.checkpoint import (CheckpointError, load_rank_state, publish, publish_export,  # noqa: E402
+                                 resolve_resume, save_rank_state, set_rng_state, tag_for, write_export)
 from vlm_dist.config import (Config, ConfigError, check_run_inputs, config_help, load_config,  # noqa: E402
                              save_config)
 from vlm_dist.data.loader import BatchStream  # noqa: E402
 from vlm_dist.data.sampler import LengthGroupedSampler  # noqa: E402
 from vlm_dist.ds_config import build_ds_config  # noqa: E402
 from vlm_dist.metrics import MetricsLog  # noqa: E402
+from vlm_dist.model.vlm import ce_chunks  # noqa: E402
 from vlm_dist.optim import build_optimizer, build_scheduler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +126,8 @@ def train_step(engine, batches: list[dict], world: int) -> tuple[torch.Tensor, i
     scale = world * len(batches) / max(global_count, 1)
     loss_sum = torch.zeros((), device=engine.device)
     for b in batches:
-        out = engine(**to_device(b, engine.device), validate=False)
+        chunks = dist.all_reduce_max(ce_chunks(int(b["num_supervised"])))  # same lm_head calls on all ranks
+        out = engine(**to_device(b, engine.device), validate=False, num_ce_chunks=chunks)
         engine.backward(out["loss_sum"] * scale)
         engine.step()
         loss_sum += out["loss_sum"].detach()
@@ -137,7 +139,8 @@ def evaluate(engine, stream) -> float:
     engine.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=engine.device), 0
     for b in stream:
-        out = engine(**to_device(b, engine.device), validate=False)
+        chunks = dist.all_reduce_max(ce_chunks(int(b["num_supervised"])))
+        out = engine(**to_device(b, engine.device), validate=False, num_ce_chunks=chunks)
         total += out["loss_sum"].double()
         count += int(b["num_supervised"])
     engine.train()
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
     from vlm_dist.model.vision import VisionTower
 
     # resume target first: a missing explicit checkpoint fails on every rank before any work
-    resume_dir = resolve_resume(cfg.checkpoint.resume, out_dir / "checkpoints")
+    resume_dir = resolve_resume(cfg.checkpoint.resume, out_dir / "checkpoints", env.world_size)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.llm)
     expected = VisionTower.expected_fingerprint(cfg.model.vision, cfg.model.feature_layer)
@@ -278,8 +281,8 @@ def main(argv=None) -> int:
 
     if eval_stream and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
         metrics.eval(step, evaluate(engine, eval_stream()))
-    if cfg.checkpoint.export:
-        write_export(vlm, out_dir / "export", vlm_config, cfg.model.llm_mode, env.rank == 0, tokenizer)
+    if cfg.checkpoint.export and env.rank == 0:  # the last step's save wrote it already
+        publish_export(out_dir / "checkpoints" / tag_for(step) / "export", out_dir / "export")
     metrics.close()
     dist.barrier()
     dist.shutdown()

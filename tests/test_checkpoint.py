@@ -91,3 +91,12 @@ def test_write_export_reloads_with_identical_outputs(tiny_models, tokenizer, tmp
     vlm.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids, pos, tgt, media)["loss_sum"], vlm(ids, pos, tgt, media)["loss_sum"])
+
+
+def test_resume_on_another_world_size_is_refused_before_loading(tmp_path):
+    d = tmp_path / tag_for(3)
+    d.mkdir()
+    publish(tmp_path, d, {"step": 3, "world_size": 2}, keep_last=3)
+    assert resolve_resume("auto", tmp_path, world_size=2) == d
+    with pytest.raises(CheckpointError, match="saved by 2 ranks; this run has 4"):
+        resolve_resume("auto", tmp_path, world_size=4)

@@ -154,3 +154,18 @@ def test_connector_export_round_trip(tiny_models, tokenizer, tmp_path):
     load_connectors(fresh, tmp_path)
     b = batch_for(tokenizer, two_image_record(), torch.randn(2, P, DV))
     torch.testing.assert_close(vlm(**b)["loss_sum"], fresh(**b)["loss_sum"], rtol=0, atol=0)
+
+
+def test_lm_head_runs_the_requested_number_of_chunks(tiny_models, tokenizer):
+    """Under ZeRO-3 every lm_head call is a collective: the caller fixes the count for all ranks."""
+    vlm = make_vlm(tiny_models, tokenizer)
+    b = batch_for(tokenizer, two_image_record(), torch.randn(2, P, DV))
+    calls = []
+    head = vlm.llm.get_output_embeddings()
+    hook = head.register_forward_hook(lambda *a: calls.append(1))
+    ref = vlm(**b)["loss_sum"]
+    assert len(calls) == 1
+    calls.clear()
+    torch.testing.assert_close(vlm(**b, num_ce_chunks=3)["loss_sum"], ref)  # extra chunks are empty
+    assert len(calls) == 3
+    hook.remove()

@@ -46,8 +46,22 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and is_complete(p))
 
 
-def resolve_resume(resume: str | None, root: str | os.PathLike) -> Path | None:
-    """The checkpoint directory to resume from, or None for a fresh run."""
+def resolve_resume(resume: str | None, root: str | os.PathLike, world_size: int | None = None) -> Path | None:
+    """The checkpoint directory to resume from, or None for a fresh run.
+
+    With `world_size`, a checkpoint saved by another number of ranks is refused here,
+    before any loading (the sampler's plan and the per-rank states depend on it).
+    """
+    found = _resolve(resume, root)
+    if found is not None and world_size is not None:
+        saved = json.loads((found / MARKER).read_text()).get("world_size")
+        if saved is not None and saved != world_size:
+            raise CheckpointError(f"{found} was saved by {saved} ranks; this run has {world_size}. Resume with "
+                                  f"{saved} ranks (resuming on another world size is not supported)")
+    return found
+
+
+def _resolve(resume: str | None, root: str | os.PathLike) -> Path | None:
     if resume is None or resume == "":
         return None
     if resume == "auto":
@@ -133,19 +147,29 @@ def _write_atomic(path: Path, text: str) -> None:
 EXPORT_CONFIG = "vlm_config.json"
 
 
-def gathered_state(module: torch.nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+def gathered_state(module: torch.nn.Module, names: list[str] | None = None,
+                   keep: bool = True) -> dict[str, torch.Tensor] | None:
     """Full CPU copies of `module`'s parameters (all, or `names`), gathered if ZeRO-3 partitioned them.
 
-    Every rank must call this (the gather is a collective); all get the full tensors.
+    Every rank must call this (the gather is a collective); only ranks with `keep` copy.
     """
     params = dict(module.named_parameters())
     wanted = names if names is not None else list(params)
     plist = [params[n] for n in wanted]
+
+    def copy():
+        return {n: _cpu_copy(params[n]) for n in wanted} if keep else None
+
     if any(hasattr(p, "ds_id") for p in plist):
         import deepspeed
         with deepspeed.zero.GatheredParameters(plist, modifier_rank=None):
-            return {n: params[n].detach().cpu().clone() for n in wanted}
-    return {n: params[n].detach().cpu().clone() for n in wanted}
+            return copy()
+    return copy()
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t.cpu() if t.device.type != "cpu" else t.clone()
 
 
 def write_export(vlm, out_dir: str | os.PathLike, vlm_config: dict, llm_mode: str, is_main: bool,
@@ -161,13 +185,13 @@ def write_export(vlm, out_dir: str | os.PathLike, vlm_config: dict, llm_mode: st
     from vlm_dist.model.vlm import unwrap_llm
 
     out = Path(out_dir)
-    connector_state = gathered_state(vlm.connectors)
+    connector_state = gathered_state(vlm.connectors, keep=is_main)
     llm_state = None
     if llm_mode in ("lora", "qlora"):
         names = [n for n, p in vlm.llm.named_parameters() if "lora_" in n]
-        llm_state = gathered_state(vlm.llm, names)
+        llm_state = gathered_state(vlm.llm, names, keep=is_main)
     elif llm_mode == "full":
-        llm_state = gathered_state(unwrap_llm(vlm.llm))
+        llm_state = gathered_state(unwrap_llm(vlm.llm), keep=is_main)
     if not is_main:
         return
     tmp = out.with_name(out.name + ".tmp")
@@ -183,6 +207,19 @@ def write_export(vlm, out_dir: str | os.PathLike, vlm_config: dict, llm_mode: st
             tokenizer.save_pretrained(str(tmp / "llm"))
         cfg["base_llm"], cfg["llm"] = cfg["llm"], "llm"   # relative: the export can be moved
     _write_atomic(tmp / EXPORT_CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
+    _replace_dir(tmp, out)
+
+
+def publish_export(src: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Copy a checkpoint's export to `out` (e.g. <output_dir>/export), replacing it atomically."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    _replace_dir(tmp, out)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():

@@ -18,8 +18,6 @@ class MetricsLog:
         self.enabled, self.total_steps = enabled, total_steps
         self.out_dir = Path(out_dir)
         self.start = time.perf_counter()
-        self.history: list[tuple[int, float]] = []
-        self.evals: list[tuple[int, float]] = []
         self._file = open(self.out_dir / "metrics.jsonl", "a") if enabled else None
         self._tb = None
         if enabled:
@@ -48,7 +46,6 @@ class MetricsLog:
         if torch.cuda.is_available():
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self._write(row)
-        self.history.append((step, loss))
         if self._tb is not None:
             for k in ("loss", "lr", "tokens_per_s", "samples_per_s"):
                 self._tb.add_scalar(f"train/{k}", row[k], step)
@@ -64,7 +61,6 @@ class MetricsLog:
         if not self.enabled:
             return
         self._write({"kind": "eval", "step": step, "eval_loss": loss})
-        self.evals.append((step, loss))
         if self._tb is not None:
             self._tb.add_scalar("eval/loss", loss, step)
         print(f"step {step} | eval loss {loss:.4f}", flush=True)
@@ -81,26 +77,37 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
-        if self.history:
-            plot_losses(self.history, self.evals, self.out_dir / "loss.png")
+        # from the file, so a resumed run's curve includes the steps before the resume
+        rows = [json.loads(line) for line in (self.out_dir / "metrics.jsonl").read_text().splitlines()]
+        train = sorted({r["step"]: r["loss"] for r in rows if r["kind"] == "train"}.items())
+        evals = sorted({r["step"]: r["eval_loss"] for r in rows if r["kind"] == "eval"}.items())
+        if train:
+            plot_losses(train, evals, self.out_dir / "loss.png")
 
 
-def plot_losses(train: list[tuple[int, float]], evals: list[tuple[int, float]], path: Path) -> None:
+def plot_losses(train: list[tuple[int, float]], evals: list[tuple[int, float]], path: Path | None = None,
+                ax=None, title: str | None = None) -> None:
+    """Train (and held-out) loss against step: into `ax`, or a new figure saved at `path`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(*zip(*train), label="train", lw=1)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval")
+        ax.plot(*zip(*evals), "o-", label="held-out")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    if fig is not None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
 
 
 def _hms(seconds: float) -> str:

@@ -89,11 +89,14 @@ class VisionLanguageModel(nn.Module):
     # -- training -----------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
                 media: dict | None = None, sample_ids=None, supervised_index: torch.Tensor | None = None,
-                validate: bool = True, **_unused) -> dict:
+                validate: bool = True, num_ce_chunks: int | None = None, **_unused) -> dict:
         """Summed next-token loss over supervised positions, and their count.
 
         `targets` are already shifted (targets[r, t] is the token after t), IGNORE elsewhere.
         `supervised_index` (flat indices of targets != IGNORE) lets the caller skip a sync.
+        `num_ce_chunks`: run the lm_head this many times (empty chunks included). Under ZeRO-3
+        each call gathers the lm_head on every rank, so the caller passes the same number on
+        all ranks (the max over ranks of ceil(supervised / CE_CHUNK)).
         """
         embeds = self.embed(input_ids, media, sample_ids, validate)
         base = unwrap_llm(self.llm)
@@ -106,7 +109,8 @@ class VisionLanguageModel(nn.Module):
         t = flat_targets.index_select(0, supervised_index)                         # (K,)
         lm_head = base.get_output_embeddings()
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, h.shape[0], CE_CHUNK):
+        chunks = num_ce_chunks if num_ce_chunks is not None else ce_chunks(h.shape[0])
+        for start in range(0, chunks * CE_CHUNK, CE_CHUNK):
             hc, tc = h[start:start + CE_CHUNK], t[start:start + CE_CHUNK]
             if torch.is_grad_enabled() and hc.requires_grad:
                 loss_sum = loss_sum + checkpoint(_chunk_ce, lm_head, hc, tc, use_reentrant=False)
@@ -135,6 +139,11 @@ class VisionLanguageModel(nn.Module):
             inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             streamer=streamer, **kwargs)
+
+
+def ce_chunks(num_supervised: int) -> int:
+    """lm_head calls needed for this many supervised tokens (at least one)."""
+    return max(1, -(-num_supervised // CE_CHUNK))
 
 
 def _chunk_ce(lm_head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
