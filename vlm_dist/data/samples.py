@@ -25,7 +25,7 @@ import numpy as np
 
 from vlm_dist.data.lengths import SupervisionError, tokenize_records
 from vlm_dist.data.mixture import build_mixture, format_summary, sources_from_config
-from vlm_dist.data.sampler import modality_of
+from vlm_dist.data.sampler import MULTI_IMAGE, SINGLE_IMAGE, TEXT
 from vlm_dist.media import IMAGE
 
 
@@ -54,10 +54,13 @@ class TrainingSet:
 
     def __init__(self, tables, rows: np.ndarray, ref_to_key: dict[str, str]):
         self.tables, self.rows, self.ref_to_key = tables, rows, ref_to_key
-        lengths = [t.lengths for t in tables]
-        images = [t.table.column("num_images").to_numpy() for t in tables]
-        self.lengths = np.array([lengths[t][r] for t, r in rows], dtype=np.int64)
-        self.modalities = np.array([modality_of(int(images[t][r])) for t, r in rows], dtype=np.int64)
+        self.lengths = np.zeros(len(rows), dtype=np.int64)
+        num_images = np.zeros(len(rows), dtype=np.int64)
+        for t, table in enumerate(tables):  # vectorised per table: 558K rows cost milliseconds
+            mask = rows[:, 0] == t
+            self.lengths[mask] = table.lengths[rows[mask, 1]]
+            num_images[mask] = table.table.column("num_images").to_numpy()[rows[mask, 1]]
+        self.modalities = np.where(num_images == 0, TEXT, np.where(num_images == 1, SINGLE_IMAGE, MULTI_IMAGE))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -92,7 +95,17 @@ def load_training_set(sources, tokenizer_path: str, template: str, num_tokens: i
     ref_to_key = read_index(cache.cache_dir)
     # failures.jsonl rows: {"key", "paths", ...} for files read but not encodable, {"path", ...} for unreadable
     failed = {path: f["reason"] for f in cache.failures for path in (f["paths"] if "key" in f else [f["path"]])}
-    failed_keys = {f["key"]: f["reason"] for f in cache.failures if f.get("key")}
+    failed_keys = {f["key"]: f["reason"] for f in cache.failures if "key" in f}
+
+    def image_problem(ref: str) -> tuple[str, str] | None:
+        """(reason, detail) when a record's image cannot be trained on, else None."""
+        why = failed.get(ref) or failed_keys.get(ref_to_key.get(ref))
+        if why is not None:
+            return "image_failed", f"{ref}: {why}"
+        if ref not in ref_to_key:
+            return "image_missing", f"{ref} is not in the feature cache"
+        return None
+
     tables, usable = [], {}
     for src in sources:
         table = tokenize_records(src.path, tokenizer_path, template, num_tokens, max_seq_len, truncate)
@@ -112,14 +125,9 @@ def load_training_set(sources, tokenizer_path: str, template: str, num_tokens: i
             if reason is not None:
                 report.drop(rid, src.path, reason, detail)
                 continue
-            bad = next((r for r in refs[row] if r in failed or r not in ref_to_key
-                        or ref_to_key[r] in failed_keys), None)
-            if bad is not None:
-                if bad in failed or ref_to_key.get(bad) in failed_keys:
-                    why = failed.get(bad) or failed_keys[ref_to_key[bad]]
-                    report.drop(rid, src.path, "image_failed", f"{bad}: {why}")
-                else:
-                    report.drop(rid, src.path, "image_missing", f"{bad} is not in the feature cache")
+            problem = next(filter(None, map(image_problem, refs[row])), None)
+            if problem is not None:
+                report.drop(rid, src.path, *problem)
                 continue
             ok_rows.append(row)
         tables.append(table)
