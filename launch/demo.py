@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 # The demo's model sizes and schedules: small enough for 2 CPU cores in minutes.
 LLM_HIDDEN, LLM_LAYERS = 128, 4
 NUM_LATENTS = 8
-PRETRAIN_STEPS = {"vision": 600, "llm": 80}
+PRETRAIN_STEPS = {"vision": 1000, "llm": 600}
 STAGE1 = dict(steps=120, lr=3e-3)
 STAGE2 = dict(steps=200, lr_connector=1e-3, lr_adapters=2e-3, lora_r=32)
 
@@ -40,22 +40,41 @@ def caption_pairs(data: Path) -> tuple[list[Path], list[str]]:
     return [data / r["images"][0] for r in recs], [r["conversations"][-1]["content"] for r in recs]
 
 
-def language_sequences(data: Path, llm_dir: str) -> list[list[int]]:
-    """The training records as the templates render them, image blocks removed: the tiny LLM's corpus."""
+def reading_corpus(data: Path, llm_dir: str) -> list[tuple[list[int], list[int]]]:
+    """The training records with each image block holding its scene in words: the tiny LLM's corpus.
+
+    A real LLM arrives able to read what its context says and copy it into an
+    answer; a tiny LLM trained on the captions alone learns only how often each
+    colour occurs, never to look back. So its pretraining text is the records
+    exactly as the VLM sees them (same template, same block of NUM_LATENTS slots),
+    with the scene written as words in each block's first slots ("red circle left").
+    Only the replies are supervised. The LLM learns to read a block; it never sees a
+    pixel. Stage 1 must then teach the connector to produce, from SigLIP features
+    alone, what the LLM reads there: the grounding LLaVA's stage 1 learns.
+    """
     from transformers import AutoTokenizer
 
+    from vlm_dist.media import IMAGE, block_ids
     from vlm_dist.prompt import PromptEncoder
     from vlm_dist.records import read_records
     tok = AutoTokenizer.from_pretrained(llm_dir)
-    seqs = []
+    pad = block_ids(tok, IMAGE, NUM_LATENTS).pad
+    examples = []
     for name, template in (("stage1_train.jsonl", "plain"), ("sft_train.jsonl", "chatml")):
-        enc = PromptEncoder(tok, template, 1)
+        enc = PromptEncoder(tok, template, NUM_LATENTS)
         for rec in read_records(data / name):
-            text_only = {"id": rec["id"], "images": [], "conversations": [
-                {"role": t["role"], "content": " ".join(t["content"].replace("<image>", " ").split()) or "?"}
-                for t in rec["conversations"]]}
-            seqs.append(enc.encode(text_only).input_ids)
-    return seqs
+            sample = enc.encode(rec)
+            ids, scenes = list(sample.input_ids), iter(rec.get("scenes") or [rec["scene"]])
+            slots = [i for i, t in enumerate(ids) if t == pad]
+            for first in slots[::NUM_LATENTS]:          # one block per image, in order
+                s = next(scenes)
+                words = tok(f" {s['colour']} {s['shape']} {s['position']}", add_special_tokens=False)["input_ids"]
+                if len(words) > NUM_LATENTS:
+                    raise ValueError(f"record {rec['id']}: {len(words)} scene tokens exceed the "
+                                     f"{NUM_LATENTS}-slot image block")
+                ids[first:first + len(words)] = words
+            examples.append((ids, sample.labels))
+    return examples
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
@@ -118,15 +137,14 @@ def main(argv=None) -> int:
         shutil.rmtree(out / "models", ignore_errors=True)   # an interrupted build starts over
     models = build_tiny_models(out / "models", llm_hidden=LLM_HIDDEN, llm_layers=LLM_LAYERS)
     if not pretrained.exists():
-        # Real SigLIP and Qwen3 arrive pretrained; random tiny ones know nothing. Give each a
-        # short pretraining on the demo's training split (SigLIP: its sigmoid image-caption
-        # loss; Qwen3: the text of the records), so the VLM stages learn grounding as they would.
+        # Real SigLIP and Qwen3 arrive pretrained; random tiny ones know nothing. SigLIP gets
+        # its own sigmoid image-caption loss on the training images; Qwen3 gets the records'
+        # text with each image block written out in words (see reading_corpus).
         t0 = time.perf_counter()
         paths, captions = caption_pairs(data)
         v = pretrain_tiny_siglip(models["vision"], paths, captions, steps=PRETRAIN_STEPS["vision"])
         t1 = time.perf_counter()
-        l = pretrain_tiny_llm(models["llm"], language_sequences(data, models["llm"]),
-                              steps=PRETRAIN_STEPS["llm"])
+        l = pretrain_tiny_llm(models["llm"], reading_corpus(data, models["llm"]), steps=PRETRAIN_STEPS["llm"])
         print(f"  tiny SigLIP (sigmoid loss {v[0]:.1f} -> {v[-1]:.1f}, {t1 - t0:.0f}s), tiny Qwen3 (LM loss "
               f"{l[0]:.2f} -> {l[-1]:.2f}, {time.perf_counter() - t1:.0f}s)", flush=True)
         pretrained.write_text(json.dumps({"vision_loss": [v[0], v[-1]], "llm_loss": [l[0], l[-1]]}))

@@ -10,6 +10,7 @@ real checkpoints, so the code under test cannot tell the difference.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -123,16 +124,20 @@ def build_tiny_models(root: str | os.PathLike, llm_hidden: int = 64, llm_layers:
     return {"llm": str(llm_dir), "vision": str(vision_dir), "tokenizer": str(llm_dir)}
 
 
-def pretrain_tiny_llm(llm_dir: str | os.PathLike, sequences: list[list[int]], steps: int = 300,
-                      lr: float = 3e-3, batch_size: int = 32, seed: int = 0) -> list[float]:
-    """Give a tiny random Qwen3 the language of `sequences` (token ids; plain causal-LM training, in place).
+def pretrain_tiny_llm(llm_dir: str | os.PathLike, examples: list[tuple[list[int], list[int]]],
+                      steps: int = 300, lr: float = 3e-3, batch_size: int = 32, seed: int = 0) -> list[float]:
+    """Causal-LM training of a tiny random Qwen3 on (input_ids, labels) pairs, in place.
 
-    A real base LLM already speaks English; a random tiny one does not. The demo uses
-    this to make its tiny Qwen3 a "base model" for its own vocabulary and templates, so the
-    VLM stages then only have to learn grounding, as they do with a real Qwen3. Returns the losses.
+    `labels` holds the token where the loss applies and -100 elsewhere (the
+    PromptEncoder's convention). A real base LLM already speaks English; a random
+    tiny one does not. The demo uses this to give its tiny Qwen3 the language of its
+    own templates, so the VLM stages only have to learn grounding. Returns the losses.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    for n, (ids, labels) in enumerate(examples):
+        if len(ids) != len(labels):
+            raise ValueError(f"example {n}: {len(ids)} input ids but {len(labels)} labels")
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(llm_dir))
     model = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32)
@@ -143,13 +148,13 @@ def pretrain_tiny_llm(llm_dir: str | os.PathLike, sequences: list[list[int]], st
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        idx = torch.randint(len(sequences), (batch_size,), generator=g).tolist()
-        width = max(len(sequences[i]) for i in idx)
+        idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
+        width = max(len(examples[i][0]) for i in idx)
         ids = torch.full((batch_size, width), pad)
         labels = torch.full((batch_size, width), -100)
         for row, i in enumerate(idx):
-            ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
-            labels[row, :len(sequences[i])] = torch.tensor(sequences[i])
+            ids[row, :len(examples[i][0])] = torch.tensor(examples[i][0])
+            labels[row, :len(examples[i][1])] = torch.tensor(examples[i][1])
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
@@ -186,12 +191,26 @@ def pretrain_tiny_siglip(vision_dir: str | os.PathLike, image_paths: list, capti
         ids = [vocab[w] for w in c.lower().split()][-width:]
         text[row, width - len(ids):] = torch.tensor(ids)
     pixels = processor([Image.open(p).convert("RGB") for p in image_paths], return_tensors="pt")["pixel_values"]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # A batch holds each caption at most once: a repeated caption would be scored as a
+    # negative of its own twin (web-scale data has no such twins; this synthetic set does).
+    by_caption: dict[str, list[int]] = {}
+    for i, c in enumerate(captions):
+        by_caption.setdefault(c, []).append(i)
+    groups = [torch.tensor(v) for v in by_caption.values()]
+    # SigLIP's temperature and bias fixed at the paper's initial 10 and -10 (Zhai et al. 2023):
+    # left free at this learning rate, the tiny towers collapse to one constant embedding.
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    model.logit_scale.requires_grad_(False)
+    model.logit_bias.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     model.train()
     losses = []
     for _ in range(steps):
-        idx = torch.randint(len(captions), (min(batch_size, len(captions)),), generator=g)
+        picked = torch.randperm(len(groups), generator=g)[:batch_size].tolist()
+        idx = torch.stack([groups[k][torch.randint(len(groups[k]), (1,), generator=g)][0] for k in picked])
         loss = model(input_ids=text[idx], pixel_values=pixels[idx], return_loss=True).loss
         loss.backward()
         opt.step()
