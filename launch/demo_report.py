@@ -33,7 +33,7 @@ def evaluate(export: Path, data: Path, cache: Path, out: Path, logs: Path, run) 
     run([sys.executable, "-m", "vlm_dist.eval_cli", "--model", export, "--cache", cache, "--out", out,
          "--loss", data / "heldout_loss.jsonl", "--captions", data / "heldout_captions.jsonl",
          "--describe", data / "heldout_describe.jsonl", "--probes", data / "heldout_which.jsonl",
-         "--max-new-tokens", "24"], logs / f"{out.name}.log")
+         "--max-new-tokens", "48"], logs / f"{out.name}.log")
     res = json.loads((out / "eval.json").read_text())
     probes = res["probes"]
     return {
@@ -101,10 +101,35 @@ def write_report(out: Path, results: dict, run_dirs: list[Path], data: Path) -> 
     for pos, acc in sorted(a["which_image_accuracy_by_position"].items()):
         before = b["which_image_accuracy_by_position"].get(pos, float("nan"))
         table.append(f"| which_image_accuracy, answer in position {pos} | {before:.3f} | {acc:.3f} |")
+    for pos, v in sorted(a["describe"]["per_position"].items()):
+        before = b["describe"]["per_position"].get(pos, {}).get("accuracy", float("nan"))
+        table.append(f"| describe-in-order, image {pos} exact | {before:.3f} | {v['accuracy']:.3f} |")
     text = "\n".join(table)
     print("\n" + text + f"\n\ndemo took {results['seconds']:.0f}s; report: {out / 'report.md'}", flush=True)
-    (out / "report.md").write_text(
-        "# vlm_dist demo\n\nTiny SigLIP + tiny Qwen3 built locally; stage 1 (connector) then LoRA SFT with "
-        "`deepspeed launch/train.py`; evaluated with `vlm-eval` on held-out images.\n\n" + text +
-        f"\n\nRun time: {results['seconds']:.0f} s.\n\n![losses](loss.png)\n\n"
-        "Held-out images with the generated captions:\n\n![samples](samples.png)\n")
+    (out / "report.md").write_text(REPORT.format(table=text, seconds=results["seconds"]))
+
+
+REPORT = """# vlm_dist demo
+
+Tiny SigLIP + tiny Qwen3 built locally; stage 1 (connector only, LLM frozen) then LoRA SFT,
+each with `deepspeed launch/train.py`; evaluated with `vlm-eval` on held-out images
+(new drawings, never trained on). "before" is the same model with a freshly initialised
+connector. Which-image probes ask every question once per answer position, so a model
+that always picks one position scores 1/k there and 0 elsewhere.
+
+{table}
+
+Run time: {seconds:.0f} s (results.json has every number).
+
+How the tiny models stand in for pretrained ones: SigLIP is trained with its own sigmoid
+loss on the training images and captions. Qwen3 is trained on the training records'
+text with each image block holding its scene as words ("red circle left"), so it arrives
+able to read a block, as a real LLM reads its context. It never sees a pixel: what the
+VLM stages learn is to turn SigLIP features into what the LLM reads there.
+
+![losses](loss.png)
+
+Held-out images with the generated captions:
+
+![samples](samples.png)
+"""

@@ -174,23 +174,12 @@ def pretrain_tiny_siglip(vision_dir: str | os.PathLike, image_paths: list, capti
     as the real tower arrives pretrained. Captions use a word vocabulary (the tiny text
     tower has 64 ids and 16 positions). Returns the losses.
     """
-    from PIL import Image
-    from transformers import AutoImageProcessor, SiglipModel
+    from transformers import SiglipModel
 
     torch.manual_seed(seed)
     model = SiglipModel.from_pretrained(str(vision_dir), dtype=torch.float32)
-    processor = AutoImageProcessor.from_pretrained(str(vision_dir))
-    words = sorted({w for c in captions for w in c.lower().split()})
-    cfg = model.config.text_config
-    if len(words) + 1 > cfg.vocab_size:
-        raise ValueError(f"{len(words)} caption words do not fit the tiny text tower's {cfg.vocab_size} ids")
-    vocab = {w: i + 1 for i, w in enumerate(words)}          # 0 pads (on the left: SigLIP pools the last token)
-    width = cfg.max_position_embeddings
-    text = torch.zeros(len(captions), width, dtype=torch.long)
-    for row, c in enumerate(captions):
-        ids = [vocab[w] for w in c.lower().split()][-width:]
-        text[row, width - len(ids):] = torch.tensor(ids)
-    pixels = processor([Image.open(p).convert("RGB") for p in image_paths], return_tensors="pt")["pixel_values"]
+    text = _caption_ids(captions, model.config.text_config)
+    pixels = _pixels(vision_dir, image_paths)
     # A batch holds each caption at most once: a repeated caption would be scored as a
     # negative of its own twin (web-scale data has no such twins; this synthetic set does).
     by_caption: dict[str, list[int]] = {}
@@ -218,3 +207,44 @@ def pretrain_tiny_siglip(vision_dir: str | os.PathLike, image_paths: list, capti
         losses.append(loss.item())
     model.save_pretrained(str(vision_dir), safe_serialization=True)
     return losses
+
+
+@torch.no_grad()
+def siglip_zero_shot(vision_dir: str | os.PathLike, image_paths: list, captions: list[str]) -> float:
+    """Fraction of images whose own caption scores highest among all distinct captions.
+
+    Uses the word vocabulary of `captions`, as pretrain_tiny_siglip does, so pass the
+    captions it was trained on (or a set with the same words).
+    """
+    from transformers import SiglipModel
+
+    model = SiglipModel.from_pretrained(str(vision_dir), dtype=torch.float32).eval()
+    distinct = sorted(set(captions))
+    text = _caption_ids(captions, model.config.text_config)[[captions.index(c) for c in distinct]]
+    logits = model(input_ids=text, pixel_values=_pixels(vision_dir, image_paths)).logits_per_image
+    want = torch.tensor([distinct.index(c) for c in captions])
+    return (logits.argmax(1) == want).float().mean().item()
+
+
+def _caption_ids(captions: list[str], text_config) -> torch.Tensor:
+    """(len(captions), positions) word ids of the sorted caption vocabulary; 0 pads on the left
+    (SigLIP's text tower pools the last position)."""
+    words = sorted({w for c in captions for w in c.lower().split()})
+    if len(words) + 1 > text_config.vocab_size:
+        raise ValueError(f"{len(words)} caption words do not fit the tiny text tower's "
+                         f"{text_config.vocab_size} ids")
+    vocab = {w: i + 1 for i, w in enumerate(words)}
+    width = text_config.max_position_embeddings
+    text = torch.zeros(len(captions), width, dtype=torch.long)
+    for row, c in enumerate(captions):
+        ids = [vocab[w] for w in c.lower().split()][-width:]
+        text[row, width - len(ids):] = torch.tensor(ids)
+    return text
+
+
+def _pixels(vision_dir: str | os.PathLike, image_paths: list) -> torch.Tensor:
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(str(vision_dir))
+    return processor([Image.open(p).convert("RGB") for p in image_paths], return_tensors="pt")["pixel_values"]

@@ -1,0 +1,109 @@
+"""The demo's own pieces: the tiny towers' pretraining, the LLM's reading corpus, and the whole demo."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launch import demo  # noqa: E402
+from launch.demo_data import DemoDataConfig, generate  # noqa: E402
+from vlm_dist.media import IMAGE, block_ids  # noqa: E402
+from vlm_dist.prompt import IGNORE, PromptEncoder  # noqa: E402
+from vlm_dist.records import read_records  # noqa: E402
+from vlm_dist.tiny import (build_tiny_models, build_tiny_siglip, pretrain_tiny_llm,  # noqa: E402
+                           pretrain_tiny_siglip, siglip_zero_shot)
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small_demo")
+    generate(root / "data", DemoDataConfig().scaled(0.1))
+    return root
+
+
+def test_siglip_pretraining_learns_every_caption(small_demo, tmp_path):
+    """The stand-in SigLIP must separate the scenes; a collapsed tower would make the demo unlearnable."""
+    paths, captions = demo.caption_pairs(small_demo / "data")
+    assert len(set(captions)) == 24
+    build_tiny_siglip(tmp_path / "siglip")
+    before = siglip_zero_shot(tmp_path / "siglip", paths, captions)
+    losses = pretrain_tiny_siglip(tmp_path / "siglip", paths, captions, steps=300)
+    after = siglip_zero_shot(tmp_path / "siglip", paths, captions)
+    assert losses[-1] < losses[0] / 4
+    assert before < 0.25 and after >= 0.9, (before, after)
+
+
+def test_reading_corpus_writes_each_scene_into_its_block(small_demo):
+    models = build_tiny_models(small_demo / "models")
+    data = small_demo / "data"
+    examples = demo.reading_corpus(data, models["llm"])
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(models["llm"])
+    block = block_ids(tok, IMAGE, demo.NUM_LATENTS)
+    records = [(r, "plain") for r in read_records(data / "stage1_train.jsonl")] + \
+              [(r, "chatml") for r in read_records(data / "sft_train.jsonl")]
+    assert len(examples) == len(records)
+    encoders = {t: PromptEncoder(tok, t, demo.NUM_LATENTS) for t in ("plain", "chatml")}
+    for (ids, labels), (rec, template) in zip(examples, records):
+        sample = encoders[template].encode(rec)
+        assert labels == sample.labels                       # only the replies are supervised
+        assert len(ids) == len(sample.input_ids)
+        starts = [i for i, t in enumerate(ids) if t == block.start]
+        scenes = rec.get("scenes") or [rec["scene"]]
+        assert len(starts) == len(scenes) == len(rec["images"])
+        for start, scene in zip(starts, scenes):
+            inside = ids[start + 1:start + 1 + demo.NUM_LATENTS]
+            assert ids[start + 1 + demo.NUM_LATENTS] == block.end
+            words = tok.decode([t for t in inside if t != block.pad]).split()
+            assert words == [scene["colour"], scene["shape"], scene["position"]], rec["id"]
+        # outside the blocks, the text is exactly what the VLM is trained on
+        outside = [(a, b) for a, b in zip(ids, sample.input_ids) if b != block.pad]
+        assert all(a == b for a, b in outside)
+
+
+def test_pretrain_tiny_llm_learns_only_the_labelled_tokens(tmp_path):
+    models = build_tiny_models(tmp_path / "models")
+    # prompt token a -> reply token b; the prompt itself is random and unsupervised
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for _ in range(64):
+        a = int(torch.randint(20, 40, (1,), generator=g))
+        prompt = torch.randint(40, 200, (6,), generator=g).tolist()
+        examples.append((prompt + [a, a + 100], [IGNORE] * 7 + [a + 100]))
+    losses = pretrain_tiny_llm(models["llm"], examples, steps=60, lr=1e-2, batch_size=16)
+    assert losses[-1] < 0.5 < losses[0]
+    with pytest.raises(ValueError, match="example 1: 3 input ids but 2 labels"):
+        pretrain_tiny_llm(models["llm"], [([1, 2], [1, 2]), ([1, 2, 3], [1, 2])], steps=1)
+
+
+@pytest.mark.skipif(os.environ.get("VLM_DIST_SKIP_DEMO") == "1", reason="VLM_DIST_SKIP_DEMO=1")
+def test_the_demo_meets_its_bar(tmp_path):
+    """The README's first command, end to end: both held-out accuracies >= 0.9, every answer position.
+
+    About 5 minutes on 2 CPU cores. The bar's 10-minute budget is not asserted here
+    (timing belongs to the benchmark); the run time is in results.json.
+    """
+    out = tmp_path / "demo_out"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "demo.py"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    after, before = results["after"], results["before"]
+    assert after["caption_accuracy"] >= 0.9 and after["which_image_accuracy"] >= 0.9, results
+    assert set(after["which_image_accuracy_by_position"]) == {"1", "2", "3"}
+    assert min(after["which_image_accuracy_by_position"].values()) >= 0.85, results
+    assert before["caption_accuracy"] < 0.2 and before["which_image_accuracy"] < 0.6, results
+    # answer positions in the held-out set are exactly balanced
+    summary = json.loads((out / "data" / "dataset.json").read_text())
+    for counts in summary["which_answer_positions"]["heldout"].values():
+        assert len(set(counts.values())) == 1
+    for name in ("report.md", "loss.png", "samples.png"):
+        assert (out / name).stat().st_size > 0
+    export = out / "stage2" / "export"
+    assert (export / "connector.safetensors").exists()
