@@ -66,10 +66,12 @@ def reading_corpus(data: Path, llm_dir: str) -> list[tuple[list[int], list[int]]
         enc = PromptEncoder(tok, template, NUM_LATENTS)
         for rec in read_records(data / name):
             sample = enc.encode(rec)
-            ids, scenes = list(sample.input_ids), iter(rec.get("scenes") or [rec["scene"]])
-            slots = [i for i, t in enumerate(ids) if t == pad]
-            for first in slots[::NUM_LATENTS]:          # one block per image, in order
-                s = next(scenes)
+            ids, scenes = list(sample.input_ids), rec.get("scenes") or [rec["scene"]]
+            firsts = [i for i, t in enumerate(ids) if t == pad][::NUM_LATENTS]   # one block per image
+            if len(firsts) != len(scenes):
+                raise ValueError(f"record {rec['id']} in {name}: {len(firsts)} image blocks but "
+                                 f"{len(scenes)} scenes")
+            for first, s in zip(firsts, scenes):
                 words = tok(f" {s['colour']} {s['shape']} {s['position']}", add_special_tokens=False)["input_ids"]
                 if len(words) > NUM_LATENTS:
                     raise ValueError(f"record {rec['id']}: {len(words)} scene tokens exceed the "
