@@ -35,10 +35,10 @@ STAGE1 = dict(steps=240, lr=3e-3)
 STAGE2 = dict(steps=300, lr_connector=1e-3, lr_adapters=2e-3, lora_r=32)
 
 
-def caption_pairs(data: Path) -> tuple[list[Path], list[str]]:
-    """(image file, caption) of every stage-1 training record."""
+def caption_pairs(data: Path, name: str = "stage1_train.jsonl") -> tuple[list[Path], list[str]]:
+    """(image file, caption) of every single-image caption record in `name`."""
     from vlm_dist.records import read_records
-    recs = list(read_records(data / "stage1_train.jsonl"))
+    recs = list(read_records(data / name))
     return [data / r["images"][0] for r in recs], [r["conversations"][-1]["content"] for r in recs]
 
 
@@ -47,12 +47,13 @@ def reading_corpus(data: Path, llm_dir: str) -> list[tuple[list[int], list[int]]
 
     A real LLM arrives able to read what its context says and copy it into an
     answer; a tiny LLM trained on the captions alone learns only how often each
-    colour occurs, never to look back. So its pretraining text is the records
-    exactly as the VLM sees them (same template, same block of NUM_LATENTS slots),
-    with the scene written as words in each block's first slots ("red circle left").
-    Only the replies are supervised. The LLM learns to read a block; it never sees a
-    pixel. Stage 1 must then teach the connector to produce, from SigLIP features
-    alone, what the LLM reads there: the grounding LLaVA's stage 1 learns.
+    colour occurs, never to look back. So its pretraining text is the training
+    records (stage 1 and SFT: the same questions and answers) exactly as the VLM sees
+    them (same template, same block of NUM_LATENTS slots), with the scene the
+    generator drew written as words in each block's first slots ("red circle left").
+    Only the replies are supervised. The LLM so learns the tasks from those words
+    and never sees a pixel; what stages 1 and 2 then show is grounding: making the
+    connector produce, from SigLIP features alone, what the LLM reads there.
     """
     from transformers import AutoTokenizer
 
@@ -60,22 +61,24 @@ def reading_corpus(data: Path, llm_dir: str) -> list[tuple[list[int], list[int]]
     from vlm_dist.prompt import PromptEncoder
     from vlm_dist.records import read_records
     tok = AutoTokenizer.from_pretrained(llm_dir)
-    pad = block_ids(tok, IMAGE, NUM_LATENTS).pad
+    start = block_ids(tok, IMAGE, NUM_LATENTS).start
     examples = []
     for name, template in (("stage1_train.jsonl", "plain"), ("sft_train.jsonl", "chatml")):
         enc = PromptEncoder(tok, template, NUM_LATENTS)
         for rec in read_records(data / name):
+            scenes = rec.get("scenes") or ([rec["scene"]] if "scene" in rec else [])
             sample = enc.encode(rec)
-            ids, scenes = list(sample.input_ids), rec.get("scenes") or [rec["scene"]]
-            firsts = [i for i, t in enumerate(ids) if t == pad][::NUM_LATENTS]   # one block per image
+            ids = list(sample.input_ids)
+            firsts = [i + 1 for i, t in enumerate(ids) if t == start]          # first slot of each block
             if len(firsts) != len(scenes):
                 raise ValueError(f"record {rec['id']} in {name}: {len(firsts)} image blocks but "
-                                 f"{len(scenes)} scenes")
+                                 f"{len(scenes)} scenes ('scene' or 'scenes')")
             for first, s in zip(firsts, scenes):
-                words = tok(f" {s['colour']} {s['shape']} {s['position']}", add_special_tokens=False)["input_ids"]
+                words = tok(f" {s['colour']} {s['shape']} {s['position']}",
+                            add_special_tokens=False)["input_ids"]
                 if len(words) > NUM_LATENTS:
-                    raise ValueError(f"record {rec['id']}: {len(words)} scene tokens exceed the "
-                                     f"{NUM_LATENTS}-slot image block")
+                    raise ValueError(f"record {rec['id']} in {name}: {len(words)} scene tokens exceed "
+                                     f"the {NUM_LATENTS}-slot image block")
                 ids[first:first + len(words)] = words
             examples.append((ids, sample.labels))
     return examples
@@ -136,25 +139,31 @@ def main(argv=None) -> int:
 
     print("[2/6] tiny models (SigLIP, Qwen3, tokenizer)", flush=True)
     from vlm_dist.tiny import build_tiny_models, pretrain_tiny_llm, pretrain_tiny_siglip, siglip_zero_shot
+    # What the tiny models were built with; a directory built otherwise (older code,
+    # other schedules, or an interrupted build) starts over.
+    recipe = {"version": 2, "llm_hidden": LLM_HIDDEN, "llm_layers": LLM_LAYERS, "num_latents": NUM_LATENTS,
+              "pretrain_steps": PRETRAIN_STEPS, "data": summary["config"]}
     pretrained = out / "models" / "PRETRAINED.json"   # written only once both pretrainings finished
-    if not pretrained.exists():
-        shutil.rmtree(out / "models", ignore_errors=True)   # an interrupted build starts over
+    if not pretrained.exists() or json.loads(pretrained.read_text()).get("recipe") != recipe:
+        for derived in ("models", "cache"):           # the cache holds the old tower's features
+            shutil.rmtree(out / derived, ignore_errors=True)
     models = build_tiny_models(out / "models", llm_hidden=LLM_HIDDEN, llm_layers=LLM_LAYERS)
     if not pretrained.exists():
         # Real SigLIP and Qwen3 arrive pretrained; random tiny ones know nothing. SigLIP gets
-        # its own sigmoid image-caption loss on the training images; Qwen3 gets the records'
-        # text with each image block written out in words (see reading_corpus).
+        # its own sigmoid image-caption loss on the training images; Qwen3 gets the training
+        # records with each image block written out in words (see reading_corpus).
         t0 = time.perf_counter()
         paths, captions = caption_pairs(data)
         v = pretrain_tiny_siglip(models["vision"], paths, captions, steps=PRETRAIN_STEPS["vision"])
-        zero_shot = siglip_zero_shot(models["vision"], paths, captions)
+        zero_shot = siglip_zero_shot(models["vision"], *caption_pairs(data, "heldout_captions.jsonl"),
+                                     words=captions)
         t1 = time.perf_counter()
         l = pretrain_tiny_llm(models["llm"], reading_corpus(data, models["llm"]), steps=PRETRAIN_STEPS["llm"])
-        print(f"  tiny SigLIP (sigmoid loss {v[0]:.1f} -> {v[-1]:.1f}, zero-shot caption accuracy "
+        print(f"  tiny SigLIP (sigmoid loss {v[0]:.1f} -> {v[-1]:.1f}, held-out zero-shot caption accuracy "
               f"{zero_shot:.2f}, {t1 - t0:.0f}s), tiny Qwen3 (LM loss {l[0]:.2f} -> {l[-1]:.2f}, "
               f"{time.perf_counter() - t1:.0f}s)", flush=True)
-        pretrained.write_text(json.dumps({"vision_loss": [v[0], v[-1]], "vision_zero_shot": zero_shot,
-                                          "llm_loss": [l[0], l[-1]]}))
+        pretrained.write_text(json.dumps({"recipe": recipe, "vision_loss": [v[0], v[-1]],
+                                          "vision_zero_shot_heldout": zero_shot, "llm_loss": [l[0], l[-1]]}))
 
     print("[3/6] feature cache (vlm-cache build)", flush=True)
     cache = out / "cache"
@@ -163,6 +172,8 @@ def main(argv=None) -> int:
          "--vision-model", models["vision"], "--out", cache, "--dtype", "fp32", "--no-progress"],
         logs / "cache.log")
 
+    for stage in ("stage1", "stage2"):                # every run trains afresh (no resume)
+        shutil.rmtree(out / stage, ignore_errors=True)
     print("[4/6] stage 1: connector alignment (LLM frozen)", flush=True)
     s1 = train("stage1_align", out / "stage1", models, data, cache, {
         "data.records": data / "stage1_train.jsonl", "train.max_steps": STAGE1["steps"],

@@ -10,6 +10,33 @@ import sys
 from pathlib import Path
 
 
+REPORT = """# vlm_dist demo
+
+Tiny SigLIP + tiny Qwen3 built locally; stage 1 (connector only, LLM frozen) then LoRA SFT,
+each with `deepspeed launch/train.py`; evaluated with `vlm-eval` on held-out images
+(new drawings, never trained on). "before" is the same model with a freshly initialised
+connector. Which-image probes ask every question once per answer position, so a model
+that always picks one position scores 1 there, 0 at the others and 1/k overall.
+
+{table}
+
+Run time: {seconds:.0f} s (results.json has every number).
+
+How the tiny models stand in for pretrained ones: SigLIP is trained with its own sigmoid
+loss on the training images and captions. Qwen3 is trained on the training records (the
+stage-1 and SFT questions and answers) with each image block holding the scene the
+generator drew, as words ("red circle left"). It so learns the tasks from those words,
+which real data does not carry, and never sees a pixel. What the VLM stages show is
+grounding: the connector learns to turn SigLIP features into what the LLM reads there.
+
+![losses](loss.png)
+
+Held-out images with the generated captions:
+
+![samples](samples.png)
+"""
+
+
 def before_export(out: Path, models: dict, trained_export: Path) -> Path:
     """The "before" model: the stage-1 export's layout with a freshly initialised connector."""
     import torch
@@ -108,28 +135,3 @@ def write_report(out: Path, results: dict, run_dirs: list[Path], data: Path) -> 
     print("\n" + text + f"\n\ndemo took {results['seconds']:.0f}s; report: {out / 'report.md'}", flush=True)
     (out / "report.md").write_text(REPORT.format(table=text, seconds=results["seconds"]))
 
-
-REPORT = """# vlm_dist demo
-
-Tiny SigLIP + tiny Qwen3 built locally; stage 1 (connector only, LLM frozen) then LoRA SFT,
-each with `deepspeed launch/train.py`; evaluated with `vlm-eval` on held-out images
-(new drawings, never trained on). "before" is the same model with a freshly initialised
-connector. Which-image probes ask every question once per answer position, so a model
-that always picks one position scores 1/k there and 0 elsewhere.
-
-{table}
-
-Run time: {seconds:.0f} s (results.json has every number).
-
-How the tiny models stand in for pretrained ones: SigLIP is trained with its own sigmoid
-loss on the training images and captions. Qwen3 is trained on the training records'
-text with each image block holding its scene as words ("red circle left"), so it arrives
-able to read a block, as a real LLM reads its context. It never sees a pixel: what the
-VLM stages learn is to turn SigLIP features into what the LLM reads there.
-
-![losses](loss.png)
-
-Held-out images with the generated captions:
-
-![samples](samples.png)
-"""

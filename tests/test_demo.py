@@ -35,8 +35,10 @@ def test_siglip_pretraining_learns_every_caption(small_demo, tmp_path):
     before = siglip_zero_shot(tmp_path / "siglip", paths, captions)
     losses = pretrain_tiny_siglip(tmp_path / "siglip", paths, captions, steps=300)
     after = siglip_zero_shot(tmp_path / "siglip", paths, captions)
+    held = siglip_zero_shot(tmp_path / "siglip", *demo.caption_pairs(small_demo / "data", "heldout_captions.jsonl"),
+                            words=captions)
     assert losses[-1] < losses[0] / 4
-    assert before < 0.25 and after >= 0.9, (before, after)
+    assert before < 0.25 and after >= 0.9 and held >= 0.8, (before, after, held)
 
 
 def test_reading_corpus_writes_each_scene_into_its_block(small_demo):
@@ -60,11 +62,25 @@ def test_reading_corpus_writes_each_scene_into_its_block(small_demo):
         for start, scene in zip(starts, scenes):
             inside = ids[start + 1:start + 1 + demo.NUM_LATENTS]
             assert ids[start + 1 + demo.NUM_LATENTS] == block.end
-            words = tok.decode([t for t in inside if t != block.pad]).split()
-            assert words == [scene["colour"], scene["shape"], scene["position"]], rec["id"]
+            words = [t for t in inside if t != block.pad]
+            assert inside[:len(words)] == words and set(inside[len(words):]) <= {block.pad}  # first slots
+            assert tok.decode(words).split() == [scene["colour"], scene["shape"], scene["position"]], rec["id"]
         # outside the blocks, the text is exactly what the VLM is trained on
         outside = [(a, b) for a, b in zip(ids, sample.input_ids) if b != block.pad]
         assert all(a == b for a, b in outside)
+
+
+def test_reading_corpus_names_a_record_without_its_scenes(small_demo, tmp_path):
+    models = build_tiny_models(small_demo / "models")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "stage1_train.jsonl").write_text((small_demo / "data" / "stage1_train.jsonl").read_text())
+    recs = list(read_records(small_demo / "data" / "sft_train.jsonl"))
+    bad = next(r for r in recs if len(r["images"]) == 3)
+    bad["scenes"] = bad["scenes"][:2]
+    (data / "sft_train.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    with pytest.raises(ValueError, match=f"record {bad['id']} in sft_train.jsonl: 3 image blocks but 2 scenes"):
+        demo.reading_corpus(data, models["llm"])
 
 
 def test_pretrain_tiny_llm_learns_only_the_labelled_tokens(tmp_path):
@@ -86,7 +102,7 @@ def test_pretrain_tiny_llm_learns_only_the_labelled_tokens(tmp_path):
 def test_the_demo_meets_its_bar(tmp_path):
     """The README's first command, end to end: both held-out accuracies >= 0.9, every answer position.
 
-    About 5 minutes on 2 CPU cores. The bar's 10-minute budget is not asserted here
+    About 6 minutes on 2 CPU cores: the issue allows the full demo in CI when it fits. The bar's 10-minute budget is not asserted here
     (timing belongs to the benchmark); the run time is in results.json.
     """
     out = tmp_path / "demo_out"

@@ -125,7 +125,8 @@ def build_tiny_models(root: str | os.PathLike, llm_hidden: int = 64, llm_layers:
 
 
 def pretrain_tiny_llm(llm_dir: str | os.PathLike, examples: list[tuple[list[int], list[int]]],
-                      steps: int = 300, lr: float = 3e-3, batch_size: int = 32, seed: int = 0) -> list[float]:
+                      steps: int = 300, lr: float = 3e-3, batch_size: int = 32,
+                      seed: int = 0) -> list[float]:
     """Causal-LM training of a tiny random Qwen3 on (input_ids, labels) pairs, in place.
 
     `labels` holds the token where the loss applies and -100 elsewhere (the
@@ -172,7 +173,8 @@ def pretrain_tiny_siglip(vision_dir: str | os.PathLike, image_paths: list, capti
     A real SigLIP has seen billions of pairs; a random tiny one has seen none, so its
     features barely separate colours or shapes. The demo gives it its own images first,
     as the real tower arrives pretrained. Captions use a word vocabulary (the tiny text
-    tower has 64 ids and 16 positions). Returns the losses.
+    tower has 64 ids and 16 positions). A batch holds each distinct caption at most once,
+    so it has min(batch_size, distinct captions) pairs. Returns the losses.
     """
     from transformers import SiglipModel
 
@@ -185,7 +187,7 @@ def pretrain_tiny_siglip(vision_dir: str | os.PathLike, image_paths: list, capti
     by_caption: dict[str, list[int]] = {}
     for i, c in enumerate(captions):
         by_caption.setdefault(c, []).append(i)
-    groups = [torch.tensor(v) for v in by_caption.values()]
+    groups = list(by_caption.values())
     # SigLIP's temperature and bias fixed at the paper's initial 10 and -10 (Zhai et al. 2023):
     # left free at this learning rate, the tiny towers collapse to one constant embedding.
     with torch.no_grad():
@@ -199,7 +201,8 @@ def pretrain_tiny_siglip(vision_dir: str | os.PathLike, image_paths: list, capti
     losses = []
     for _ in range(steps):
         picked = torch.randperm(len(groups), generator=g)[:batch_size].tolist()
-        idx = torch.stack([groups[k][torch.randint(len(groups[k]), (1,), generator=g)][0] for k in picked])
+        idx = torch.tensor([groups[k][int(torch.randint(len(groups[k]), (1,), generator=g))]
+                            for k in picked])
         loss = model(input_ids=text[idx], pixel_values=pixels[idx], return_loss=True).loss
         loss.backward()
         opt.step()
@@ -210,26 +213,27 @@ def pretrain_tiny_siglip(vision_dir: str | os.PathLike, image_paths: list, capti
 
 
 @torch.no_grad()
-def siglip_zero_shot(vision_dir: str | os.PathLike, image_paths: list, captions: list[str]) -> float:
+def siglip_zero_shot(vision_dir: str | os.PathLike, image_paths: list, captions: list[str],
+                     words: list[str] | None = None) -> float:
     """Fraction of images whose own caption scores highest among all distinct captions.
 
-    Uses the word vocabulary of `captions`, as pretrain_tiny_siglip does, so pass the
-    captions it was trained on (or a set with the same words).
+    `words`: the captions pretrain_tiny_siglip was given (its word vocabulary); default
+    `captions`. Pass held-out images and captions with the training captions as `words`.
     """
     from transformers import SiglipModel
 
     model = SiglipModel.from_pretrained(str(vision_dir), dtype=torch.float32).eval()
     distinct = sorted(set(captions))
-    text = _caption_ids(captions, model.config.text_config)[[captions.index(c) for c in distinct]]
+    text = _caption_ids(distinct, model.config.text_config, words or captions)
     logits = model(input_ids=text, pixel_values=_pixels(vision_dir, image_paths)).logits_per_image
     want = torch.tensor([distinct.index(c) for c in captions])
     return (logits.argmax(1) == want).float().mean().item()
 
 
-def _caption_ids(captions: list[str], text_config) -> torch.Tensor:
-    """(len(captions), positions) word ids of the sorted caption vocabulary; 0 pads on the left
-    (SigLIP's text tower pools the last position)."""
-    words = sorted({w for c in captions for w in c.lower().split()})
+def _caption_ids(captions: list[str], text_config, vocabulary_from: list[str] | None = None) -> torch.Tensor:
+    """(len(captions), positions) ids in the sorted word vocabulary of `vocabulary_from`
+    (default `captions`); 0 pads on the left (SigLIP's text tower pools the last position)."""
+    words = sorted({w for c in (vocabulary_from or captions) for w in c.lower().split()})
     if len(words) + 1 > text_config.vocab_size:
         raise ValueError(f"{len(words)} caption words do not fit the tiny text tower's "
                          f"{text_config.vocab_size} ids")
@@ -237,6 +241,9 @@ def _caption_ids(captions: list[str], text_config) -> torch.Tensor:
     width = text_config.max_position_embeddings
     text = torch.zeros(len(captions), width, dtype=torch.long)
     for row, c in enumerate(captions):
+        unknown = [w for w in c.lower().split() if w not in vocab]
+        if unknown:
+            raise ValueError(f"caption {c!r}: words {unknown} are not in the tiny text tower's vocabulary")
         ids = [vocab[w] for w in c.lower().split()][-width:]
         text[row, width - len(ids):] = torch.tensor(ids)
     return text
