@@ -122,27 +122,13 @@ def train(stage: str, out: Path, models: dict, data: Path, cache: Path, extra: d
     return out / "export"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    args = p.parse_args(argv)
-    out = Path(args.out).resolve()
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-
-    print("[1/6] synthetic dataset", flush=True)
-    from launch.demo_data import generate
-    data = out / "data"
-    summary = generate(data)
-    print(f"  {summary['files']}", flush=True)
-
-    print("[2/6] tiny models (SigLIP, Qwen3, tokenizer)", flush=True)
+def pretrained_models(out: Path, data: Path, data_config: dict) -> dict[str, str]:
+    """The tiny models under out/models, pretrained; reused only when built by this recipe."""
     from vlm_dist.tiny import build_tiny_models, pretrain_tiny_llm, pretrain_tiny_siglip, siglip_zero_shot
     # What the tiny models were built with; a directory built otherwise (older code,
     # other schedules, or an interrupted build) starts over.
     recipe = {"version": 2, "llm_hidden": LLM_HIDDEN, "llm_layers": LLM_LAYERS, "num_latents": NUM_LATENTS,
-              "pretrain_steps": PRETRAIN_STEPS, "data": summary["config"]}
+              "pretrain_steps": PRETRAIN_STEPS, "data": data_config}
     pretrained = out / "models" / "PRETRAINED.json"   # written only once both pretrainings finished
     if not pretrained.exists() or json.loads(pretrained.read_text()).get("recipe") != recipe:
         for derived in ("models", "cache"):           # the cache holds the old tower's features
@@ -164,6 +150,26 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - t1:.0f}s)", flush=True)
         pretrained.write_text(json.dumps({"recipe": recipe, "vision_loss": [v[0], v[-1]],
                                           "vision_zero_shot_heldout": zero_shot, "llm_loss": [l[0], l[-1]]}))
+    return models
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    print("[1/6] synthetic dataset", flush=True)
+    from launch.demo_data import generate
+    data = out / "data"
+    summary = generate(data)
+    print(f"  {summary['files']}", flush=True)
+
+    print("[2/6] tiny models (SigLIP, Qwen3, tokenizer)", flush=True)
+    models = pretrained_models(out, data, summary["config"])
 
     print("[3/6] feature cache (vlm-cache build)", flush=True)
     cache = out / "cache"

@@ -83,6 +83,22 @@ def test_reading_corpus_names_a_record_without_its_scenes(small_demo, tmp_path):
         demo.reading_corpus(data, models["llm"])
 
 
+def test_pretrained_models_are_reused_only_for_the_same_recipe(small_demo, tmp_path, monkeypatch):
+    """A demo_out built with other schedules is rebuilt, with its cache, never silently reused."""
+    monkeypatch.setattr(demo, "PRETRAIN_STEPS", {"vision": 2, "llm": 2})
+    config = json.loads((small_demo / "data" / "dataset.json").read_text())["config"]
+    marker = tmp_path / "models" / "PRETRAINED.json"
+    demo.pretrained_models(tmp_path, small_demo / "data", config)
+    first = marker.stat().st_mtime_ns
+    (tmp_path / "cache").mkdir()
+    demo.pretrained_models(tmp_path, small_demo / "data", config)
+    assert marker.stat().st_mtime_ns == first and (tmp_path / "cache").exists()   # same recipe: reused
+    monkeypatch.setattr(demo, "PRETRAIN_STEPS", {"vision": 3, "llm": 2})
+    demo.pretrained_models(tmp_path, small_demo / "data", config)
+    assert json.loads(marker.read_text())["recipe"]["pretrain_steps"]["vision"] == 3
+    assert not (tmp_path / "cache").exists()                                  # the old tower's features
+
+
 def test_pretrain_tiny_llm_learns_only_the_labelled_tokens(tmp_path):
     models = build_tiny_models(tmp_path / "models")
     # prompt token a -> reply token b; the prompt itself is random and unsupervised
