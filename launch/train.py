@@ -27,12 +27,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vlm_dist import dist  # noqa: E402
-from vlm_dist.checkpoint import (CheckpointError, load_rank_state, publish, publish_export,  # noqa: E402
+from vlm_dist.checkpoint import (load_rank_state, publish, publish_export,  # noqa: E402
                                  resolve_resume, save_rank_state, set_rng_state, tag_for, write_export)
-from vlm_dist.config import (Config, ConfigError, check_run_inputs, config_help, load_config,  # noqa: E402
+from vlm_dist.config import (Config, check_run_inputs, config_help, load_config,  # noqa: E402
                              save_config)
 from vlm_dist.data.loader import BatchStream  # noqa: E402
 from vlm_dist.data.sampler import LengthGroupedSampler  # noqa: E402
+from vlm_dist.errors import run_cli  # noqa: E402
 from vlm_dist.ds_config import build_ds_config  # noqa: E402
 from vlm_dist.metrics import MetricsLog  # noqa: E402
 from vlm_dist.model.vlm import ce_chunks  # noqa: E402
@@ -290,8 +291,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (CheckpointError, ConfigError) as e:
-        print(f"rank {dist.rank()}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    sys.exit(run_cli("train", main))

@@ -20,6 +20,8 @@ finalizes once every shard exists; with --shard-index/--num-shards the user runs
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import hashlib
 import json
 import os
@@ -44,7 +46,7 @@ PLAN_FILE = f"{BUILD_DIR}/plan.json"
 REFS_FILE = f"{BUILD_DIR}/refs.arrow"
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """The build cannot complete (bad arguments, inputs changed, shards missing)."""
 
 

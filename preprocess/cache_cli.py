@@ -99,6 +99,11 @@ def describe(manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlm_dist.errors import run_cli
+    return run_cli("vlm-cache", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "build":

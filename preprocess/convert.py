@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlm_dist.errors import run_cli
+    return run_cli("vlm-convert", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -23,6 +23,8 @@ instance can be handed to DataLoader workers.
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import bisect
 import hashlib
 import json
@@ -54,7 +56,7 @@ STORAGE = {
 INFORMATIONAL_FIELDS = ("model",)
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """The feature cache is missing, incomplete, corrupt or built for another encoder."""
 
 

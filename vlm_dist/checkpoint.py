@@ -14,6 +14,8 @@ error on every rank (all ranks check the same files), never a fresh start.
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import json
 import os
 import random
@@ -26,7 +28,7 @@ import torch
 MARKER, LATEST = "COMPLETE", "latest"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint to resume from is missing, incomplete or unreadable."""
 
 

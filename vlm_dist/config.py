@@ -18,6 +18,8 @@ replaces a conflicting value from the YAML or the defaults, and a note says so.
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import ast
 import dataclasses
 import difflib
@@ -44,7 +46,7 @@ LLM_MODES = ("frozen", "lora", "qlora", "full")
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem. The message names the key or flag, and what to do."""
 
 

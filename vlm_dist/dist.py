@@ -26,6 +26,8 @@ Self-test on any cluster (all-reduce across all ranks; exits 0 when it adds up):
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import argparse
 import faulthandler
 import gc
@@ -61,7 +63,7 @@ class DistEnv:
     launcher: str            # torchrun | deepspeed | slurm | mpi | single
 
 
-class DistError(RuntimeError):
+class DistError(UserError, RuntimeError):
     """A launcher environment that cannot be used, or a rank that did not show up."""
 
 

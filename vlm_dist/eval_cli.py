@@ -299,6 +299,11 @@ def summary_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlm_dist.errors import run_cli
+    return run_cli("vlm-eval", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args)
     from vlm_dist.dist import is_main, shutdown

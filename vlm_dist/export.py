@@ -21,6 +21,8 @@ authors deploy them): outputs differ slightly from the 4-bit training-time model
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import json
 import os
 import shutil
@@ -39,7 +41,7 @@ ADAPTER_DIR, LLM_DIR = "adapter", "llm"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export directory that cannot be loaded; names the directory and the missing piece."""
 
 
@@ -246,6 +248,11 @@ def _portable(ref: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlm_dist.errors import run_cli
+    return run_cli("vlm-export", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     """python -m vlm_dist.export EXPORT_DIR OUT_DIR [--dtype bf16]: merge LoRA into one directory."""
     import argparse
     p = argparse.ArgumentParser(description="Merge an export's LoRA adapter into its LLM and write one "

@@ -93,6 +93,11 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlm_dist.errors import run_cli
+    return run_cli("vlm-generate", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
     from transformers import TextStreamer

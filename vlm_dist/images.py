@@ -12,6 +12,8 @@ cache lists them in failures.jsonl instead of stopping.
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import io
 import os
 import struct
@@ -30,7 +32,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Inde
                   Image.DecompressionBombWarning)
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file that cannot be used. `path` names it, `reason` says why."""
 
     def __init__(self, path: str, reason: str):

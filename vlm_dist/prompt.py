@@ -14,6 +14,8 @@ control token. Control and block tokens are inserted as ids, never parsed.
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import re
 from dataclasses import dataclass, field
 
@@ -24,7 +26,7 @@ IGNORE = -100
 TEMPLATES = ("plain", "chatml")
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A record that cannot become a training sample; `reason` is a short countable key."""
 
     def __init__(self, record_id: str, reason: str, detail: str):

@@ -8,6 +8,8 @@ validates every line of a JSONL file and names the file and line on error.
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import json
 import os
 from typing import Iterator
@@ -16,7 +18,7 @@ IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record breaks the sample contract. The message names the record and the rule."""
 
 

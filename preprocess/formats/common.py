@@ -20,6 +20,8 @@ Run through `vlm-convert` (preprocess/convert.py).
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import hashlib
 import io
 import json
@@ -44,7 +46,7 @@ class Drop(Exception):
         self.reason, self.detail = reason, detail
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """A problem with the whole conversion (bad flag, unreadable file), not one record."""
 
 

@@ -29,6 +29,8 @@ atomic rename keeps that correct).
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import fcntl
 import hashlib
 import json
@@ -54,7 +56,7 @@ SCHEMA = pa.schema([
 ])
 
 
-class SupervisionError(ValueError):
+class SupervisionError(UserError, ValueError):
     """Records that cannot be trained on; the message lists them (id, reason, detail)."""
 
 

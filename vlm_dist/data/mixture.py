@@ -24,6 +24,8 @@ function, no I/O. `format_summary(summary)` renders it as one line per dataset.
 """
 from __future__ import annotations
 
+from vlm_dist.errors import UserError
+
 import math
 import zlib
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-class MixtureError(ValueError):
+class MixtureError(UserError, ValueError):
     """A mixture config that cannot be drawn; names the dataset and the field."""
 
 
