@@ -85,11 +85,7 @@ def convert(fmt_name: str, inputs: list[Path], out: Path, opts: ConvertOptions,
                 index += 1
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        stats.kept = write_records(out, unique_ids(records(), stats))
-    except BaseException:
-        Path(f"{out}.tmp").unlink(missing_ok=True)   # write_records' partial file
-        raise
+    stats.kept = write_records(out, unique_ids(records(), stats))   # an error leaves no partial file
     return stats, dropped
 
 

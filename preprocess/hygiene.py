@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocess.formats.common import ConvertError
-from vlm_dist.records import IMAGE_PLACEHOLDER, read_records, write_records
+from vlm_dist.records import IMAGE_PLACEHOLDER, read_lines, read_records, write_records
 
 DEFAULT_SPAM = (
     "watermark", "stock photo", "stock image", "stock footage", "download", "click", "shutterstock",
@@ -284,7 +284,7 @@ def run_cli(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     phrases: tuple[str, ...] = ()
     if args.spam_phrases:
-        phrases = tuple(line.strip() for line in args.spam_phrases.read_text().splitlines() if line.strip())
+        phrases = tuple(line.strip() for _, line in read_lines(args.spam_phrases))
     elif args.spam_filter:
         phrases = DEFAULT_SPAM
     try:

@@ -4,7 +4,9 @@ Tokenizes every record of each file once (in parallel, cached next to the file;
 see vlm_dist/data/lengths.py), prints the length distribution and the
 supervised-token fraction per file, writes `<stem>.supervision.json` (the
 summary) and `<stem>.problems.jsonl` (every record that cannot be trained on,
-with its reason), and exits 1 when there are any.
+with its reason), and exits 1 when there are any. Records repeating an earlier
+record's id are a warning, not a failure (training keeps them too): counted and
+listed in `<stem>.duplicates.jsonl`.
 
     vlm-convert check --records stage1.jsonl --tokenizer Qwen3-8B-Base --template plain --image-tokens 64 \\
         --max-seq-len 2048 [--truncate] [--workers 16]
@@ -34,7 +36,8 @@ def add_parser(sub):
 
 def run_cli(args) -> int:
     from preprocess.convert import side_path
-    from vlm_dist.data.lengths import check_supervision, format_summary, summarize, tokenize_records
+    from vlm_dist.data.lengths import (check_supervision, duplicate_ids, format_summary, summarize,
+                                       tokenize_records)
 
     failed = 0
     for path in args.records:
@@ -44,10 +47,15 @@ def run_cli(args) -> int:
         problems = table.problems()
         side_path(path, "supervision.json").write_text(
             json.dumps({**summary, "cache": table.cache_path, "key": table.key}, indent=2, sort_keys=True) + "\n")
-        with open(side_path(path, "problems.jsonl"), "w", encoding="utf-8") as f:
-            for p in problems:
-                f.write(json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n")
+        for suffix, rows in (("problems.jsonl", problems), ("duplicates.jsonl", duplicate_ids([table]))):
+            with open(side_path(path, suffix), "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
         print(format_summary(path.name, summary))
+        if summary["duplicate_ids"]:
+            print(f"WARN {path}: {summary['duplicate_ids']} record(s) repeat an earlier record's id (kept; "
+                  f"a held-out split keeps all records of one id on one side); listed in "
+                  f"{side_path(path, 'duplicates.jsonl')}")
         try:
             check_supervision(table)
         except ValueError as e:

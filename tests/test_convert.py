@@ -295,3 +295,54 @@ def test_converted_records_pass_the_supervision_check(mix665k, tmp_path, tiny_mo
         "--image-tokens", 4, "--max-seq-len", 256, "--workers", 1)
     summary = json.loads(side(out, "supervision.json").read_text())
     assert summary["ok"] == 4 and summary["images"] == 2 and summary["text_only_records"] == 2
+
+
+def _chat(rid, text):
+    return {"id": rid, "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "Yes."}]}
+
+
+@pytest.mark.parametrize("fmt,name", [("jsonl", "mine.jsonl"), ("llava-instruct", "list.json")])
+def test_non_utf8_bytes_name_the_file_and_line_and_leave_no_partial_output(tmp_path, capsys, fmt, name):
+    src = tmp_path / name
+    if fmt == "jsonl":   # one record a line: the bad byte is in record 3
+        lines = [json.dumps(_chat(str(i), "Hello.")).encode() for i in range(4)]
+    else:                # a JSON list, one record a line after the opening bracket: record 2 on line 3
+        lines = [b"["] + [json.dumps(_chat(str(i), "Hello.")).encode() + b"," for i in range(3)] + [b"{}]"]
+    lines[2] = lines[2].replace(b"Hello", b"H\xe9llo")   # Latin-1 e-acute, not UTF-8
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out" / "records.jsonl"
+    assert main([fmt, "--input", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}:3: not UTF-8" in err and "byte 0xe9" in err and "Traceback" not in err
+    assert not out.exists() and list(out.parent.iterdir()) == []   # no records.jsonl.tmp left behind
+
+
+def test_utf8_bom_at_the_start_is_read_not_dropped(tmp_path):
+    rows = [_chat("a", "Hello."), _chat("b", "Ça va?")]
+    for fmt, name, body in [("jsonl", "bom.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n"),
+                            ("llava-instruct", "bom.json", json.dumps(rows))]:
+        src = tmp_path / name
+        src.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        out = tmp_path / f"{fmt}.out.jsonl"
+        run(fmt, "--input", src, "--out", out)
+        assert [r["id"] for r in read_records(out)] == ["a", "b"] and stats(out)["dropped"] == 0
+
+
+def test_symlinks_out_of_the_image_root_are_dropped_links_inside_are_kept(tmp_path):
+    root = tmp_path / "imgs"
+    put(root / "p.png", png("red"))
+    put(tmp_path / "secret.png", png("blue"))
+    (root / "sub").mkdir()
+    (root / "sub" / "in.png").symlink_to(root / "p.png")
+    (root / "out.png").symlink_to(tmp_path / "secret.png")          # textually inside the root
+    (root / "outdir").symlink_to(tmp_path)
+    turns = [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "Red."}]
+    rows = [{"id": i, "images": [ref], "conversations": turns}
+            for i, ref in (("in", "sub/in.png"), ("out", "out.png"), ("dir", "outdir/secret.png"))]
+    src = tmp_path / "mine.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "mine.records.jsonl"
+    run("jsonl", "--input", src, "--out", out, "--image-root", root)
+    assert [(r["id"], r["images"]) for r in read_records(out)] == [("in", ["sub/in.png"])]
+    assert stats(out)["dropped_by_reason"] == {"image outside image root": 2}
+    assert all("outside the image root" in d["detail"] for d in dropped(out))

@@ -108,3 +108,19 @@ def test_cli_prompt_rewrite_and_side_files(tmp_path, tiny_models):
     assert stats["kept"] == len(singles) == 5 and stats["synthetic_by_images"] == {"2": 2}
     listed = (tmp_path / "stage1.clean.dropped.jsonl").read_text().splitlines()
     assert len(listed) == stats["dropped"] == 3
+
+
+def test_non_utf8_input_is_named_and_a_failed_write_leaves_no_partial_file(tmp_path, capsys):
+    src = tmp_path / "stage1.jsonl"
+    lines = [json.dumps(r).encode() for r in CAPTIONS[:4]]
+    lines[2] = lines[2].replace(b"circle", b"c\xefrcle")
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out" / "clean.jsonl"
+    assert main(["stage1", "--input", str(src), "--out", str(out)]) == 2
+    assert f"{src}:3: not UTF-8" in capsys.readouterr().err
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    # write_records streams to <out>.tmp: a bad record midway removes it and leaves no output
+    (tmp_path / "w").mkdir()
+    with pytest.raises(ValueError, match="'b'"):
+        write_records(tmp_path / "w" / "w.jsonl", [CAPTIONS[0], dict(CAPTIONS[1], images=[])])
+    assert list((tmp_path / "w").iterdir()) == []

@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
-from vlm_dist.data.mixture import (MixtureError, MixtureSource, build_mixture, format_summary, mixture_counts,
-                                   sources_from_config)
+from vlm_dist.data.mixture import (MixtureError, MixtureSource, build_mixture, format_summary, hold_out,
+                                   mixture_counts, sources_from_config)
 
 
 def test_weights_share_the_total_exactly():
@@ -81,3 +81,33 @@ def test_sources_from_config_entries():
     assert mixture_counts(src) == {"a.jsonl": 10, "b.jsonl": 30}
     with pytest.raises(MixtureError, match="'c.jsonl': no record count"):
         sources_from_config([RecordSource("c.jsonl")], {})
+
+
+def _split_and_draw(ids, fraction, seed):
+    """hold_out, then an upsampled mixture (3 epochs of a, 2 of b) drawn from the training side only."""
+    held, train = hold_out(ids, fraction, seed)
+    order, _ = build_mixture([MixtureSource("a", len(train["a"]), count=3 * len(train["a"])),
+                              MixtureSource("b", len(train["b"]), count=2 * len(train["b"]))], seed)
+    trained = [ids[n][train[n][i]] for n, i in order]
+    held_ids = [ids[n][i] for n in ids for i in held[n]]
+    return held_ids, trained
+
+
+def test_hold_out_is_split_before_the_mixture_repeats_records():
+    # b repeats ids of a (and one of its own): an id stays on one side whatever file holds it
+    ids = {"a": [f"a{i}" for i in range(200)], "b": [f"b{i}" for i in range(50)] + ["a7", "a8", "b3"]}
+    held_ids, trained = _split_and_draw(ids, 0.1, seed=0)
+    assert len(held_ids) == len(set(held_ids)) == 20 + 5     # floor(10%) of each file's distinct ids, no repeats
+    assert not set(held_ids) & set(trained)                  # nothing held out is ever trained on
+    assert Counter(trained).most_common(1)[0][1] >= 3        # while the mixture does upsample
+    assert _split_and_draw(ids, 0.1, seed=0) == (held_ids, trained)
+    assert _split_and_draw(ids, 0.1, seed=1)[0] != held_ids
+
+
+def test_hold_out_takes_at_least_one_record_and_never_a_whole_dataset():
+    held, train = hold_out({"a": ["x", "y"], "b": ["z", "w", "v"]}, 0.01, seed=0)
+    assert (len(held["a"]), len(held["b"])) == (0, 1) and len(train["a"]) == 2 and len(train["b"]) == 2
+    held, train = hold_out({"a": ["x", "y"]}, 0.0, seed=0)
+    assert len(held["a"]) == 0 and train["a"].tolist() == [0, 1]
+    with pytest.raises(MixtureError, match="'a': all of its 1 record"):
+        hold_out({"a": ["x"]}, 0.5, seed=0)   # the one record would be held out

@@ -158,3 +158,53 @@ def test_concurrent_callers_tokenize_once(records, tiny_models, monkeypatch):
         t.join()
     assert len(tables) == 3 and len(calls) == 1
     assert all(t.table.equals(tables[0].table) for t in tables)
+
+
+def _bad_bytes_file(tmp_path):
+    """GOOD plus one record, with a Latin-1 byte on line 3 (after a blank line 2)."""
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps(r).encode() for r in GOOD + [rec("late", "Hi.", "Yes.")]]
+    lines[1] = lines[1].replace(b"a cat", b"a caf\xe9")
+    path.write_bytes(lines[0] + b"\n\n" + b"\n".join(lines[1:]) + b"\n")
+    offset = len(lines[0]) + 2 + lines[1].index(b"\xe9")
+    return path, offset
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_non_utf8_bytes_name_the_file_line_and_offset_and_leave_no_tmp(tmp_path, tiny_models, workers):
+    path, offset = _bad_bytes_file(tmp_path)
+    with pytest.raises(L.RecordError, match=rf"latin1.jsonl:3: not UTF-8 text \(byte 0xe9 at byte offset {offset}\)"):
+        L.tokenize_records(path, tiny_models["tokenizer"], "chatml", N, 512, num_workers=workers)
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name or p.suffix == ".arrow") == []
+
+
+def test_check_cli_names_bad_bytes_without_a_traceback(tmp_path, tiny_models, capsys):
+    path, _ = _bad_bytes_file(tmp_path)
+    assert main(["check", "--records", str(path), "--tokenizer", tiny_models["tokenizer"], "--template", "chatml",
+                 "--max-seq-len", "512", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:3: not UTF-8" in err and "Traceback" not in err
+    assert not any(".tmp" in p.name for p in tmp_path.iterdir())
+
+
+def test_utf8_bom_is_read_as_utf8_sig(tmp_path, tiny_models):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in GOOD).encode())
+    table = L.tokenize_records(path, tiny_models["tokenizer"], "chatml", N, 512, num_workers=1)
+    assert table.problems() == [] and table.table.column("id").to_pylist() == ["cap", "two", "text"]
+
+
+def test_check_counts_and_lists_duplicate_ids_as_a_warning(tmp_path, tiny_models, capsys):
+    path = tmp_path / "dups.jsonl"
+    write_records(path, GOOD + [GOOD[2], rec("cap", "Again?", "Yes.")])
+    table = L.tokenize_records(path, tiny_models["tokenizer"], "chatml", N, 512, num_workers=1)
+    assert L.duplicate_ids([table]) == [
+        {"id": "text", "file": str(path), "index": 3, "first": f"{path} record 2"},
+        {"id": "cap", "file": str(path), "index": 4, "first": f"{path} record 0"}]
+    assert main(["check", "--records", str(path), "--tokenizer", tiny_models["tokenizer"], "--template", "chatml",
+                 "--image-tokens", str(N), "--max-seq-len", "512", "--workers", "1"]) == 0   # kept: a warning
+    out = capsys.readouterr().out
+    assert "5/5 records usable" in out and "2 duplicate id(s)" in out and "WARN" in out
+    assert json.loads((tmp_path / "dups.supervision.json").read_text())["duplicate_ids"] == 2
+    listed = [json.loads(x) for x in (tmp_path / "dups.duplicates.jsonl").read_text().splitlines()]
+    assert [(d["id"], d["index"]) for d in listed] == [("text", 3), ("cap", 4)]

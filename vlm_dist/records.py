@@ -5,14 +5,18 @@
 The k-th `<image>` across the conversation is `images[k]`. `validate_record`
 raises `RecordError` naming the record id and the rule broken; `read_records`
 validates every line of a JSONL file and names the file and line on error.
+Every reader of a records/JSON file goes through `read_lines` / `read_text`:
+UTF-8 (a leading BOM is accepted), and a byte that is not UTF-8 is a RecordError
+naming the file, line and byte offset.
 """
 from __future__ import annotations
 
-from vlm_dist.errors import UserError
-
 import json
 import os
+from pathlib import Path
 from typing import Iterator
+
+from vlm_dist.errors import UserError
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -66,28 +70,67 @@ def validate_record(record, where: str = "") -> dict:
     return record
 
 
+def _decode(path, data: bytes, lineno: int, offset: int) -> str:
+    """`data` (starting at byte `offset`, line `lineno` of `path`) as text; RecordError on a non-UTF-8 byte."""
+    try:
+        return data.decode("utf-8-sig" if offset == 0 else "utf-8")   # a BOM only counts at the file start
+    except UnicodeDecodeError as e:
+        line = lineno + data.count(b"\n", 0, e.start)
+        raise RecordError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset "
+                          f"{offset + e.start}); save the file as UTF-8") from None
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a UTF-8 file; see `_decode` for bad bytes."""
+    with _open(path) as f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(path, raw, lineno, offset)
+            offset += len(raw)
+            if line.strip():
+                yield lineno, line
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The whole UTF-8 file as text (a JSON list); a bad byte is named by line and offset."""
+    with _open(path) as f:
+        return _decode(path, f.read(), 1, 0)
+
+
+def _open(path: str | os.PathLike):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise RecordError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
 def read_records(path: str | os.PathLike) -> Iterator[dict]:
     """Yield validated records from a JSONL file; errors name the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
-            yield validate_record(record, where)
+    for lineno, line in read_lines(path):
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
+        yield validate_record(record, where)
 
 
 def write_records(path: str | os.PathLike, records) -> int:
-    """Write records as JSONL (validated, deterministic key order); return the count."""
+    """Write records as JSONL (validated, deterministic key order); return the count.
+
+    Written to `<path>.tmp` and renamed: on any error (a bad record, a bad input
+    line upstream, Ctrl-C) the partial file is removed and `path` is untouched.
+    """
     n = 0
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            validate_record(r)
-            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-            n += 1
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                validate_record(r)
+                f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return n

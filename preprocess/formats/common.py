@@ -20,8 +20,6 @@ Run through `vlm-convert` (preprocess/convert.py).
 """
 from __future__ import annotations
 
-from vlm_dist.errors import UserError
-
 import hashlib
 import io
 import json
@@ -32,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from vlm_dist.records import IMAGE_PLACEHOLDER, RecordError, validate_record
+from vlm_dist.errors import UserError
+from vlm_dist.images import ImageError, resolve_under
+from vlm_dist.records import IMAGE_PLACEHOLDER, RecordError, read_lines, read_text, validate_record
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
             "system": "system"}
@@ -136,8 +136,10 @@ def image_list(value) -> list:
 class ImageResolver:
     """Turns input image references into paths relative to the image root, checking each once.
 
-    Paths are joined and normalised as text (symlinks inside the image tree are
-    kept as given, and no per-component syscalls: 558K checks take seconds).
+    Paths are kept as given (a symlink inside the image tree stays a link name),
+    but each is checked on its real path: a link that leads out of the image
+    root is dropped, listed, never read (vlm_dist.images.resolve_under, the
+    rule the feature cache applies too).
     """
 
     def __init__(self, image_root: Path, images_from: Path, stats: ConvertStats):
@@ -163,7 +165,9 @@ class ImageResolver:
             raise ConvertError(f"image {ref!r} resolves to {path}, outside --image-root {self.root}; "
                                "pass an --image-root that contains the images")
         try:
-            st = os.stat(path)
+            st = os.stat(resolve_under(self.root, path))
+        except ImageError as e:                      # a symlink out of the image tree
+            return Drop("image outside image root", e.reason)
         except FileNotFoundError:
             return Drop("missing image", path)
         if not stat.S_ISREG(st.st_mode):
@@ -274,26 +278,27 @@ def unique_ids(records: Iterator[dict], stats: ConvertStats) -> Iterator[dict]:
 
 
 def json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(source, row) from a JSON list file or a JSONL file, with 0-based row numbers in source."""
+    """(source, row) from a JSON list file or a JSONL file, with 0-based row numbers in source.
+
+    Text is read through vlm_dist.records (UTF-8, BOM accepted): a non-UTF-8 byte is
+    an error naming the file and line, since it means the whole file is mis-encoded.
+    """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-        f.seek(0)
-        if head.startswith("["):
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConvertError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-            for i, row in enumerate(rows):
-                yield f"{path.name}[{i}]", row
-            return
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                # one broken line is a record we cannot read: listed, not fatal
-                yield f"{path.name}:{lineno}", Drop("invalid JSON", e.msg)
-                continue
-            yield f"{path.name}:{lineno}", row
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        try:
+            rows = json.loads(read_text(path))
+        except json.JSONDecodeError as e:
+            raise ConvertError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        for i, row in enumerate(rows):
+            yield f"{path.name}[{i}]", row
+        return
+    for lineno, line in read_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            # one broken line is a record we cannot read: listed, not fatal
+            yield f"{path.name}:{lineno}", Drop("invalid JSON", e.msg)
+            continue
+        yield f"{path.name}:{lineno}", row

@@ -7,6 +7,7 @@
     table.iter_samples()   # (index, EncodedSample) of every usable record, in file order
     check_supervision(table)          # SupervisionError listing bad records, or nothing
     summarize(table)       # length distribution and supervised-token fraction
+    duplicate_ids([table]) # records repeating an earlier record's id (listed, kept)
 
 Each record goes through `vlm_dist.prompt.PromptEncoder` (the one tokenization of
 the contract). A record is a problem when it is invalid, longer than
@@ -29,8 +30,6 @@ atomic rename keeps that correct).
 """
 from __future__ import annotations
 
-from vlm_dist.errors import UserError
-
 import fcntl
 import hashlib
 import json
@@ -44,6 +43,8 @@ import numpy as np
 import pyarrow as pa
 
 from vlm_dist.cache import sha256_file
+from vlm_dist.errors import UserError
+from vlm_dist.records import RecordError, read_lines
 
 CHUNK = 2048          # records per worker task
 CACHE_VERSION = 2
@@ -200,17 +201,14 @@ def _encode_chunk(task: tuple[int, list[str]]) -> pa.RecordBatch:
 
 
 def _chunks(path: Path):
-    with open(path, encoding="utf-8") as f:
-        start, lines = 0, []
-        for line in f:
-            if not line.strip():
-                continue   # read_records skips blank lines too: indices count records, not lines
-            lines.append(line)
-            if len(lines) == CHUNK:
-                yield start, lines
-                start, lines = start + len(lines), []
-        if lines:
+    start, lines = 0, []
+    for _, line in read_lines(path):   # blank lines skipped, as read_records does: indices count records
+        lines.append(line)
+        if len(lines) == CHUNK:
             yield start, lines
+            start, lines = start + len(lines), []
+    if lines:
+        yield start, lines
 
 
 # -- public --------------------------------------------------------------------
@@ -226,7 +224,7 @@ def tokenize_records(records_path: str | os.PathLike, tokenizer: str | os.PathLi
 
     records_path = Path(records_path)
     if not records_path.is_file():
-        raise FileNotFoundError(f"records file {records_path} does not exist")
+        raise RecordError(f"records file {records_path} does not exist")
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
     key = {"version": CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tok),
            "records": sha256_file(records_path), "template": template, "image_tokens": int(image_tokens),
@@ -252,24 +250,30 @@ def _build(cache: Path, records_path: Path, key: dict, init: tuple, num_workers:
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     schema = SCHEMA.with_metadata({"vlm_dist.lengths.key": json.dumps(key, sort_keys=True)})
     bar = tqdm(desc=f"tokenize {records_path.name}", unit=" rec", disable=None if progress else True)
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        if workers <= 1:
-            _init_worker(*init)
-            batches = map(_encode_chunk, _chunks(records_path))
-        else:
-            pool = mp.get_context("spawn").Pool(workers, _init_worker, init)
-            batches = pool.imap(_encode_chunk, _chunks(records_path))
-        try:
-            for batch in batches:
-                writer.write_batch(batch)
-                bar.update(batch.num_rows)
-        finally:
-            if workers > 1:
-                pool.terminate()
-    bar.close()
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, cache)
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            if workers <= 1:
+                _init_worker(*init)
+                batches = map(_encode_chunk, _chunks(records_path))
+            else:
+                # a RecordError raised by _chunks (bad bytes) reaches us through imap, in order
+                pool = mp.get_context("spawn").Pool(workers, _init_worker, init)
+                batches = pool.imap(_encode_chunk, _chunks(records_path))
+            try:
+                for batch in batches:
+                    writer.write_batch(batch)
+                    bar.update(batch.num_rows)
+            finally:
+                if workers > 1:
+                    pool.terminate()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, cache)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # never leave a partial table behind
+        raise
+    finally:
+        bar.close()
 
 
 def _open(path) -> pa.Table:
@@ -291,6 +295,25 @@ def check_supervision(table: LengthTable, max_listed: int = 20) -> None:
         + "\n  ".join(lines) + more)
 
 
+def duplicate_ids(tables: list[LengthTable]) -> list[dict]:
+    """Records whose id an earlier record of these files already has, in order: {"id", "file", "index", "first"}.
+
+    Only repeats inside the input files count (a mixture's upsampling repeats are
+    intended); "first" names where the id was seen first ("<file> record <index>").
+    """
+    first: dict[str, str] = {}
+    out = []
+    for t in tables:
+        for i, rid in enumerate(t.table.column("id").to_pylist()):
+            if rid is None:
+                continue   # an invalid record without an id is listed as a problem already
+            if rid in first:
+                out.append({"id": rid, "file": t.records_path, "index": i, "first": first[rid]})
+            else:
+                first[rid] = f"{t.records_path} record {i}"
+    return out
+
+
 def summarize(table: LengthTable) -> dict:
     """Length distribution and supervised-token fraction over the usable records."""
     ok = table.ok
@@ -301,7 +324,8 @@ def summarize(table: LengthTable) -> dict:
            "truncated": int(table.table.column("truncated").to_numpy(zero_copy_only=False)[ok].sum()),
            "tokens": int(lengths.sum()), "supervised_tokens": int(sup.sum()),
            "supervised_fraction": round(float(sup.sum() / lengths.sum()), 4) if lengths.sum() else 0.0,
-           "images": int(imgs.sum()), "text_only_records": int((imgs == 0).sum())}
+           "images": int(imgs.sum()), "text_only_records": int((imgs == 0).sum()),
+           "duplicate_ids": len(duplicate_ids([table]))}
     if len(lengths):
         q = np.percentile(lengths, [50, 90, 99])
         out["length"] = {"min": int(lengths.min()), "p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]),
@@ -321,4 +345,6 @@ def format_summary(name: str, s: dict) -> str:
     text += f"; supervised {s['supervised_fraction']:.1%} of {s['tokens']} tokens; {s['images']} images"
     if s["truncated"]:
         text += f"; {s['truncated']} truncated"
+    if s["duplicate_ids"]:
+        text += f"; {s['duplicate_ids']} duplicate id(s)"
     return text

@@ -20,17 +20,22 @@ A stage lists its datasets, each with either an exact sample count or a weight:
 `summary` says what was drawn from each dataset (for the run log); a pure
 function, no I/O. `format_summary(summary)` renders it as one line per dataset.
 
+A held-out eval split is taken before the draw, among each dataset's distinct
+records (`hold_out`), so an upsampled record can never be on both sides:
+
+    held, train = hold_out({"mix665k": ids_a, "golden": ids_b}, fraction=0.01, seed=0)
+
     python -m pytest tests/test_mixture.py -q
 """
 from __future__ import annotations
-
-from vlm_dist.errors import UserError
 
 import math
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
+
+from vlm_dist.errors import UserError
 
 
 class MixtureError(UserError, ValueError):
@@ -119,6 +124,43 @@ def build_mixture(sources: list[MixtureSource], seed: int, total: int | None = N
         which, where = which[perm], where[perm]
     order = [(sources[k].name, int(i)) for k, i in zip(which.tolist(), where.tolist())]
     return order, {"seed": seed, "total": drawn_total, "datasets": summary}
+
+
+def hold_out(ids: dict[str, list[str]], fraction: float, seed: int) -> tuple[dict[str, np.ndarray],
+                                                                             dict[str, np.ndarray]]:
+    """Split each dataset's records (positions into ids[name]) into (held-out, training), before any draw.
+
+    floor(fraction x distinct ids) ids of each dataset are held out (at least one id in
+    all when fraction > 0), from a permutation seeded by (seed, dataset name). Every
+    record carrying a held-out id, in any dataset, leaves the training side, and the
+    held-out side has one record per id (its first), so no id is on both sides and
+    the eval set has no repeats. Sorted positions; the same for the same seed.
+    """
+    names = list(ids)
+    if fraction <= 0:
+        return ({n: np.zeros(0, dtype=np.int64) for n in names},
+                {n: np.arange(len(ids[n]), dtype=np.int64) for n in names})
+    distinct = {n: list(dict.fromkeys(ids[n])) for n in names}
+    counts = {n: int(len(distinct[n]) * fraction) for n in names}
+    if names and not any(counts.values()):
+        counts[max(names, key=lambda n: len(distinct[n]))] = 1   # names order breaks ties
+    held_ids: set[str] = set()
+    for n in names:
+        pick = np.random.default_rng([seed, zlib.crc32(n.encode()), 0xE7A1]).permutation(len(distinct[n]))
+        held_ids.update(distinct[n][i] for i in pick[:counts[n]])
+    held, train, seen = {}, {}, set()
+    for n in names:
+        held_pos = []
+        for i, rid in enumerate(ids[n]):
+            if rid in held_ids and rid not in seen:
+                seen.add(rid)
+                held_pos.append(i)
+        held[n] = np.asarray(held_pos, dtype=np.int64)
+        train[n] = np.asarray([i for i, rid in enumerate(ids[n]) if rid not in held_ids], dtype=np.int64)
+        if len(ids[n]) and not len(train[n]):
+            raise MixtureError(f"dataset {n!r}: all of its {len(ids[n])} record(s) would be held out for eval "
+                               f"(eval fraction {fraction}); lower the fraction or give it more records")
+    return held, train
 
 
 def sources_from_config(entries, sizes: dict[str, int]) -> list[MixtureSource]:

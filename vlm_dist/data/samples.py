@@ -1,18 +1,23 @@
 """Records + feature cache -> the run's training samples, with every drop counted and listed.
 
-    train_set, report = load_training_set(cfg.data.records, tokenizer_path, cfg.data, num_tokens, cache)
+    train_set, eval_set, report = load_training_set(cfg.data.records, tokenizer_path, template, num_tokens,
+                                                    max_seq_len, truncate, cache, seed, eval_fraction=0.01)
 
 Each records file is tokenized once (vlm_dist.data.lengths, cached on disk), the
-mixture is drawn from the usable records (vlm_dist.data.mixture), and samples are
-built lazily from the memory-mapped token tables, so a 558K-record stage costs
-arrays of lengths, not Python lists of tokens, on every rank.
+eval fraction is held out among the distinct usable records, the mixture is drawn
+from the rest (vlm_dist.data.mixture), and samples are built lazily from the
+memory-mapped token tables, so a 558K-record stage costs arrays of lengths, not
+Python lists of tokens, on every rank.
 
 - over-long records (and invalid ones) stop the run, listing them (the
   supervision check); with data.truncate text is cut, never an image block;
 - a record with no supervised token is dropped (reason `no_supervision`);
 - a record whose image failed to encode, or is not in the cache, is dropped
   (`image_failed` / `image_missing`).
-Drops are counted in the log and listed in `<output_dir>/dropped.jsonl`.
+Drops are counted in the log and listed in `<output_dir>/dropped.jsonl`. A record
+whose id an earlier record already has is kept, counted in the same log line and
+listed in `<output_dir>/duplicates.jsonl` (upsampled copies of the mixture are not
+duplicates).
 """
 from __future__ import annotations
 
@@ -23,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_dist.data.lengths import SupervisionError, tokenize_records
-from vlm_dist.data.mixture import build_mixture, format_summary, sources_from_config
+from vlm_dist.data.lengths import SupervisionError, duplicate_ids, tokenize_records
+from vlm_dist.data.mixture import build_mixture, format_summary, hold_out, sources_from_config
 from vlm_dist.data.sampler import MULTI_IMAGE, SINGLE_IMAGE, TEXT
 from vlm_dist.media import IMAGE
 
@@ -32,21 +37,29 @@ from vlm_dist.media import IMAGE
 @dataclass
 class DropReport:
     kept: int = 0
+    held_out: int = 0                                  # distinct records set aside for eval
     dropped: Counter = field(default_factory=Counter)
     listed: list[dict] = field(default_factory=list)   # {"id", "file", "reason", "detail"}
+    duplicates: list[dict] = field(default_factory=list)   # {"id", "file", "index", "first"}; kept
 
     def drop(self, rid: str, file: str, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
         self.listed.append({"id": rid, "file": file, "reason": reason, "detail": detail})
 
     def summary(self) -> str:
-        return ", ".join([f"{self.kept} samples"] +
-                         [f"{n} dropped ({r})" for r, n in sorted(self.dropped.items())])
+        parts = [f"{self.kept} samples"] + [f"{n} dropped ({r})" for r, n in sorted(self.dropped.items())]
+        if self.held_out:
+            parts.append(f"{self.held_out} held out for eval")
+        if self.duplicates:
+            parts.append(f"{len(self.duplicates)} duplicate id(s) (kept)")
+        return ", ".join(parts)
 
-    def write(self, path: str | Path) -> None:
-        with open(path, "w") as f:
-            for row in self.listed:
-                f.write(json.dumps(row) + "\n")
+    def write(self, out_dir: str | Path) -> None:
+        """dropped.jsonl and duplicates.jsonl in out_dir (empty files when there is nothing to list)."""
+        for name, rows in (("dropped.jsonl", self.listed), ("duplicates.jsonl", self.duplicates)):
+            with open(Path(out_dir) / name, "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
 
 
 class TrainingSet:
@@ -72,13 +85,6 @@ class TrainingSet:
             sample.media[IMAGE.name] = [self.ref_to_key[ref] for ref in sample.image_keys]
         return sample
 
-    def subset(self, indices) -> "TrainingSet":
-        out = TrainingSet.__new__(TrainingSet)
-        out.tables, out.ref_to_key = self.tables, self.ref_to_key
-        idx = np.asarray(indices, dtype=np.int64)
-        out.rows, out.lengths, out.modalities = self.rows[idx], self.lengths[idx], self.modalities[idx]
-        return out
-
 
 def read_index(cache_dir) -> dict[str, str]:
     """The cache's record-reference -> image-key map, in one read (not a search per reference)."""
@@ -89,8 +95,12 @@ def read_index(cache_dir) -> dict[str, str]:
 
 
 def load_training_set(sources, tokenizer_path: str, template: str, num_tokens: int, max_seq_len: int,
-                      truncate: bool, cache, seed: int, log=print) -> tuple[TrainingSet, DropReport]:
-    """Tokenize (cached), check supervision, drop unusable records, draw the mixture."""
+                      truncate: bool, cache, seed: int, eval_fraction: float = 0.0,
+                      log=print) -> tuple[TrainingSet, TrainingSet | None, DropReport]:
+    """Tokenize (cached), check supervision, drop unusable records, hold out eval, draw the mixture.
+
+    Returns (train set, held-out eval set or None when eval_fraction is 0, report).
+    """
     report = DropReport()
     ref_to_key = read_index(cache.cache_dir)
     # failures.jsonl rows: {"key", "paths", ...} for files read but not encodable, {"path", ...} for unreadable
@@ -106,7 +116,7 @@ def load_training_set(sources, tokenizer_path: str, template: str, num_tokens: i
             return "image_missing", f"{ref} is not in the feature cache"
         return None
 
-    tables, usable = [], {}
+    tables, usable, usable_ids = [], {}, {}
     for src in sources:
         table = tokenize_records(src.path, tokenizer_path, template, num_tokens, max_seq_len, truncate)
         fatal = [p for p in table.problems() if p["reason"] != "no_supervision"]
@@ -132,13 +142,24 @@ def load_training_set(sources, tokenizer_path: str, template: str, num_tokens: i
             ok_rows.append(row)
         tables.append(table)
         usable[src.path] = np.asarray(ok_rows, dtype=np.int64)
+        usable_ids[src.path] = [ids[r] for r in ok_rows]
+    report.duplicates = duplicate_ids(tables)
     if not any(len(v) for v in usable.values()):
         raise SupervisionError(f"no usable training records ({report.summary()})")
-    mix = sources_from_config([s for s in sources if len(usable[s.path])],
-                              {p: len(v) for p, v in usable.items() if len(v)})
-    order, summary = build_mixture(mix, seed)
     which = {s.path: k for k, s in enumerate(sources)}
-    rows = np.array([(which[name], usable[name][i]) for name, i in order], dtype=np.int64).reshape(-1, 2)
+    # the eval split comes first, among distinct records: the mixture's repeats then cannot leak into it
+    held, pools = hold_out({p: v for p, v in usable_ids.items() if len(v)}, eval_fraction, seed)
+    eval_set = None
+    if eval_fraction > 0:
+        rows = np.array([(which[p], usable[p][i]) for p, pos in held.items() for i in pos],
+                        dtype=np.int64).reshape(-1, 2)
+        eval_set = TrainingSet(tables, rows, ref_to_key)
+        report.held_out = len(rows)
+    train_rows = {p: usable[p][pos] for p, pos in pools.items()}
+    mix = sources_from_config([s for s in sources if s.path in train_rows],
+                              {p: len(v) for p, v in train_rows.items()})
+    order, summary = build_mixture(mix, seed)
+    rows = np.array([(which[name], train_rows[name][i]) for name, i in order], dtype=np.int64).reshape(-1, 2)
     log(format_summary(summary))
     report.kept = len(rows)
-    return TrainingSet(tables, rows, ref_to_key), report
+    return TrainingSet(tables, rows, ref_to_key), eval_set, report
