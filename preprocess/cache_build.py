@@ -6,7 +6,9 @@ Steps (each process, `plan` and `encode`; then one `finalize`):
   plan      read the records, hash every referenced file (key = SHA-256 of its bytes), sort the
             unique keys and cut them into shards of `shard_size` keys. The plan is a pure function
             of the inputs, so every process and every re-run computes the same one; it is saved
-            in build/ and a re-run with different inputs is refused.
+            in build/ and a re-run with different inputs is refused. Launched ranks other than 0
+            read rank 0's saved plan instead of hashing every file again (encoding re-checks
+            each file's SHA-256, and rank 0 refuses a plan of other inputs).
   encode    shard j belongs to process j % num_shards. Decoding and preprocessing run in
             DataLoader workers, the forward on the device, the write in a background thread
             (preprocess/cache_encode.py). A finished shard is written temp -> fsync -> rename,
@@ -20,8 +22,6 @@ finalizes once every shard exists; with --shard-index/--num-shards the user runs
 """
 from __future__ import annotations
 
-from vlm_dist.errors import UserError
-
 import hashlib
 import json
 import os
@@ -34,20 +34,17 @@ import pyarrow as pa
 import torch
 
 from preprocess.cache_encode import encode_shards
-from preprocess.cache_io import (BUILD_DIR, rank_from_env, sidecar_path, write_bytes_atomic,
-                                 write_json_atomic, write_table_atomic)
+from preprocess.cache_io import (BUILD_DIR, BuildError, build_lock, rank_from_env, sidecar_path,
+                                 write_bytes_atomic, write_json_atomic, write_table_atomic)
 from vlm_dist.cache import (FAILURES_FILE, FORMAT, INDEX_FILE, KEYS_FILE, MANIFEST, SHARD_DIR,
                             shard_name, write_verified_stamp)
-from vlm_dist.images import DEFAULT_MAX_PIXELS
+from vlm_dist.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_under,
+                             too_large)
 from vlm_dist.model.vision import DEFAULT_VISION_MODEL, VisionTower, dtype_name, resolve_dtype
-from vlm_dist.records import read_records
+from vlm_dist.records import read_lines, read_records
 
 PLAN_FILE = f"{BUILD_DIR}/plan.json"
 REFS_FILE = f"{BUILD_DIR}/refs.arrow"
-
-
-class BuildError(UserError, RuntimeError):
-    """The build cannot complete (bad arguments, inputs changed, shards missing)."""
 
 
 @dataclass
@@ -67,6 +64,7 @@ class BuildConfig:
     shard_index: int | None = None            # this process's slice (with num_shards)
     num_shards: int | None = None             # number of slices; default: launcher world size or 1
     max_pixels: int = DEFAULT_MAX_PIXELS      # larger images are failures (decompression bombs)
+    max_bytes: int = DEFAULT_MAX_BYTES        # larger files are failures (never read past this)
     wait_timeout: float = 24 * 3600.0         # rank 0 waits this long for the other ranks' shards
     progress: bool = True                     # show the progress bar
 
@@ -83,24 +81,32 @@ def collect_references(cfg: BuildConfig) -> tuple[dict[str, list[str]], int, int
                 refs.setdefault(ref, []).append(rec["id"])
                 num_refs += 1
     for path in cfg.image_lists:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                ref = line.strip()
-                if ref and not ref.startswith("#"):
-                    refs.setdefault(ref, [])
-                    num_refs += 1
+        for _, line in read_lines(path):   # a bad byte or unreadable list is named, by line
+            ref = line.strip()
+            if ref and not ref.startswith("#"):
+                refs.setdefault(ref, [])
+                num_refs += 1
     if not refs:
         raise BuildError("no images: give --records and/or --image-list files that reference some")
     return refs, num_records, num_refs
 
 
-def hash_file(path: str) -> tuple[str | None, str | None]:
-    """(hex SHA-256 of the file's bytes, None) or (None, reason it cannot be read)."""
+def hash_ref(root: str, ref: str, max_bytes: int) -> tuple[str | None, str | None]:
+    """(hex SHA-256 of the file's bytes, None) or (None, why it cannot be used).
+
+    Only a regular file inside `root` of at most `max_bytes` is read (vlm_dist.images.open_under).
+    """
     h = hashlib.sha256()
+    size = 0
     try:
-        with open(path, "rb") as f:
+        with open_under(root, ref, max_bytes) as f:
             while block := f.read(8 << 20):
+                size += len(block)
+                if size > max_bytes:                   # grew since it was opened
+                    return None, too_large(size, max_bytes)
                 h.update(block)
+    except ImageError as e:
+        return None, e.reason
     except OSError as e:
         return None, f"unreadable file ({e.strerror or e})"
     return h.hexdigest(), None
@@ -128,14 +134,11 @@ class Plan:
 def make_plan(cfg: BuildConfig, fingerprint: dict, threads: int = 8) -> Plan:
     ref_map, num_records, num_refs = collect_references(cfg)
     refs = sorted(ref_map)
-    paths = [os.path.join(cfg.image_root, r) for r in refs]
     with ThreadPoolExecutor(max_workers=threads) as pool:   # hashlib releases the GIL
-        hashed = list(pool.map(hash_file, paths, chunksize=64))
+        hashed = list(pool.map(lambda r: hash_ref(cfg.image_root, r, cfg.max_bytes), refs,
+                               chunksize=64))
     ref_keys = [k for k, _ in hashed]
-    key_ref: dict[str, str] = {}
-    for ref, key in zip(refs, ref_keys):
-        if key is not None:
-            key_ref.setdefault(key, ref)
+    key_ref = first_ref_per_key(refs, ref_keys)
     keys = sorted(key_ref)
     digest = hashlib.sha256()
     for ref, key in zip(refs, ref_keys):
@@ -156,6 +159,29 @@ def make_plan(cfg: BuildConfig, fingerprint: dict, threads: int = 8) -> Plan:
     }
     return Plan(info, refs, ref_keys, [e for _, e in hashed], [ref_map[r] for r in refs],
                 keys, key_ref)
+
+
+def first_ref_per_key(refs: list[str], ref_keys: list[str | None]) -> dict[str, str]:
+    """key -> the first (sorted) reference with it: the file that is decoded for that key."""
+    key_ref: dict[str, str] = {}
+    for ref, key in zip(refs, ref_keys):
+        if key is not None:
+            key_ref.setdefault(key, ref)
+    return key_ref
+
+
+def load_plan(out: Path, timeout: float, poll: float = 2.0) -> Plan:
+    """The plan rank 0 saved (waiting up to `timeout` s for it): other ranks need not hash."""
+    deadline = time.monotonic() + timeout
+    while not ((out / PLAN_FILE).exists() and (out / REFS_FILE).exists()):
+        if time.monotonic() > deadline:
+            raise BuildError(f"timed out after {timeout:.0f}s waiting for rank 0 to write "
+                             f"{out / PLAN_FILE}; did rank 0 fail? Re-run the same command.")
+        time.sleep(poll)
+    info = json.loads((out / PLAN_FILE).read_text())
+    t = pa.ipc.open_file(pa.memory_map(str(out / REFS_FILE), "r")).read_all().to_pydict()
+    key_ref = first_ref_per_key(t["ref"], t["key"])
+    return Plan(info, t["ref"], t["key"], t["error"], t["records"], sorted(key_ref), key_ref)
 
 
 def save_plan(out: Path, plan: Plan) -> None:
@@ -339,42 +365,50 @@ def build(cfg: BuildConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    device = pick_device(cfg.device, local)
-    tower = VisionTower.from_pretrained(cfg.vision_model, feature_layer=cfg.feature_layer,
-                                        dtype=cfg.dtype, device=device)
-    plan = make_plan(cfg, tower.fingerprint(pool=cfg.pool), threads=max(4, cfg.workers))
-    save_plan(out, plan)
-    mine = [j for j in range(plan.num_shard_files) if j % count == index]
-    todo = [j for j in mine if not shard_done(out, j)]
-    for j in todo:
-        for stale in (out / SHARD_DIR).glob(f"shard-{j:06d}.arrow.tmp.*"):
-            stale.unlink()
-    if show:
-        print(f"[vlm-cache] {plan.info['num_unique_references']} image references, "
-              f"{plan.info['num_keys']} unique images in {plan.num_shard_files} shards; "
-              f"slice {index}/{count}: {len(mine)} shards, {len(mine) - len(todo)} already done; "
-              f"device {device}, dtype {dtype_name(tower.dtype)}, features "
-              f"{tower.feature_shape(cfg.pool)}", flush=True)
-    t_enc = time.monotonic()
-    stats = encode_shards(cfg, tower, plan, todo, out, show and cfg.progress)
-    encode_s = time.monotonic() - t_enc
-    summary = {"shard_index": index, "num_shards": count, "device": device, **stats,
-               "encode_seconds": round(encode_s, 3),
-               "images_per_second": round(stats["images"] / encode_s, 2) if encode_s > 0 else None}
-    write_json_atomic(out / BUILD_DIR / f"summary-{index:05d}-of-{count:05d}.json", summary)
+    with build_lock(out, index, count):    # a second build of this slice would clobber it
+        device = pick_device(cfg.device, local)
+        tower = VisionTower.from_pretrained(cfg.vision_model, feature_layer=cfg.feature_layer,
+                                            dtype=cfg.dtype, device=device)
+        fingerprint = tower.fingerprint(pool=cfg.pool)
+        if launched is not None and cfg.shard_index is None and index > 0:
+            plan = load_plan(out, cfg.wait_timeout)     # rank 0 hashes every file, once for all
+            if plan.info["fingerprint"] != fingerprint:
+                raise BuildError(f"{out / PLAN_FILE} was planned for another encoder than this "
+                                 "rank's; give every rank the same arguments")
+        else:
+            plan = make_plan(cfg, fingerprint, threads=max(4, cfg.workers))
+            save_plan(out, plan)
+        mine = [j for j in range(plan.num_shard_files) if j % count == index]
+        todo = [j for j in mine if not shard_done(out, j)]
+        for j in todo:
+            for stale in (out / SHARD_DIR).glob(f"shard-{j:06d}.arrow.tmp.*"):
+                stale.unlink()
+        if show:
+            print(f"[vlm-cache] {plan.info['num_unique_references']} image references, "
+                  f"{plan.info['num_keys']} unique images in {plan.num_shard_files} shards; "
+                  f"slice {index}/{count}: {len(mine)} shards, {len(mine) - len(todo)} already done; "
+                  f"device {device}, dtype {dtype_name(tower.dtype)}, features "
+                  f"{tower.feature_shape(cfg.pool)}", flush=True)
+        t_enc = time.monotonic()
+        stats = encode_shards(cfg, tower, plan, todo, out, show and cfg.progress)
+        encode_s = time.monotonic() - t_enc
+        summary = {"shard_index": index, "num_shards": count, "device": device, **stats,
+                   "encode_seconds": round(encode_s, 3),
+                   "images_per_second": round(stats["images"] / encode_s, 2) if encode_s > 0 else None}
+        write_json_atomic(out / BUILD_DIR / f"summary-{index:05d}-of-{count:05d}.json", summary)
 
-    if auto_finalize:
-        if count > 1:
-            wait_for_shards(out, plan.num_shard_files, cfg.wait_timeout)
-        manifest = finalize(out)
-        summary["manifest"] = manifest["counts"]
-    summary["seconds"] = round(time.monotonic() - t0, 3)
-    if show:
-        print(format_summary(summary), flush=True)
-        if not auto_finalize and cfg.shard_index is not None:
-            print(f"[vlm-cache] slice {index}/{count} done; after every slice has finished run "
-                  f"`vlm-cache finalize {out}`", flush=True)
-    return summary
+        if auto_finalize:
+            if count > 1:
+                wait_for_shards(out, plan.num_shard_files, cfg.wait_timeout)
+            manifest = finalize(out)
+            summary["manifest"] = manifest["counts"]
+        summary["seconds"] = round(time.monotonic() - t0, 3)
+        if show:
+            print(format_summary(summary), flush=True)
+            if not auto_finalize and cfg.shard_index is not None:
+                print(f"[vlm-cache] slice {index}/{count} done; after every slice has finished run "
+                      f"`vlm-cache finalize {out}`", flush=True)
+        return summary
 
 
 def format_summary(s: dict) -> str:

@@ -16,13 +16,14 @@ import argparse
 import json
 import sys
 
-from vlm_dist.cache import CacheError, read_manifest, verify_cache, write_verified_stamp
+from vlm_dist.cache import (CacheError, last_verified, read_manifest, verify_cache,
+                            write_verified_stamp)
 from vlm_dist.records import RecordError
 
 
 def _build_parser() -> argparse.ArgumentParser:
     from preprocess.cache_build import BuildConfig
-    from vlm_dist.images import DEFAULT_MAX_PIXELS
+    from vlm_dist.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
     from vlm_dist.model.vision import DEFAULT_VISION_MODEL
 
     d = BuildConfig(out="")
@@ -35,7 +36,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="record files (sample contract); their image references are encoded")
     b.add_argument("--image-list", nargs="+", default=[], dest="image_lists", metavar="TXT",
                    help="plain lists of image files, one path per line (instead of or besides records)")
-    b.add_argument("--image-root", default=".", help="image references are relative to this directory")
+    b.add_argument("--image-root", default=".",
+                   help="image references are relative to this directory; a reference that "
+                        "leaves it (absolute, .., a symlink out) is a listed failure, never read")
     b.add_argument("--vision-model", default=DEFAULT_VISION_MODEL, help="hub id or local directory")
     b.add_argument("--out", required=True, help="cache directory")
     b.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward")
@@ -52,6 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-shards", type=int, default=None, help="number of slices")
     b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images with more pixels are failures (decompression bombs)")
+    b.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help="image files larger than this are failures (never read past it)")
     b.add_argument("--wait-timeout", type=float, default=d.wait_timeout,
                    help="seconds rank 0 waits for the other ranks before finalizing")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -73,6 +78,18 @@ def _human_bytes(n: float) -> str:
             return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def describe_trust(cache_dir) -> str:
+    """The last full check, and what training's own check trusts since then."""
+    when = last_verified(cache_dir)
+    if when is None:
+        return ("verified       never (no verified.json): training refuses the cache until "
+                f"`vlm-cache verify {cache_dir}` passes")
+    return (f"verified       full SHA-256 check {when}; since then training checks only size and "
+            "mtime per file, so a byte altered with its mtime restored is caught only by the next "
+            f"`vlm-cache verify {cache_dir}` (the Slurm stage templates run it first unless "
+            "VERIFY_CACHE=0)")
 
 
 def describe(manifest: dict) -> str:
@@ -117,7 +134,7 @@ def _main(argv: list[str] | None = None) -> int:
                 feature_layer=args.feature_layer, dtype=args.dtype, pool=args.pool,
                 batch_size=args.batch_size, workers=args.workers, device=args.device,
                 shard_size=args.shard_size, shard_index=args.shard_index,
-                num_shards=args.num_shards, max_pixels=args.max_pixels,
+                num_shards=args.num_shards, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
                 wait_timeout=args.wait_timeout, progress=not args.no_progress)
             try:
                 build(cfg)
@@ -149,7 +166,8 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"{args.cache_dir}: OK ({n} shards{', quick' if args.quick else ', SHA-256 checked'})")
         elif args.command == "info":
             manifest = read_manifest(args.cache_dir)
-            print(json.dumps(manifest, indent=1) if args.json else describe(manifest))
+            print(json.dumps(manifest, indent=1) if args.json
+                  else describe(manifest) + "\n" + describe_trust(args.cache_dir))
     except CacheError as e:
         print(f"vlm-cache {args.command}: {e}", file=sys.stderr)
         return 1

@@ -10,7 +10,6 @@ a shard, so a shard's bytes do not depend on which process built it.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import threading
 import time
@@ -22,9 +21,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from preprocess.cache_io import ShardWriter, sidecar_path, write_json_atomic
+from preprocess.cache_io import (ShardWriter, disk_full_is_an_error, sidecar_path,
+                                 write_json_atomic)
 from vlm_dist.cache import shard_name
-from vlm_dist.images import ImageError, load_image
+from vlm_dist.images import ImageError, load_image, read_under
 from vlm_dist.model.vision import VisionTower, dtype_name
 
 if TYPE_CHECKING:
@@ -34,21 +34,21 @@ if TYPE_CHECKING:
 class _DecodeDataset(Dataset):
     """Item i: read, check, decode and preprocess one image in a worker process."""
 
-    def __init__(self, items: list[tuple[int, str, str, str]], tower: VisionTower, max_pixels: int):
-        self.items = items                        # (shard, key, reference, path)
+    def __init__(self, items: list[tuple[int, str, str]], tower: VisionTower, root: str,
+                 max_pixels: int, max_bytes: int):
+        self.items = items                        # (shard, key, reference)
         self.processor, self.naflex = tower.processor, tower.is_naflex
-        self.max_pixels = max_pixels
+        self.root, self.max_pixels, self.max_bytes = root, max_pixels, max_bytes
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        _, key, ref, path = self.items[i]
+        _, key, ref = self.items[i]
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            return i, None, f"unreadable file ({e.strerror or e})"
+            data = read_under(self.root, ref, self.max_bytes)     # contained, regular, capped
+        except ImageError as e:
+            return i, None, e.reason
         if hashlib.sha256(data).hexdigest() != key:
             return i, None, "file changed since the build was planned (its SHA-256 differs)"
         try:
@@ -100,19 +100,20 @@ class _WriterThread(threading.Thread):
         try:
             while (item := self.queue.get()) is not None:
                 j, keys, feats, failed, last = item
-                if writer is None:
-                    writer, failures = ShardWriter(self.out / shard_name(j), self.dtype,
-                                                   self.feature_shape), []
-                if keys:
-                    writer.write(keys, _to_storage(feats))
-                failures.extend(failed)
-                if last:
-                    info = writer.finish()
-                    info["failures"] = sorted(failures, key=lambda f: f["key"])
-                    write_json_atomic(sidecar_path(self.out, j), info)
-                    writer.publish()                    # the commit point of the shard
-                    self.bytes += info["bytes"]
-                    writer = None
+                with disk_full_is_an_error(self.out / shard_name(j)):
+                    if writer is None:
+                        writer, failures = ShardWriter(self.out / shard_name(j), self.dtype,
+                                                       self.feature_shape), []
+                    if keys:
+                        writer.write(keys, _to_storage(feats))
+                    failures.extend(failed)
+                    if last:
+                        info = writer.finish()
+                        info["failures"] = sorted(failures, key=lambda f: f["key"])
+                        write_json_atomic(sidecar_path(self.out, j), info)
+                        writer.publish()                    # the commit point of the shard
+                        self.bytes += info["bytes"]
+                        writer = None
         except Exception as e:         # re-raised in the main thread by put()/join_checked()
             self.error = e
             if writer is not None:
@@ -142,8 +143,7 @@ def encode_shards(cfg: BuildConfig, tower: VisionTower, plan: Plan, shard_ids: l
     items, batches = [], []          # batches: (index list, shard, last batch of the shard)
     for j in shard_ids:
         start = len(items)
-        items += [(j, k, plan.key_ref[k], os.path.join(cfg.image_root, plan.key_ref[k]))
-                  for k in plan.shard_keys(j)]
+        items += [(j, k, plan.key_ref[k]) for k in plan.shard_keys(j)]
         idx = list(range(start, len(items)))
         chunks = [idx[s:s + cfg.batch_size] for s in range(0, len(idx), cfg.batch_size)]
         batches += [(c, j, n == len(chunks) - 1) for n, c in enumerate(chunks)]
@@ -152,7 +152,7 @@ def encode_shards(cfg: BuildConfig, tower: VisionTower, plan: Plan, shard_ids: l
     if not items:
         return stats
     on_cuda = tower.device.type == "cuda"
-    loader = DataLoader(_DecodeDataset(items, tower, cfg.max_pixels),
+    loader = DataLoader(_DecodeDataset(items, tower, cfg.image_root, cfg.max_pixels, cfg.max_bytes),
                         batch_sampler=[b for b, _, _ in batches], num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=on_cuda,
                         prefetch_factor=4 if cfg.workers > 0 else None)

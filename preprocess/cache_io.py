@@ -1,23 +1,33 @@
-"""Crash-safe file writing for the feature cache builder, and rank discovery.
+"""Crash-safe file writing for the feature cache builder, its build lock, and rank discovery.
 
 Every file the builder publishes is written under a temporary name, fsynced,
 renamed into place and its directory fsynced: after a crash a file is either
 complete or absent. `ShardWriter` streams record batches into one Arrow IPC
 shard and hashes the bytes as they are written, so finishing a shard never
-re-reads it.
+re-reads it. A full disk is a `BuildError` naming the file and the free space.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from vlm_dist.cache import shard_schema
+from vlm_dist.errors import UserError
+
+
+class BuildError(UserError, RuntimeError):
+    """The build cannot complete (bad arguments, inputs changed, shards missing, disk full)."""
 
 
 BUILD_DIR = "build"     # the builder's own state: plan, per-shard sidecars, summaries
@@ -45,13 +55,34 @@ def publish(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+@contextmanager
+def disk_full_is_an_error(path: Path):
+    """Turn ENOSPC / EDQUOT while writing `path` into a BuildError naming it and the free space."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        try:
+            free = f"{shutil.disk_usage(path.parent).free} bytes free"
+        except OSError:
+            free = "free space unknown"
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        raise BuildError(f"{path}: {what} ({free} on {path.parent}); free some space and re-run "
+                         "the same command (finished shards are kept)") from e
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with disk_full_is_an_error(path), open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     publish(tmp, path)
 
 
@@ -110,7 +141,11 @@ class ShardWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.tmp, "wb")
         self.hashing = _HashingFile(self.file)
-        self.writer = pa.ipc.new_file(self.hashing, self.schema)
+        try:
+            self.writer = pa.ipc.new_file(self.hashing, self.schema)   # writes the header
+        except BaseException:
+            self.abort()
+            raise
         self.rows = 0
 
     def write(self, keys: list[str], features: np.ndarray) -> None:
@@ -140,6 +175,65 @@ class ShardWriter:
         if not self.file.closed:
             self.file.close()
         self.tmp.unlink(missing_ok=True)
+
+
+# -- the build lock ---------------------------------------------------------------------------
+@contextmanager
+def build_lock(out: Path, index: int, count: int):
+    """Hold slice `index` of `count` of the build in `out`, or raise BuildError naming the holder.
+
+    Slices of one build (torchrun ranks, --shard-index jobs) own disjoint shards and run side
+    by side. Two builds of the same slice, or builds cut into different numbers of slices
+    (whose shards overlap), would delete each other's temporary files: refused while one
+    runs. flock is released by the kernel when its holder dies, so a killed build leaves
+    no stale lock; the file's text (pid, host, start) is only for the message.
+    """
+    folder = out / BUILD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"lock-{index:05d}-of-{count:05d}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        if not _try_flock(fd, fcntl.LOCK_EX, path):
+            raise BuildError(f"{out}: slice {index}/{count} is being built by another process "
+                             f"({_holder(path)}); wait for it to finish or stop it")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
+        for other in sorted(folder.glob("lock-*-of-*")):
+            if other.name.endswith(f"-of-{count:05d}"):
+                continue                                 # a sibling slice: disjoint shards
+            probe = os.open(other, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if not _try_flock(probe, fcntl.LOCK_SH, other):
+                    raise BuildError(f"{out}: another build with a different number of slices "
+                                     f"({other.name}) is running ({_holder(other)}); its shards "
+                                     "overlap this one's, wait for it to finish or stop it")
+            finally:
+                os.close(probe)                          # closing releases the probe's lock
+        yield
+    finally:
+        os.close(fd)
+
+
+def _try_flock(fd: int, kind: int, path: Path) -> bool:
+    """Lock without waiting: False when another process holds it. A file system without
+    flock (some NFS/Lustre mounts) only warns: the build still works, unguarded."""
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        print(f"[vlm-cache] warning: cannot lock {path} ({e.strerror}); concurrent builds of the "
+              "same cache are not detected on this file system", flush=True)
+    return True
+
+
+def _holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text())
+        return f"pid {h['pid']} on {h['host']} since {h['since']}"
+    except (OSError, ValueError, KeyError):
+        return "holder not recorded yet"
 
 
 # -- ranks ------------------------------------------------------------------------------------

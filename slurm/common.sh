@@ -17,6 +17,9 @@
 #   CPU_BIND          srun --cpu-bind value (default: cores with GPUs, none without)
 #   LOADER_WORKERS    data loader worker processes per rank, passed as --data.num_workers
 #                     (default with GPUs: CPUS_PER_TASK-2, at most 8; without: the config's value)
+#   VERIFY_CACHE      1: before training, a full `vlm-cache verify` (SHA-256) of CACHE_DIR, once
+#                     per job (not on requeues); 0 skips it (default: 1). Between full checks
+#                     training trusts each file's size and mtime.
 #   STAGE_DIR         node-local NVMe directory; when set, vlm_stage_cache copies the feature
 #                     cache there on every node before training (e.g. /raid/$USER/vlm_cache)
 #   NCCL_ENV          file with the NCCL/InfiniBand settings (default: slurm/env.sh; "" = none)
@@ -57,6 +60,23 @@ vlm_setup() {
             "$TASKS_PER_NODE ranks/node, $GPUS_PER_NODE GPUs/node, $CPUS_PER_TASK CPUs/rank," \
             "loader workers ${LOADER_WORKERS:-config}, OMP threads $OMP_NUM_THREADS," \
             "rendezvous $MASTER_ADDR:$MASTER_PORT, repo $VLM_REPO"
+}
+
+# Full SHA-256 check of $CACHE_DIR on the batch node: training's own check trusts size and
+# mtime, so a byte altered with its mtime restored is caught here. Skipped with
+# VERIFY_CACHE=0, and on a requeue (the first start checked this cache).
+vlm_verify_cache() {
+    if [[ "${VERIFY_CACHE:-1}" == 0 ]]; then
+        vlm_log "VERIFY_CACHE=0: not verifying $CACHE_DIR (training checks size and mtime only)"
+        return 0
+    fi
+    if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
+        vlm_log "requeued: $CACHE_DIR was verified at the job's first start"
+        return 0
+    fi
+    vlm_log "verifying $CACHE_DIR (full SHA-256; VERIFY_CACHE=0 skips this)"
+    $PYTHON -m preprocess.cache_cli verify "$CACHE_DIR" \
+        || { echo "slurm: feature cache $CACHE_DIR fails verification (see above)" >&2; return 1; }
 }
 
 # With STAGE_DIR set: copy the feature cache $CACHE_DIR to $STAGE_DIR on every node (once
@@ -115,6 +135,7 @@ vlm_train() {
     [[ -n "${RUN_DIR:-}" ]] && args+=("--train.output_dir=$RUN_DIR")
     [[ -n "${RECORDS:-}" ]] && args+=("--data.records=$RECORDS")
     if [[ -n "${CACHE_DIR:-}" ]]; then
+        vlm_verify_cache || return 1
         vlm_stage_cache || return 1
         args+=("--data.cache=$CACHE_DIR")
     fi

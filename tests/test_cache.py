@@ -1,8 +1,10 @@
 """Feature cache end to end on the tiny SigLIP: build, read back, verify, resume, split, refuse."""
+import errno
 import io
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from preprocess import cache_cli
 from preprocess.cache_build import BuildConfig, BuildError, build, finalize
-from preprocess.cache_io import rank_from_env
+from preprocess.cache_io import build_lock, rank_from_env
 from vlm_dist.cache import (CacheError, FeatureCache, check_cache_for_training, read_manifest,
                             verify_cache)
 from vlm_dist.images import load_image
@@ -276,13 +278,19 @@ def test_two_processes_with_shard_index_equal_one_process(built, data, tiny_mode
 
 def test_launched_ranks_equal_one_process_and_rank0_finalizes(built, data, tiny_models, tmp_path,
                                                              monkeypatch):
+    from preprocess import cache_build
+
     out = tmp_path / "ranks"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    build(config(data, tiny_models["vision"], out))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(BuildError, match="waiting for 2 shard"):   # rank 1's part is missing
+        build(config(data, tiny_models["vision"], out, wait_timeout=0))
     assert not (out / "manifest.json").exists()
-    with pytest.raises(BuildError, match="shard-000000.arrow"):    # rank 0's part is missing
-        finalize(out)
+    monkeypatch.setenv("RANK", "1")
+    with monkeypatch.context() as m:        # rank 1 reads rank 0's plan: no file is hashed twice
+        m.setattr(cache_build, "hash_ref", lambda *a: pytest.fail("rank 1 hashed an image"))
+        build(config(data, tiny_models["vision"], out))
+    assert not (out / "manifest.json").exists()
     monkeypatch.setenv("RANK", "0")
     build(config(data, tiny_models["vision"], out, wait_timeout=60))
     same_files(out, built)
@@ -295,3 +303,112 @@ def test_rank_discovery():
     assert rank_from_env({"PMI_RANK": "1", "PMI_SIZE": "2"}) == (1, 2, 0)
     assert rank_from_env({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "6", "SLURM_LOCALID": "1"}) == (5, 6, 1)
     assert rank_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) is None   # a batch script, not srun
+
+
+# -- paths outside the image root, special files, huge files -----------------------------------
+def test_paths_outside_the_root_and_special_files_are_listed_failures(data, tiny_models, tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(data["images"] / "a0.png", root / "a0.png")
+    secret = tmp_path / "secret.png"
+    shutil.copy(data["images"] / "a1.png", secret)              # a real image, outside the root
+    (root / "out.png").symlink_to(secret)
+    (root / "sub" / "in.png").symlink_to(root / "a0.png")       # inside -> inside: fine
+    os.mkfifo(root / "fifo.png")
+    (root / "big.png").write_bytes(b"\0" * 200_001)
+    write_records(tmp_path / "records.jsonl", [
+        record("abs", [str(secret)]), record("up", ["../secret.png"]), record("link", ["out.png"]),
+        record("zero", ["/dev/zero"]), record("fifo", ["fifo.png"]), record("big", ["big.png"]),
+        record("ok", ["a0.png", "sub/in.png"])])
+    (tmp_path / "list.txt").write_text("/etc/passwd\n../secret.png\n")
+    out = tmp_path / "c"
+    result = cli("build", "--records", tmp_path / "records.jsonl", "--image-list", tmp_path / "list.txt",
+                 "--image-root", root, "--vision-model", tiny_models["vision"], "--out", out,
+                 "--max-bytes", 200_000, "--workers", 0, "--no-progress",
+                 timeout=600)                           # a build blocked on the FIFO fails here
+    assert result.returncode == 0, result.stderr
+    failures = {f["path"]: f for f in FeatureCache(out).failures}
+    outside = "outside the image root"
+    want = {str(secret): outside, "../secret.png": outside, "out.png": outside,
+            "/dev/zero": outside, "/etc/passwd": outside, "fifo.png": "not a regular file",
+            "big.png": "too large: 200001 bytes, over the limit of 200000"}
+    assert set(failures) == set(want)
+    assert all(failures[p]["reason"].startswith(r) for p, r in want.items()), failures
+    assert failures["out.png"]["records"] == ["link"] and failures["/etc/passwd"]["records"] == []
+    cache = FeatureCache(out)
+    assert len(cache) == 1 and cache.resolve("sub/in.png") == cache.resolve("a0.png")
+    assert read_manifest(out)["counts"]["unreadable_files"] == 7
+
+
+# -- concurrent builds, a full disk -------------------------------------------------------------
+def test_a_second_build_of_the_same_slice_is_refused_naming_the_holder(data, tiny_models, tmp_path):
+    out = tmp_path / "c"
+    with build_lock(out, 0, 1):                   # "another build" of the one slice
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        result = cli("build", "--records", data["records"], "--image-root", data["images"],
+                     "--vision-model", tiny_models["vision"], "--out", out, "--no-progress")
+        assert result.returncode == 1, result.stderr
+        assert f"pid {os.getpid()} on {socket.gethostname()} since" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        # a build cut into two slices overlaps it: refused too, and nothing was written
+        with pytest.raises(BuildError, match="different number of slices.*lock-00000-of-00001"):
+            build(config(data, tiny_models["vision"], out, shard_index=1, num_shards=2))
+        assert sorted(p.relative_to(out) for p in out.rglob("*")
+                      if not p.name.startswith("lock-")) == [q for q in before
+                                                             if not q.name.startswith("lock-")]
+    build(config(data, tiny_models["vision"], out))   # once it is released, the build runs
+    assert (out / "manifest.json").exists()
+
+
+def test_disk_full_names_the_shard_and_the_free_space(data, tiny_models, tmp_path, monkeypatch):
+    from preprocess import cache_io
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cache_io._HashingFile, "write", full)
+    out = tmp_path / "c"
+    with pytest.raises(BuildError, match=r"shards/shard-000000\.arrow: no space left on device "
+                                         r"\(\d+ bytes free on "):
+        build(config(data, tiny_models["vision"], out))
+    assert not list((out / "shards").glob("*"))        # no shard, no temporary file left
+    monkeypatch.setattr(os, "fsync", lambda fd: full(None, b""))
+    with pytest.raises(BuildError, match="x.json: no space left on device"):
+        cache_io.write_bytes_atomic(tmp_path / "x.json", b"{}")
+    assert not list(tmp_path.glob("x.json*"))
+
+
+# -- what the quick check trusts ----------------------------------------------------------------
+def test_quick_check_trusts_size_and_mtime_and_a_full_verify_does_not(built, tower, tmp_path, capsys):
+    cache = tmp_path / "c"
+    shutil.copytree(built, cache)
+    assert cache_cli.main(["info", str(cache)]) == 0
+    info = capsys.readouterr().out
+    assert "full SHA-256 check 20" in info and "checks only size and mtime" in info, info
+    shard = cache / "shards" / "shard-000001.arrow"
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    reader = FeatureCache(cache)
+    row = reader[next(k for k in reader.keys() if reader._locate(k)[0] == 1)]
+    data[data.find(row.view(torch.uint16).numpy().tobytes()) + 10] ^= 0x01   # a feature value
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))        # a flip that hides its tracks
+    check_cache_for_training(cache, tower.fingerprint())          # the documented blind spot
+    assert cache_cli.main(["verify", str(cache)]) == 1
+    assert "shard-000001.arrow: SHA-256 differs" in capsys.readouterr().err
+
+
+def test_an_image_list_with_bad_bytes_or_missing_is_named_by_file_and_line(tmp_path):
+    import pytest
+
+    from preprocess.cache_build import BuildConfig, collect_references
+    from vlm_dist.records import RecordError
+    good = tmp_path / "list.txt"
+    good.write_bytes(b"\xef\xbb\xbfa.png\n# a comment\nb.png\n")   # a BOM is read, not an error
+    refs, _, n = collect_references(BuildConfig(out=str(tmp_path / "c"), image_lists=[str(good)]))
+    assert sorted(refs) == ["a.png", "b.png"] and n == 2
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"a.png\nb.png\n\xff\xfe.png\n")
+    with pytest.raises(RecordError, match=r"bad.txt:3: not UTF-8"):
+        collect_references(BuildConfig(out=str(tmp_path / "c"), image_lists=[str(bad)]))
+    with pytest.raises(RecordError, match=r"nope.txt: cannot read"):
+        collect_references(BuildConfig(out=str(tmp_path / "c"), image_lists=[str(tmp_path / "nope.txt")]))

@@ -1,11 +1,14 @@
 """load_image: every common mode becomes upright RGB; unusable files raise ImageError naming why."""
 import io
+import os
+import signal
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_dist.images import ImageError, load_image
+from vlm_dist.images import ImageError, load_image, read_under, resolve_under
 
 RED, WHITE = (255, 0, 0), (255, 255, 255)
 
@@ -113,3 +116,57 @@ def test_decompression_bomb_is_an_error(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
     with pytest.raises(ImageError, match="DecompressionBomb"):
         load_image(data)
+
+
+# -- reading a user's path under a root ---------------------------------------------------------
+@contextmanager
+def must_not_hang(seconds=60):
+    """A regression that blocks on a FIFO or streams /dev/zero fails here instead of hanging."""
+    def fail(*_):
+        raise TimeoutError(f"still reading after {seconds}s")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """root/ with a file, a link to it inside the root, and links leading out of it."""
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_bytes(encode(Image.new("RGB", (4, 4), RED), "PNG"))
+    (tmp_path / "secret.png").write_bytes(b"not yours")
+    (root / "sub" / "in.png").symlink_to(root / "a.png")
+    (root / "out.png").symlink_to(tmp_path / "secret.png")
+    (root / "outdir").symlink_to(tmp_path)
+    os.mkfifo(root / "fifo.png")
+    return root
+
+
+@pytest.mark.parametrize("ref", ["../secret.png", "sub/../../secret.png", "out.png",
+                                 "outdir/secret.png", "/etc/passwd", "/dev/zero"])
+def test_paths_leaving_the_root_are_refused_before_opening(tree, ref):
+    with must_not_hang(), pytest.raises(ImageError, match="outside the image root") as e:
+        read_under(tree, ref)
+    assert e.value.path == ref
+
+
+def test_a_link_inside_the_root_to_a_file_inside_it_is_read(tree):
+    assert read_under(tree, "sub/in.png") == (tree / "a.png").read_bytes()
+    assert resolve_under(tree, "sub/in.png") == (tree / "a.png").resolve()
+
+
+def test_only_regular_files_up_to_the_byte_cap_are_read(tree):
+    with must_not_hang():
+        with pytest.raises(ImageError, match="not a regular file"):
+            read_under(tree, "fifo.png")                 # no writer: a plain open() blocks forever
+        with pytest.raises(ImageError, match="not a regular file"):
+            read_under("/", "dev/zero", max_bytes=1 << 20)   # inside "/", endless
+    size = (tree / "a.png").stat().st_size
+    with pytest.raises(ImageError, match=f"too large: {size} bytes, over the limit of {size - 1}"):
+        read_under(tree, "a.png", max_bytes=size - 1)
+    assert len(read_under(tree, "a.png", max_bytes=size)) == size

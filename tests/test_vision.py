@@ -81,3 +81,33 @@ def test_siglip2_naflex(tmp_path):
     assert feats[~mask].abs().sum() == 0                    # padding rows carry nothing
     with pytest.raises(ValueError, match="NaFlex"):
         tower.feature_shape(pool=2)
+
+
+def test_only_rank0_loads_the_tower_for_the_fingerprint(tiny_models, monkeypatch):
+    """launch/train.py: rank 0 fingerprints the encoder (fp32 load + weight hash), the others receive it."""
+    from torch import distributed as tdist
+
+    from vlm_dist import dist
+
+    fp = VisionTower.expected_fingerprint(tiny_models["vision"], -2)
+    loads = []
+    monkeypatch.setattr(VisionTower, "from_pretrained", classmethod(lambda *a, **k: loads.append(a)))
+    sent = []
+
+    def broadcast(box, src, group):              # rank 0's object arrives on every rank
+        if tdist.get_rank() == 0:
+            sent.append(box[0])
+        else:
+            box[0] = sent[0]
+    monkeypatch.setattr(tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tdist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(tdist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(tdist, "get_rank", lambda: 0)
+    assert dist.compute_on_rank0(lambda: fp) == fp
+    monkeypatch.setattr(tdist, "get_rank", lambda: 1)
+    assert dist.compute_on_rank0(lambda: VisionTower.expected_fingerprint("x", -2)) == fp
+    assert loads == []                           # rank 1 never loaded a tower
+    # an error on rank 0 is raised on every rank (none waits for a fingerprint that never comes)
+    sent[:] = [(None, ValueError("vision model 'x' has model_type 'bert'"))]
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        dist.compute_on_rank0(lambda: 1 / 0)

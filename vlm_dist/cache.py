@@ -14,7 +14,10 @@ Layout of a cache directory (written by `vlm-cache build`, see preprocess/):
     manifest.json               encoder fingerprint, counts, and size/rows/SHA-256 of every file;
                                 written last, so its presence means the cache is complete
     verified.json               size and mtime of every file at the last full check (the build,
-                                or `vlm-cache verify`): training refuses a file changed since
+                                or `vlm-cache verify`), and when it was: training refuses a file
+                                changed since. That check trusts metadata: a byte altered with
+                                its mtime restored passes it until the next full verify (the
+                                Slurm stage templates run one first).
 
 Tensors returned point into the memory-mapped shard: treat them as
 read-only (stacking them into a batch copies). The reader keeps at most
@@ -23,12 +26,11 @@ instance can be handed to DataLoader workers.
 """
 from __future__ import annotations
 
-from vlm_dist.errors import UserError
-
 import bisect
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+
+from vlm_dist.errors import UserError
 
 FORMAT = "vlm_dist-feature-cache/1"
 MANIFEST = "manifest.json"
@@ -315,10 +319,19 @@ def write_verified_stamp(cache_dir: str | os.PathLike,
     cache_dir = Path(cache_dir)
     files = _stat_entries(cache_dir, read_manifest(cache_dir))
     files.update(known or {})
-    stamp = {"manifest_sha256": sha256_file(cache_dir / MANIFEST), "files": files}
+    stamp = {"manifest_sha256": sha256_file(cache_dir / MANIFEST), "files": files,
+             "verified_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     tmp = cache_dir / f"{VERIFIED_FILE}.tmp.{os.getpid()}"
     tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, cache_dir / VERIFIED_FILE)
+
+
+def last_verified(cache_dir: str | os.PathLike) -> str | None:
+    """When the last full check (build or `vlm-cache verify`) ran, or None if none is recorded."""
+    path = Path(cache_dir) / VERIFIED_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("verified_at", "at an unrecorded time")
 
 
 def changed_since_verified(cache_dir: str | os.PathLike) -> list[str]:

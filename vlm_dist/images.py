@@ -9,21 +9,30 @@ integer greyscale is scaled down to 8 bits, and the EXIF orientation tag is
 applied. Files that cannot be decoded (zero-byte, truncated, not an image,
 more pixels than `max_pixels`) raise `ImageError(path, reason)`; the feature
 cache lists them in failures.jsonl instead of stopping.
+
+`resolve_under` / `open_under` / `read_under` are the one way a user-named
+path is read under a root the user named (the cache builder, the converters):
+symlinks resolved, contained in the root, regular files only, size capped.
 """
 from __future__ import annotations
 
-from vlm_dist.errors import UserError
-
 import io
 import os
+import stat
 import struct
 import warnings
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from vlm_dist.errors import UserError
+
 # PIL's own default limit (about 89.5M pixels, 1/4 GiB of 24-bit pixels).
 DEFAULT_MAX_PIXELS = 89_478_485
+# Bytes read from one image file at most: far above any real photo, far below a stray disk image.
+DEFAULT_MAX_BYTES = 64 << 20
 
 # What PIL raises on malformed input: it has no common base class for decode
 # errors, so the ones seen in practice are named here.
@@ -39,6 +48,61 @@ class ImageError(UserError, ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+def resolve_under(root: str | os.PathLike, ref: str | os.PathLike) -> Path:
+    """The real path of `ref` (relative to `root`), or ImageError if it leaves `root`.
+
+    Symlinks are resolved first, so `..`, an absolute `ref` and a link out of
+    the tree are all caught; a link inside the tree to a file inside it is fine.
+    """
+    real_root = Path(root).resolve()
+    path = (real_root / ref).resolve()          # an absolute ref replaces the root: caught below
+    if not path.is_relative_to(real_root):
+        raise ImageError(os.fspath(ref), f"outside the image root {real_root} (resolves to {path})")
+    return path
+
+
+def open_under(root: str | os.PathLike, ref: str | os.PathLike,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> BinaryIO:
+    """Open `ref` under `root` for reading: contained, a regular file, at most `max_bytes` bytes.
+
+    The checks are made on the opened descriptor (fstat), not on the name, so
+    a file swapped after the check is not read. O_NONBLOCK keeps a FIFO from
+    blocking the open; O_NOFOLLOW refuses a last component turned into a link.
+    """
+    path = resolve_under(root, ref)
+    name = os.fspath(ref)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageError(name, f"unreadable file ({e.strerror or e})") from e
+    f = os.fdopen(fd, "rb")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        raise ImageError(name, "not a regular file")
+    if st.st_size > max_bytes:
+        f.close()
+        raise ImageError(name, too_large(st.st_size, max_bytes))
+    return f
+
+
+def read_under(root: str | os.PathLike, ref: str | os.PathLike,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of `ref` under `root` (see `open_under`); at most max_bytes + 1 are ever read."""
+    with open_under(root, ref, max_bytes) as f:
+        try:
+            data = f.read(max_bytes + 1)        # + 1: a file that grew after fstat is caught
+        except OSError as e:
+            raise ImageError(os.fspath(ref), f"unreadable file ({e.strerror or e})") from e
+    if len(data) > max_bytes:
+        raise ImageError(os.fspath(ref), too_large(len(data), max_bytes))
+    return data
+
+
+def too_large(size: int, max_bytes: int) -> str:
+    return f"too large: {size} bytes, over the limit of {max_bytes} (--max-bytes)"
 
 
 def load_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
