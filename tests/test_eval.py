@@ -5,6 +5,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -245,3 +246,66 @@ def test_vlm_eval_two_ranks_matches_one(tiny_export, demo_data, tmp_path):
     assert b["world_size"] == 2
     assert b["loss"]["tokens"] == a["loss"]["tokens"] and b["loss"]["loss"] == pytest.approx(a["loss"]["loss"], rel=1e-5)
     assert b["probes"]["n"] == a["probes"]["n"] and b["probes"]["accuracy"] == a["probes"]["accuracy"]
+
+
+# -- launchers: srun and mpirun run vlm-eval distributed, like torchrun ---------------------------
+LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "PMI_", "OMPI_", "MPI_")
+
+
+@pytest.mark.parametrize("launcher_env", [
+    {"SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_NODEID": "0", "SLURM_LOCALID": "1",
+     "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "7",
+     "MASTER_ADDR": "127.0.0.1"},
+    {"PMI_RANK": "1", "PMI_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
+], ids=["srun", "mpirun"])
+def test_vlm_eval_starts_distributed_under_srun_and_mpirun(monkeypatch, launcher_env):
+    import vlm_dist.dist as dist
+    from vlm_dist.eval_cli import start_ranks
+    for key in list(os.environ):
+        if key.startswith(LAUNCHER_KEYS):
+            monkeypatch.delenv(key)
+    started = []
+    monkeypatch.setattr(dist, "init_distributed", lambda: started.append(dist.discover()) or started[-1])
+    assert start_ranks() == (0, 1) and not started          # plain python: one process, no group
+    for k, v in launcher_env.items():
+        monkeypatch.setenv(k, v)
+    assert start_ranks() == (1, 2) and len(started) == 1     # rank 1 of 2, process group started
+
+
+@pytest.mark.skipif(not shutil.which("mpirun"), reason="no mpirun (pip install mpich mpi4py)")
+def test_vlm_eval_under_mpirun_shards_over_two_ranks(tiny_export, demo_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_KEYS)}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT="29741")
+    proc = subprocess.run(["mpirun", "-n", "2", sys.executable, "-m", "vlm_dist.eval_cli", "--model", str(tiny_export),
+                           "--image-root", str(demo_data), "--loss", str(demo_data / "heldout_loss.jsonl"),
+                           "--limit", "4", "--device", "cpu", "--out", str(tmp_path / "mpi")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    res = json.loads((tmp_path / "mpi" / "eval.json").read_text())
+    assert res["world_size"] == 2 and res["loss"]["samples"] == 4
+
+
+def test_vlm_eval_reads_images_only_under_its_image_root(tiny_export, demo_data, tmp_path, capsys):
+    """A record naming a file outside --image-root (here by `..`) is refused by name, never read."""
+    from vlm_dist.eval_cli import main
+    from vlm_dist.records import read_records, write_records
+    secret = tmp_path / "secret.png"
+    secret.write_bytes((demo_data / next(read_records(demo_data / "heldout_loss.jsonl"))["images"][0]).read_bytes())
+    rec = next(read_records(demo_data / "heldout_loss.jsonl"))
+    rec["images"] = [os.path.relpath(secret, demo_data)] + rec["images"][1:]
+    write_records(tmp_path / "escape.jsonl", [rec])
+    rc = main(["--model", str(tiny_export), "--out", str(tmp_path / "eval"), "--image-root", str(demo_data),
+               "--loss", str(tmp_path / "escape.jsonl"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "outside the image root" in err and "Traceback" not in err
+
+
+def test_vlm_generate_names_a_bad_chat_file_without_a_traceback(tmp_path, capsys):
+    from vlm_dist.generate_cli import main
+    chat = tmp_path / "chat.json"
+    chat.write_bytes(b'[{"role": "user", "content": "caf\xe9"}]')   # latin-1, not UTF-8
+    assert main(["--model", str(tmp_path), "--chat", str(chat)]) == 2
+    err = capsys.readouterr().err
+    assert "chat.json:1: not UTF-8" in err and "Traceback" not in err
+    assert main(["--model", str(tmp_path), "--chat", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: cannot read" in capsys.readouterr().err

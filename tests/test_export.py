@@ -140,3 +140,157 @@ def test_missing_pieces_are_named(trained, tmp_path):
     (broken / "vlm_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="no adapter/adapter_config.json"):
         load_export(broken)
+
+
+# -- merge never deletes what it did not make; broken files are named ----------------------------
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture
+def run_layout(trained, tmp_path):
+    """A training run as launch/train.py leaves it: config.yaml, checkpoints/step_N/export, export/."""
+    import shutil
+    _, export_dir = trained
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {}\n")
+    (run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    shutil.copytree(export_dir, run / "checkpoints" / "step_00000002" / "export")
+    shutil.copytree(export_dir, run / "export")
+    return run
+
+
+@pytest.mark.parametrize("target,why", [
+    (".", "contains .*export .*the export it reads"),
+    ("export", "is .*export .*the export it reads"),
+    ("export/adapter", "lies inside .*export .*the export it reads"),
+    ("merged", "lies inside .*run .*training run"),
+    ("checkpoints", "lies inside .*run .*training run"),
+])
+def test_merge_refuses_an_output_in_the_run(run_layout, target, why):
+    before = _files(run_layout)
+    with pytest.raises(ExportError, match=why):
+        merge_export(run_layout / "export", run_layout / target)
+    assert _files(run_layout) == before
+
+
+def test_merge_from_a_checkpoint_export_refuses_its_run(run_layout):
+    before = _files(run_layout)
+    src = run_layout / "checkpoints" / "step_00000002" / "export"
+    with pytest.raises(ExportError, match="contains .*step_00000002/export"):
+        merge_export(src, run_layout / "checkpoints")
+    with pytest.raises(ExportError, match=f"merged lies inside {run_layout} .that export's training run"):
+        merge_export(src, run_layout / "merged")
+    assert _files(run_layout) == before
+
+
+def test_merge_refuses_a_non_empty_directory_it_did_not_make(run_layout, tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match=f"{other} is a non-empty directory that is not an earlier merge"):
+        merge_export(run_layout / "export", other)
+    assert (other / "notes.txt").read_text() == "keep me" and _files(other) == ["notes.txt"]
+
+
+def test_merge_into_a_new_path_and_again_over_its_own_output(run_layout, tmp_path):
+    out = tmp_path / "merged" / "sft"
+    merge_export(run_layout / "export", out)
+    assert read_export_config(out).merged
+    first = (out / "llm" / "config.json").stat().st_ino
+    merge_export(run_layout / "export", out)           # an earlier merge output: replaced
+    assert read_export_config(out).merged and (out / "llm" / "config.json").stat().st_ino != first
+    assert [p.name for p in (tmp_path / "merged").iterdir()] == ["sft"]   # no temp dir left beside it
+
+
+def test_merge_cli_refuses_the_run_dir_with_one_line(run_layout, capsys):
+    from vlm_dist.export import main
+    assert main(["merge", str(run_layout / "export"), str(run_layout)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlm-export: error: merge output") and len(err.strip().splitlines()) == 1
+    assert (run_layout / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt").exists()
+
+
+BROKEN = {   # what is damaged -> how
+    "connector.safetensors": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "adapter/adapter_model.safetensors": lambda p: p.write_bytes(p.read_bytes()[:100]),
+    "vlm_config.json": lambda p: p.write_text("{not json"),
+}
+
+
+def broken_copy(export_dir, dest, name):
+    import shutil
+    shutil.copytree(export_dir, dest)
+    BROKEN[name](dest / name)
+    return dest
+
+
+def _cli(module, *args):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_names_the_file(proc, path):
+    """Exit 2, no traceback, and one stderr line that names the broken file."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if str(path) in line]) == 1, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_a_broken_export_file_is_named(trained, tmp_path, name):
+    _, export_dir = trained
+    broken = broken_copy(export_dir, tmp_path / "broken", name)
+    reason = "not valid JSON" if name.endswith(".json") else "truncated or not a safetensors file"
+    with pytest.raises(ExportError, match=f"{broken / name}: {reason}"):
+        merge_export(broken, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    _images()[0].save(tmp_path / "a.png")
+    proc = _cli("vlm_dist.generate_cli", "--model", broken, "--image", tmp_path / "a.png", "--prompt", "What?",
+                "--max-new-tokens", "2", "--device", "cpu")
+    assert_names_the_file(proc, broken / name)
+    (tmp_path / "text.jsonl").write_text(json.dumps({"id": "t", "images": [], "conversations": [
+        {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]}) + "\n")
+    proc = _cli("vlm_dist.eval_cli", "--model", broken, "--out", tmp_path / "eval", "--text",
+                tmp_path / "text.jsonl", "--device", "cpu")
+    assert_names_the_file(proc, broken / name)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_publishing_refuses_a_broken_build_and_keeps_the_old_export(trained, tmp_path):
+    from vlm_dist.checkpoint import publish_export
+    _, export_dir = trained
+    broken = broken_copy(export_dir, tmp_path / "broken", "connector.safetensors")
+    out = tmp_path / "export"
+    publish_export(export_dir, out)
+    before = {f: (out / f).read_bytes() for f in _files(out) if (out / f).is_file()}
+    with pytest.raises(ExportError, match="connector.safetensors: truncated"):
+        publish_export(broken, out)
+    assert {f: (out / f).read_bytes() for f in _files(out) if (out / f).is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "export"]   # no temp dir left
+
+
+# -- sampling ----------------------------------------------------------------------------------
+def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(trained):
+    _, export_dir = trained
+    vlm, tok, tower, cfg = load_export(export_dir, device="cpu", dtype=torch.float32)
+    gen = Generator(vlm, tok, cfg, tower)
+    gen.stop_ids = []
+    feats = gen.encode_images(_images())
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+
+    def sample(seed):
+        return gen.generate_ids(_turns(), feats, GenerationSettings(8, do_sample=True, seed=seed))
+
+    first = sample(7)
+    assert sample(7) == first and len(first) == 8
+    assert torch.equal(torch.get_rng_state(), state)
+    # it really samples: across seeds the replies differ, and differ from greedy decoding
+    replies = {tuple(sample(s)) for s in range(5)} | {tuple(gen.generate_ids(_turns(), feats, GenerationSettings(8)))}
+    assert len(replies) > 1

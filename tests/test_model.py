@@ -139,7 +139,7 @@ def test_generation_with_0_1_3_images(tiny_models, tokenizer, n_images, template
     greedy = [vlm.generate(torch.tensor([ids]), media, max_new_tokens=6) for _ in range(2)]
     assert greedy[0].shape == (1, 6) and torch.equal(greedy[0], greedy[1])
     sampled = vlm.generate(torch.tensor([ids]), media, max_new_tokens=6, do_sample=True,
-                           temperature=1.0, top_p=0.9, seed=1)
+                           temperature=1.0, top_p=0.9)
     assert sampled.shape[1] <= 6
     assert isinstance(tokenizer.decode(greedy[0][0]), str)
 

@@ -4,6 +4,7 @@
         --loss heldout.jsonl --captions captions.jsonl --probes which.jsonl \\
         --nlvr2 pairs.jsonl --mc mmmu.jsonl --text text.jsonl
     torchrun --nproc_per_node 8 -m vlm_dist.eval_cli ...     # records sharded over ranks
+    srun -n 8 python -m vlm_dist.eval_cli ...                 # (or mpirun -n 8): the same
 
 Every set is a JSONL file of contract records (answer keys: see vlm_dist.evaluation).
 Image features come from --cache (a `vlm-cache build` of the records; its encoder
@@ -23,7 +24,13 @@ import os
 import sys
 from pathlib import Path
 
+from vlm_dist.errors import UserError
+
 SETS = ("loss", "captions", "describe", "probes", "nlvr2", "mc", "text")
+
+
+class EvalInputError(UserError):
+    """An evaluation set or cache that cannot be used as given; the message names it."""
 
 
 def parse_args(argv):
@@ -62,7 +69,7 @@ def _read(path: str, limit: int | None, need_answer: bool = False) -> list[dict]
     if need_answer:
         missing = [r["id"] for r in recs if "answer" not in r]
         if missing:
-            raise SystemExit(f"vlm-eval: {path}: {len(missing)} record(s) without an \"answer\" key, "
+            raise EvalInputError(f"{path}: {len(missing)} record(s) without an \"answer\" key, "
                              f"e.g. {missing[:5]}")
     return recs
 
@@ -76,8 +83,12 @@ class Features:
     def lookup(self, ref: str):
         if self.cache is not None:
             return self.cache.features_for(ref)
-        from vlm_dist.images import load_image
-        return self.gen.encode_images([load_image(os.path.join(self.root, ref))])[0]
+        return self.gen.encode_images([self._image(ref)])[0]
+
+    def _image(self, ref: str):
+        """An image under --image-root only (contained, a regular file, size-capped), as the cache reads it."""
+        from vlm_dist.images import load_image, read_under
+        return load_image(read_under(self.root, ref), name=os.path.join(self.root, ref))
 
     def __call__(self, record: dict):
         import torch
@@ -85,8 +96,7 @@ class Features:
             return None
         if self.cache is not None:
             return torch.stack([self.cache.features_for(r) for r in record["images"]])
-        from vlm_dist.images import load_image
-        return self.gen.encode_images([load_image(os.path.join(self.root, r)) for r in record["images"]])
+        return self.gen.encode_images([self._image(r) for r in record["images"]])
 
     @property
     def shape(self):
@@ -100,7 +110,7 @@ def open_cache(path: str, tower, pool: int):
     cache = FeatureCache(path)
     diffs = fingerprint_differences(cache.fingerprint, tower.fingerprint(pool))
     if diffs:
-        raise SystemExit(f"vlm-eval: cache {path} was built with another encoder than the export's "
+        raise EvalInputError(f"cache {path} was built with another encoder than the export's "
                          f"vision tower:\n  " + "\n  ".join(diffs))
     return cache
 
@@ -119,6 +129,16 @@ def caption_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def start_ranks() -> tuple[int, int]:
+    """(rank, world) from whichever launcher started us (torchrun, deepspeed, srun, mpirun, plain
+    python); with more than one rank the process group starts, so records are sharded once."""
+    from vlm_dist.dist import discover, init_distributed
+    if discover().world_size == 1:
+        return 0, 1
+    env = init_distributed()
+    return env.rank, env.world_size
+
+
 def run(args) -> dict:
     import torch
 
@@ -126,11 +146,7 @@ def run(args) -> dict:
     from vlm_dist.export import load_export
     from vlm_dist.inference import GenerationSettings, Generator
 
-    rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from vlm_dist.dist import init_distributed
-        env = init_distributed()
-        rank, world = env.rank, env.world_size
+    rank, world = start_ranks()
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     cache_dtype = None
     if args.cache:   # the tower runs in the cache's dtype unless the export recorded its own
@@ -223,7 +239,7 @@ def run(args) -> dict:
     if args.text:
         recs = _read(args.text, args.limit)
         if any(r["images"] for r in recs):
-            raise SystemExit(f"vlm-eval: --text {args.text} must hold text-only records (no images)")
+            raise EvalInputError(f"--text {args.text} must hold text-only records (no images)")
         mine = ev.shard(recs, rank, world)
         model = ev.merge_loss(ev.gather(ev.loss_sums(vlm, tokenizer, cfg.template, cfg.num_media_tokens,
                                                      mine, None, feats.shape,
@@ -259,7 +275,7 @@ class base_model:
         if self.cfg.base_llm is None:
             if self.cfg.llm_mode == "frozen":
                 return self.vlm          # the LLM is the base LLM
-            raise SystemExit(f"vlm-eval --text: {self.export_dir} has no base_llm in vlm_config.json to "
+            raise EvalInputError(f"--text: {self.export_dir} has no base_llm in vlm_config.json to "
                              "compare against")
         dtype = next(self.vlm.parameters()).dtype
         llm = load_llm(self.cfg.base_llm, "frozen", dtype).to(self.device).eval()
@@ -306,10 +322,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args)
-    from vlm_dist.dist import is_main, shutdown
+    from vlm_dist.dist import barrier, is_main, shutdown
     if is_main():
         print(summary_table(results), flush=True)
         print(f"wrote {Path(args.out) / 'eval.json'}", flush=True)
+    barrier()    # no rank tears its gloo pairs down while another still uses them (that aborts it)
     shutdown()
     return 0
 

@@ -1,7 +1,12 @@
 """Load a trained export in one call, and merge its LoRA adapter into a standalone directory.
 
     vlm, tokenizer, tower, cfg = load_export("runs/sft/export", device="cpu")
-    merge_export("runs/sft/export", "runs/sft/merged")      # then vlm-generate --model runs/sft/merged
+    merge_export("runs/sft/export", "merged/sft")      # then vlm-generate --model merged/sft
+    python -m vlm_dist.export merge runs/sft/export merged/sft [--dtype bf16]
+
+The merge output lies outside the export and its training run, and is new, empty or an
+earlier merge output: it is built beside, checked and swapped in, so a mistyped path
+never deletes a run (check_merge_target).
 
 An export directory (written by the trainer, vlm_dist.checkpoint.write_export):
 
@@ -21,8 +26,6 @@ authors deploy them): outputs differ slightly from the 4-bit training-time model
 """
 from __future__ import annotations
 
-from vlm_dist.errors import UserError
-
 import json
 import os
 import shutil
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from vlm_dist.errors import UserError
 from vlm_dist.model.build import (CONNECTOR_CONFIG, CONNECTOR_FILE, build_vlm, load_connectors, load_llm,
                                   read_connector_config)
 from vlm_dist.model.vision import VisionTower, dtype_name, resolve_dtype
@@ -78,9 +82,12 @@ class ExportConfig:
                               f"{required})")
         kwargs = {k: v for k, v in d.items() if k in names}
         pool = kwargs.get("pool", 1)
-        kwargs["pool"] = 2 if pool is True else 1 if pool is False or pool is None else int(pool)
-        if kwargs.get("vision_dtype") is not None:
-            kwargs["vision_dtype"] = dtype_name(resolve_dtype(kwargs["vision_dtype"]))
+        try:
+            kwargs["pool"] = 2 if pool is True else 1 if pool is False or pool is None else int(pool)
+            if kwargs.get("vision_dtype") is not None:
+                kwargs["vision_dtype"] = dtype_name(resolve_dtype(kwargs["vision_dtype"]))
+        except (TypeError, ValueError) as e:
+            raise ExportError(f"{where}: {e}") from e
         cfg = cls(**kwargs)
         cfg.extra = {k: v for k, v in d.items() if k not in names}  # kept and rewritten on merge
         return cfg
@@ -94,7 +101,71 @@ def read_export_config(export_dir: str | os.PathLike) -> ExportConfig:
     if not path.exists():
         raise ExportError(f"{export_dir}: no {EXPORT_CONFIG} (not a vlm_dist export, or the export "
                           "was interrupted before it was published)")
-    return ExportConfig.from_dict(json.loads(path.read_text()), str(path))
+    return ExportConfig.from_dict(_read_json(path), str(path))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ExportError(f"{path}: missing")
+    try:
+        d = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ExportError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _check_safetensors(path: Path) -> None:
+    """Open the file's header: safetensors refuses one whose size disagrees with it (truncated)."""
+    from safetensors import SafetensorError, safe_open
+    if not path.is_file():
+        raise ExportError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except SafetensorError as e:
+        raise ExportError(f"{path}: truncated or not a safetensors file ({e})") from e
+
+
+def _check_weights(model_dir: Path, stem: str) -> None:
+    """`stem`.safetensors, or the shards its index lists (as save_pretrained writes them)."""
+    index = model_dir / f"{stem}.safetensors.index.json"
+    if not index.exists():
+        return _check_safetensors(model_dir / f"{stem}.safetensors")
+    shards = _read_json(index).get("weight_map", {}).values()
+    if not shards:
+        raise ExportError(f"{index}: no weight_map")
+    for shard in sorted(set(shards)):
+        _check_safetensors(model_dir / shard)
+
+
+def check_export(export_dir: str | os.PathLike) -> ExportConfig:
+    """Open every file the loaders will read; the first broken one is named in an ExportError.
+
+    Run on what is about to be published (checkpoint.publishing) and before loading, so a
+    truncated or garbled file is named here, not deep inside safetensors, PEFT or transformers.
+    Reads JSON files and safetensors headers only (cheap even for a merged 8B LLM).
+    """
+    d = Path(export_dir)
+    cfg = read_export_config(d)
+    if cfg.merged or cfg.llm_mode == "full":
+        llm = Path(resolve_path(cfg.llm, d))
+        if not llm.is_dir():
+            raise ExportError(f"{d}: llm_mode={cfg.llm_mode}, merged={cfg.merged} but its LLM directory "
+                              f"{str(llm)!r} does not exist")
+        _read_json(llm / "config.json")
+        _check_weights(llm, "model")
+    elif cfg.llm_mode in ("lora", "qlora"):
+        if not (d / ADAPTER_DIR / "adapter_config.json").exists():
+            raise ExportError(f"{d}: llm_mode={cfg.llm_mode} but no {ADAPTER_DIR}/adapter_config.json")
+        _read_json(d / ADAPTER_DIR / "adapter_config.json")
+        _check_weights(d / ADAPTER_DIR, "adapter_model")
+    elif cfg.llm_mode != "frozen":
+        raise ExportError(f"{d / EXPORT_CONFIG}: unknown llm_mode {cfg.llm_mode!r} (frozen, lora, qlora or full)")
+    _read_json(d / CONNECTOR_CONFIG)
+    _check_safetensors(d / CONNECTOR_FILE)
+    return cfg
 
 
 def resolve_path(ref: str, export_dir: str | os.PathLike) -> str:
@@ -124,19 +195,15 @@ def _default_dtype(device) -> torch.dtype:
 
 
 def load_llm_from_export(export_dir: str | os.PathLike, cfg: ExportConfig, dtype: torch.dtype):
-    """The LLM as trained: base + adapter, or the export's own (full or merged) weights."""
+    """The LLM as trained: base + adapter, or the export's own (full or merged) weights.
+
+    Its files are checked by check_export (load_export and merge_export call it first).
+    """
     export_dir = Path(export_dir)
-    adapter = export_dir / ADAPTER_DIR
     if cfg.merged or cfg.llm_mode == "full":
-        path = resolve_path(cfg.llm, export_dir)
-        if not Path(path).exists():
-            raise ExportError(f"{export_dir}: llm_mode={cfg.llm_mode}, merged={cfg.merged} but its "
-                              f"LLM directory {path!r} does not exist")
-        return load_llm(path, "frozen", dtype)
+        return load_llm(resolve_path(cfg.llm, export_dir), "frozen", dtype)
     if cfg.llm_mode in ("lora", "qlora"):
-        if not (adapter / "adapter_config.json").exists():
-            raise ExportError(f"{export_dir}: llm_mode={cfg.llm_mode} but no {ADAPTER_DIR}/adapter_config.json")
-        return load_llm(resolve_path(cfg.llm, export_dir), "lora", dtype, adapter=str(adapter))
+        return load_llm(resolve_path(cfg.llm, export_dir), "lora", dtype, adapter=str(export_dir / ADAPTER_DIR))
     if cfg.llm_mode == "frozen":
         return load_llm(resolve_path(cfg.llm, export_dir), "frozen", dtype)
     raise ExportError(f"{export_dir}: unknown llm_mode {cfg.llm_mode!r} in {EXPORT_CONFIG}")
@@ -156,7 +223,10 @@ def build_from_export(llm, tokenizer, export_dir: str | os.PathLike, cfg: Export
     vision_dim, num_tokens = conn_cfg.pop("vision_dim"), conn_cfg.pop("num_tokens")
     conn_cfg.pop("llm_dim")
     vlm = build_vlm(llm, tokenizer, vision_dim, num_patches, connector=conn_cfg, dtype=dtype)
-    load_connectors(vlm, export_dir)
+    try:
+        load_connectors(vlm, export_dir)
+    except ValueError as e:   # names the file: weights that do not fit connector_config.json
+        raise ExportError(str(e)) from e
     if not vlm.num_tokens["image"] == num_tokens == cfg.num_media_tokens:
         raise ExportError(f"{export_dir}: visual tokens per image disagree: connector gives "
                           f"{vlm.num_tokens['image']}, connector_config says {num_tokens}, "
@@ -174,7 +244,7 @@ def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu
     else cfg.vision_dtype (the dtype the training cache was built in), else bf16.
     """
     export_dir = Path(export_dir)
-    cfg = read_export_config(export_dir)
+    cfg = check_export(export_dir)
     dtype = resolve_dtype(dtype) if dtype is not None else _default_dtype(device)
     tokenizer = load_tokenizer(cfg, export_dir)
     tower = load_vision_tower(cfg, export_dir, device, vision_dtype) if with_vision else None
@@ -203,16 +273,19 @@ def merge_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     The merge runs in float32 and the result is saved in `save_dtype` (default: the
     base LLM's own dtype). A frozen-mode export gets a copy of its base LLM, so the
-    output never depends on the base path. Published atomically (temp dir, rename).
+    output never depends on the base path. Built beside `out_dir`, checked, then swapped
+    in (checkpoint.publishing); `out_dir` must be new, empty or an earlier merge output,
+    and lie outside the export and its training run (check_merge_target).
     """
     from transformers import AutoConfig
 
+    from vlm_dist.checkpoint import publishing
+
     export_dir, out = Path(export_dir), Path(out_dir)
-    cfg = read_export_config(export_dir)
+    cfg = check_export(export_dir)
     if cfg.merged:
         raise ExportError(f"{export_dir} is already merged; load it directly")
-    if out.resolve() == export_dir.resolve():
-        raise ExportError(f"merge_export: out_dir {out} must differ from the export it reads")
+    check_merge_target(export_dir, out)
     llm_path = resolve_path(cfg.llm, export_dir)
     if save_dtype is None:
         base_cfg = AutoConfig.from_pretrained(llm_path)
@@ -225,21 +298,55 @@ def merge_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike,
     llm = llm.to(save_dtype)
     llm.config.use_cache = True    # load_llm turns the cache off for training; inference wants it
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    llm.save_pretrained(str(tmp / LLM_DIR))
-    tokenizer.save_pretrained(str(tmp / LLM_DIR))
-    for name in (CONNECTOR_FILE, CONNECTOR_CONFIG):
-        shutil.copy2(export_dir / name, tmp / name)
-    merged = cfg.to_dict()
-    merged.update(llm=LLM_DIR, merged=True, base_llm=cfg.base_llm or _portable(llm_path),
-                  vision=_portable(resolve_path(cfg.vision, export_dir)), merged_from=str(export_dir.resolve()))
-    (tmp / EXPORT_CONFIG).write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with publishing(out) as tmp:
+        llm.save_pretrained(str(tmp / LLM_DIR))
+        tokenizer.save_pretrained(str(tmp / LLM_DIR))
+        for name in (CONNECTOR_FILE, CONNECTOR_CONFIG):
+            shutil.copy2(export_dir / name, tmp / name)
+        merged = cfg.to_dict()
+        merged.update(llm=LLM_DIR, merged=True, base_llm=cfg.base_llm or _portable(llm_path),
+                      vision=_portable(resolve_path(cfg.vision, export_dir)),
+                      merged_from=str(export_dir.resolve()))
+        (tmp / EXPORT_CONFIG).write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def run_dir(export_dir: str | os.PathLike) -> Path | None:
+    """The training run an export belongs to: the nearest of its parent, grandparent and
+    great-grandparent with checkpoints/ or config.yaml (<run>/export, <run>/checkpoints/step_N/export)."""
+    for d in list(Path(export_dir).resolve().parents)[:3]:
+        if (d / "checkpoints").is_dir() or (d / "config.yaml").is_file():
+            return d
+    return None
+
+
+def check_merge_target(export_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Refuse an output whose replacement could delete what the merge reads or what training made.
+
+    Refused: the export itself, its run directory, anything inside either or containing
+    either, and an existing non-empty directory that is not an earlier merge output.
+    """
+    src, out = Path(export_dir).resolve(), Path(out_dir).resolve()
+    for protected, what in ((src, "the export it reads"), (run_dir(src), "that export's training run")):
+        if protected is None:
+            continue
+        if out == protected or protected in out.parents or out in protected.parents:
+            relation = "is" if out == protected else "lies inside" if protected in out.parents else "contains"
+            raise ExportError(f"merge output {out_dir} {relation} {protected} ({what}); choose a path "
+                              f"outside {protected}")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(f"merge output {out_dir} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not _is_merge_output(out):
+        raise ExportError(f"merge output {out_dir} is a non-empty directory that is not an earlier merge "
+                          f"of an export (no {EXPORT_CONFIG} with \"merged\": true); refusing to replace "
+                          f"it. Choose a new path (the merge of {export_dir} is never written over other files)")
+
+
+def _is_merge_output(path: Path) -> bool:
+    try:
+        return read_export_config(path).merged
+    except ExportError:
+        return False
 
 
 def _portable(ref: str) -> str:
@@ -253,13 +360,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """python -m vlm_dist.export EXPORT_DIR OUT_DIR [--dtype bf16]: merge LoRA into one directory."""
+    """python -m vlm_dist.export merge EXPORT_DIR OUT_DIR [--dtype bf16]: merge LoRA into one directory."""
     import argparse
-    p = argparse.ArgumentParser(description="Merge an export's LoRA adapter into its LLM and write one "
-                                "directory that vlm-generate / vlm-eval load in one call.")
-    p.add_argument("export_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--dtype", default=None, help="dtype of the saved LLM (default: the base LLM's)")
+    p = argparse.ArgumentParser(prog="vlm-export")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="merge an export's LoRA adapter into its LLM and write one directory "
+                       "that vlm-generate / vlm-eval load in one call")
+    m.add_argument("export_dir")
+    m.add_argument("out_dir", help="a new path outside the export's run (or an earlier merge output)")
+    m.add_argument("--dtype", default=None, help="dtype of the saved LLM (default: the base LLM's)")
     args = p.parse_args(argv)
     out = merge_export(args.export_dir, args.out_dir, args.dtype)
     print(f"merged export written to {out}")

@@ -2,7 +2,7 @@
 
     vlm-generate --model runs/sft/export --image a.png --image b.png \\
         --prompt "Which image shows the red circle?"
-    vlm-generate --model runs/sft/merged --chat chat.json --image a.png --sample --temperature 0.7
+    vlm-generate --model merged/sft --chat chat.json --image a.png --sample --temperature 0.7
 
 --model is an export directory (base LLM + connector + adapter/) or a merged
 one (vlm_dist.export.merge_export); either loads in one call. Features are
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from vlm_dist.records import IMAGE_PLACEHOLDER
 
@@ -54,9 +53,10 @@ def build_conversation(prompt: str | None, chat: list[dict] | None, n_images: in
 
 
 def read_chat(path: str) -> list[dict]:
+    from vlm_dist.records import read_text
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(read_text(path))   # a missing file or bad byte: RecordError naming it
+    except json.JSONDecodeError as e:
         raise ValueError(f"--chat {path}: cannot read a JSON chat ({e})") from e
     if isinstance(data, dict) and "conversations" in data:
         data = data["conversations"]

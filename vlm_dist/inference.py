@@ -34,7 +34,30 @@ class GenerationSettings:
     top_p: float = 1.0
     """Nucleus sampling mass (sampling only)."""
     seed: int | None = None
-    """Seed for sampling (None: torch's current state)."""
+    """Seed for sampling (None: a fresh random one); torch's global RNG is never touched."""
+
+
+class SeededSampling:
+    """Temperature + top-p sampling from a private torch.Generator, as a transformers logits processor.
+
+    Transformers samples from torch's global RNG, so seeding it there would reseed the caller's
+    training or evaluation. This draws the token itself and leaves only it finite, so greedy
+    decoding (do_sample=False) emits exactly the sampled token.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int | None, device: torch.device):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+        self.warp = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
+        self.rng = torch.Generator(device=device)
+        if seed is None:
+            self.rng.seed()
+        else:
+            self.rng.manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.warp(input_ids, scores).float(), dim=-1)          # (B, V)
+        picked = torch.multinomial(probs, num_samples=1, generator=self.rng)       # (B, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, picked, 0.0)
 
 
 def prompt_turns(conversations: list[dict]) -> list[dict]:
@@ -88,11 +111,15 @@ class Generator:
         if n_feats:
             media = {"image": {"features": features.to(self.device),
                                "counts": torch.tensor([n_feats], device=self.device)}}
+        sampling = None
+        if settings.do_sample:
+            from transformers import LogitsProcessorList
+            sampling = LogitsProcessorList([SeededSampling(settings.temperature, settings.top_p, settings.seed,
+                                                           self.device)])
         out = self.vlm.generate(torch.tensor([ids], device=self.device), media,
-                                max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
-                                temperature=settings.temperature, top_p=settings.top_p,
+                                max_new_tokens=settings.max_new_tokens, do_sample=False,
                                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-                                streamer=streamer, seed=settings.seed)
+                                streamer=streamer, logits_processor=sampling)
         new = out[0].tolist()
         for i, t in enumerate(new):       # cut at the first stop token
             if t in self.stop_ids:

@@ -124,11 +124,13 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, media: dict | None = None, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 eos_token_id=None, pad_token_id=None, streamer=None, seed: int | None = None
+                 eos_token_id=None, pad_token_id=None, streamer=None, logits_processor=None
                  ) -> torch.Tensor:
-        """New token ids (1, T_new) for one prompt (1, T) with its media."""
-        if seed is not None:
-            torch.manual_seed(seed)
+        """New token ids (1, T_new) for one prompt (1, T) with its media.
+
+        do_sample draws from torch's global RNG; for seeded sampling that leaves it alone,
+        pass vlm_dist.inference.SeededSampling as `logits_processor` (with do_sample=False).
+        """
         embeds = self.embed(input_ids, media)
         kwargs = dict(do_sample=do_sample)
         if do_sample:
@@ -138,7 +140,7 @@ class VisionLanguageModel(nn.Module):
         return self.llm.generate(
             inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            streamer=streamer, **kwargs)
+            streamer=streamer, logits_processor=logits_processor, **kwargs)
 
 
 def ce_chunks(num_supervised: int) -> int:
