@@ -1,10 +1,11 @@
 # The two commands a fresh machine needs (see README.md):
 #   make demo   - install, then train and evaluate the embedded demo end to end
-#   make test   - install, bring up a local Slurm (as root, if possible), run the test suite
+#   make test   - install, bring up a local Slurm and ssh to localhost for pdsh (as root, if possible),
+#                 run the test suite
 PY ?= python3
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test slurm
+.PHONY: install demo test slurm ssh
 
 install:
 	$(PY) -m pip install -q "$(TORCH)"
@@ -17,5 +18,9 @@ slurm:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then bash .ci/slurm_up.sh; \
 	else echo "not root or no apt-get: Slurm tests will be skipped"; fi
 
-test: install slurm
+ssh:
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then bash .ci/ssh_up.sh; \
+	else echo "not root or no apt-get: the pdsh launcher tests will be skipped"; fi
+
+test: install slurm ssh
 	$(PY) -m pytest tests -q -ra --durations=15

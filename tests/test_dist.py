@@ -2,8 +2,10 @@
 
     python -m pytest tests/test_dist.py -x -q
 
-The multi-process tests start real ranks (torchrun, mpirun, or two plain processes with
-the deepspeed launcher's RANK/WORLD_SIZE variables) running `python -m vlm_dist.dist --selftest`.
+The multi-process tests start real ranks (torchrun, mpirun, the deepspeed launcher, or two
+plain processes with its RANK/WORLD_SIZE variables) running `python -m vlm_dist.dist --selftest`.
+The pdsh tests need passwordless `ssh localhost` and pdsh (`bash .ci/ssh_up.sh` as root); they
+skip without them, except under CI (CI=true), where that is a failure.
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import signal
 import subprocess
 import sys
 import time
+from functools import cache
 from pathlib import Path
 
+import psutil
 import pytest
 
 from vlm_dist import dist
@@ -127,12 +131,26 @@ def _start_two_ranks(tmp_path: Path, *args: str) -> list[tuple[subprocess.Popen,
     return procs
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kills proc and its descendants (a launcher killed alone leaves its children running)."""
+    try:
+        tree = psutil.Process(proc.pid)
+        tree = [*tree.children(recursive=True), tree]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _wait_for(log: Path, text: str, procs, limit_s: float = 120) -> None:
     end = time.monotonic() + limit_s
     while text not in log.read_text():
         if any(p.poll() is not None for p, _ in procs) or time.monotonic() > end:
             for p, _ in procs:
-                p.kill()
+                _kill_tree(p)
             raise AssertionError(f"{text!r} never appeared in {log}:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
 
@@ -144,7 +162,7 @@ def _finish(procs, limit_s: float = 120) -> list[tuple[int, str]]:
             p.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             for q, _ in procs:
-                q.kill()
+                _kill_tree(q)
             raise AssertionError(f"rank did not end within {limit_s}s:\n{log.read_text()[-3000:]}")
         out.append((p.returncode, log.read_text()))
     return out
@@ -166,6 +184,145 @@ def test_deepspeed_launcher_two_cpu_ranks():
                        env=_clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "selftest ok: world_size=2 backend=gloo launcher=deepspeed sum=3" in r.stdout
+
+
+# launch/train.py's side of the contract, small: a Preemption check every step, and on a stop a
+# marker (the "checkpoint") and exit_for_requeue. Writes env{rank} (pid, environment) at start.
+LOOP = '''
+import os, sys, time
+from pathlib import Path
+from vlm_dist import dist
+
+out = Path(sys.argv[-1])  # the deepspeed launcher puts --local_rank=N first
+env = dist.init_distributed(timeout_s=60)
+(out / f"env{env.rank}").write_text(f"{os.getpid()} DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')}")
+stop = dist.Preemption()
+step = 0
+while True:
+    step += 1
+    time.sleep(0.05)
+    dist.print0(f"step {step}")
+    if stop.should_stop():
+        (out / f"stopped{env.rank}").write_text(str(step))
+        dist.exit_for_requeue()
+'''
+
+
+def _loop_ranks(out: Path, log: Path, procs) -> list[psutil.Process]:
+    """Once both LOOP ranks have made 3 steps: the two ranks and their launch.py parents."""
+    _wait_for(log, "step 3\n", procs)
+    ranks = [psutil.Process(int((out / f"env{r}").read_text().split()[0])) for r in range(2)]
+    return ranks + [p.parent() for p in ranks]
+
+
+def _still_running(procs: list[psutil.Process], limit_s: float = 120) -> list[psutil.Process]:
+    """Waits at most limit_s for the processes to end; kills and returns those that did not."""
+    def running(p):
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    end = time.monotonic() + limit_s
+    while any(map(running, procs)) and time.monotonic() < end:
+        time.sleep(0.2)
+    alive = [p for p in procs if running(p)]
+    for p in alive:
+        p.kill()
+    return alive
+
+
+def _stopped_steps(out: Path) -> list[str | None]:
+    return [(out / f"stopped{r}").read_text() if (out / f"stopped{r}").exists() else None for r in range(2)]
+
+
+@pytest.mark.usefixtures("deepspeed_cpu_ops_built")
+def test_sigterm_to_the_deepspeed_launcher_saves_and_ends_the_ranks(tmp_path):
+    # on one node runner.py (the `deepspeed` command) forwards no signal: killed, it leaves
+    # launch.py and the ranks training on; the ranks' launcher watch turns that into SIGTERM
+    (tmp_path / "loop.py").write_text(LOOP)
+    log = tmp_path / "launcher.log"
+    top = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(dist._free_port()),
+                            str(tmp_path / "loop.py"), str(tmp_path)],
+                           env=_clean_env(), cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        procs = _loop_ranks(tmp_path, log, [(top, log)])
+        top.send_signal(signal.SIGTERM)
+        top.wait(timeout=60)
+        assert _still_running(procs) == [], log.read_text()[-3000:]
+    finally:
+        _kill_tree(top)
+    step0, step1 = _stopped_steps(tmp_path)
+    assert step0 is not None and step0 == step1, log.read_text()[-3000:]
+    assert "the deepspeed launcher is gone" in log.read_text()
+
+
+@cache
+def _no_pdsh_to_localhost() -> str | None:
+    """None when `deepspeed --launcher pdsh` can reach localhost, else why not."""
+    if shutil.which("pdsh") is None:
+        return "pdsh is not installed: run `bash .ci/ssh_up.sh` as root"
+    for host in ("localhost", "127.0.0.1"):
+        r = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host, "true"],
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            return f"`ssh {host} true` fails ({r.stderr.strip()}): run `bash .ci/ssh_up.sh` as root"
+    return None
+
+
+@pytest.fixture
+def pdsh_to_localhost():
+    why = _no_pdsh_to_localhost()
+    if why and os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run the pdsh tests (make test runs .ci/ssh_up.sh): {why}")
+    if why:
+        pytest.skip(why)
+
+
+def _pdsh_launcher(tmp_path: Path, *args: str) -> list[str]:
+    """`deepspeed --launcher pdsh` on two "nodes" (localhost and 127.0.0.1: two ssh sessions, node
+    ranks 0 and 1), run from tmp_path, whose .deepspeed_env carries the variables ssh would drop."""
+    (tmp_path / "hostfile").write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    (tmp_path / ".deepspeed_env").write_text("DS_ACCELERATOR=cpu\nCUDA_VISIBLE_DEVICES=\nOMP_NUM_THREADS=1\n")
+    return ["deepspeed", "--hostfile", "hostfile", "--launcher", "pdsh", "--master_addr", "127.0.0.1",
+            "--master_port", str(dist._free_port()), *args]
+
+
+def _pdsh_env() -> dict:
+    # PYTHON* variables are exported to the nodes by DeepSpeed itself
+    return {**_clean_env(), "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.usefixtures("deepspeed_cpu_ops_built", "pdsh_to_localhost")
+def test_deepspeed_pdsh_launcher_two_nodes_on_loopback(tmp_path):
+    r = subprocess.run(_pdsh_launcher(tmp_path, "--module", "vlm_dist.dist", "--selftest", "--steps", "2"),
+                       env=_pdsh_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "rank 1/2" in r.stdout and "node 1" in r.stdout, r.stdout[-3000:]
+    assert "selftest ok: world_size=2 backend=gloo launcher=deepspeed sum=3" in r.stdout
+
+
+@pytest.mark.usefixtures("deepspeed_cpu_ops_built", "pdsh_to_localhost")
+def test_lost_pdsh_connection_saves_and_ends_the_ranks(tmp_path):
+    # The ranks print into their ssh session; when it goes (pdsh killed, a node's link lost),
+    # a print raised BrokenPipeError and the rank died without saving. SIGTERM to the top
+    # `deepspeed` ends pdsh the same way, but also runs `pkill -f deepspeed.launcher.launch` on
+    # every host, which would end any other DeepSpeed launch on this machine: so pdsh it is.
+    (tmp_path / "loop.py").write_text(LOOP)
+    log = tmp_path / "launcher.log"
+    top = subprocess.Popen(_pdsh_launcher(tmp_path, "loop.py", str(tmp_path)), env=_pdsh_env(), cwd=tmp_path,
+                           stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        procs = _loop_ranks(tmp_path, log, [(top, log)])
+        assert [(tmp_path / f"env{r}").read_text().split()[1] for r in range(2)] == ["DS_ACCELERATOR=cpu"] * 2
+        [pdsh] = [p for p in psutil.Process(top.pid).children() if p.cmdline()[0] == "pdsh"]
+        pdsh.terminate()
+        top.wait(timeout=60)
+        assert _still_running(procs) == [], log.read_text()[-3000:]
+    finally:
+        _kill_tree(top)  # pdsh and ssh; then the ranks see their session gone
+    step0, step1 = _stopped_steps(tmp_path)
+    assert step0 is not None and step0 == step1, log.read_text()[-3000:]
 
 
 @pytest.mark.usefixtures("deepspeed_cpu_ops_built")

@@ -15,7 +15,8 @@ The one module that knows about distribution (model code never imports torch.dis
 Faults end the job instead of hanging it: every collective has a bounded timeout, NCCL
 aborts the process on a timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING), the per-step check
 is a gloo monitored barrier that names the ranks which did not arrive, and an optional
-stall watchdog ends a rank that makes no step for `stall_timeout_s` (printing its stack).
+stall watchdog ends a rank that makes no step for `stall_timeout_s` (printing its stack). Under the
+`deepspeed` launcher a rank whose launcher is gone stops as on SIGTERM (watch_deepspeed_launcher).
 
 Self-test on any cluster (all-reduce across all ranks; exits 0 when it adds up):
 
@@ -23,15 +24,15 @@ Self-test on any cluster (all-reduce across all ranks; exits 0 when it adds up):
     torchrun --nproc-per-node 2 -m vlm_dist.dist --selftest
     mpirun -n 2 python -m vlm_dist.dist --selftest
     deepspeed --num_gpus 2 --module vlm_dist.dist --selftest
+    deepspeed --hostfile hostfile --launcher pdsh --master_addr HOST0 --module vlm_dist.dist --selftest
 """
 from __future__ import annotations
-
-from vlm_dist.errors import UserError
 
 import argparse
 import faulthandler
 import gc
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -43,6 +44,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
+
+from vlm_dist.errors import UserError
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal after saving a checkpoint, run me again"
 STALL_EXIT_CODE = 86    # the stall watchdog ended this rank
@@ -190,6 +193,8 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> Di
     if _ENV is not None and tdist.is_initialized():
         return _ENV
     env = discover()
+    if env.launcher == "deepspeed":
+        watch_deepspeed_launcher()
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
                       MASTER_PORT=str(env.master_port))
@@ -260,6 +265,27 @@ def all_reduce_sum(x):
     return _all_reduce(x, tdist.ReduceOp.SUM)
 
 
+def compute_on_rank0(fn):
+    """fn() on rank 0 only, its result (or its exception) handed to every rank.
+
+    For start-up work every rank needs but one can do (e.g. loading an encoder to
+    fingerprint it); an error is raised on every rank, so none waits forever.
+    """
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return fn()
+    box = [None]
+    if tdist.get_rank() == 0:
+        try:
+            box[0] = (fn(), None)
+        except Exception as e:               # re-raised on every rank below
+            box[0] = (None, e)
+    tdist.broadcast_object_list(box, src=0, group=_MONITOR)   # gloo: CPU pickles, no GPU sync
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value
+
+
 def ds_initialize(model, model_parameters, config: dict | str, **kwargs):
     """deepspeed.initialize after init_distributed; returns its (engine, optimizer, dataloader, scheduler)."""
     import deepspeed
@@ -302,6 +328,58 @@ def exit_for_requeue() -> None:
 
 
 # ----------------------------------------------------------------------------- faults
+
+def watch_deepspeed_launcher() -> None:
+    """Under the `deepspeed` launcher, a rank whose launcher is gone sends itself SIGTERM (-> save, exit).
+
+    The chain is `deepspeed` (runner.py) -> launch.py -> ranks; with pdsh, runner.py -> pdsh -> ssh
+    -> sshd -> launch.py -> ranks. On one node runner.py has no signal handler: SIGTERM to it (kill,
+    a scheduler or container stopping the job) ends it alone, and launch.py, reparented, keeps the
+    ranks training with the GPUs held. PR_SET_PDEATHSIG cannot see that (it fires when a rank's own
+    parent, launch.py, dies), so a thread watches both links: this rank's parent is still launch.py
+    and launch.py's parent is still the process that started it. Under pdsh the ranks print into the
+    ssh session: once it is gone a print raises BrokenPipeError, so an output whose reader is gone is
+    pointed at /dev/null (nobody can read it) and also means the launcher is gone. Then SIGTERM goes
+    to this rank: Preemption agrees on a step, the checkpoint is saved, the rank exits (before
+    Preemption is installed SIGTERM just ends it). torchrun, srun and mpirun forward signals to their
+    ranks themselves; ranks not started by launch.py (by hand, by tests) are not watched.
+    """
+    import psutil
+
+    launch = psutil.Process().parent()
+    if launch is None or "deepspeed.launcher.launch" not in launch.cmdline():
+        return
+    threading.Thread(target=_launcher_watch, args=(launch, launch.ppid()), daemon=True,
+                     name="launcher-watch").start()
+
+
+def _launcher_watch(launch, starter_pid: int) -> None:
+    import psutil
+
+    outputs = select.poll()
+    for fd in (1, 2):
+        outputs.register(fd, 0)  # 0: only POLLERR/POLLHUP/POLLNVAL, i.e. the reader is gone
+    gone = False
+    while True:  # until the process ends: stdout and stderr may close a moment apart
+        why = None
+        for fd, events in outputs.poll(1000):  # also the 1 s tick of the parent checks
+            outputs.unregister(fd)
+            if events & select.POLLNVAL:  # started with this fd closed: nothing to watch
+                continue
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), fd)
+            why = f"its {'stdout' if fd == 1 else 'stderr'} was closed by the reader"
+        try:
+            if os.getppid() != launch.pid or launch.ppid() != starter_pid:
+                why = f"launch.py (pid {launch.pid}) or the process that started it exited"
+        except psutil.NoSuchProcess:
+            why = f"launch.py (pid {launch.pid}) exited"
+        if why and not gone:
+            gone = True
+            os.kill(os.getpid(), signal.SIGTERM)  # before the print: an output closing now must not stop it
+            print(f"rank {rank()}: the deepspeed launcher is gone ({why}); stopping as on SIGTERM",
+                  file=sys.stderr, flush=True)
+
 
 class Preemption:
     """SIGUSR1/SIGTERM set a flag; should_stop() makes all ranks agree at a step boundary.
