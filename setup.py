@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["vlm_dist", "vlm_dist.*", "preprocess", "preprocess.*"]),
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.16",
+        "deepspeed>=0.19.8",    # skips a non-finite step in every precision (bf16.check_grad_overflow, fp32 norm check)
         "transformers>=4.56",   # Qwen3 (>=4.51) and packed-sequence masks from position_ids
         "peft>=0.14",
         "bitsandbytes>=0.45",

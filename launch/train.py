@@ -14,21 +14,20 @@ which DeepSpeed's gradient averaging and accumulation turn back into exactly tha
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vlm_dist import dist  # noqa: E402
-from vlm_dist.checkpoint import (load_rank_state, publish, publish_export,  # noqa: E402
-                                 resolve_resume, save_rank_state, set_rng_state, tag_for, write_export)
+from vlm_dist.checkpoint import (disk_errors, init_adapter, load_engine_state, load_rank_state,  # noqa: E402
+                                 nan_tag_for, publish, publish_export, resolve_resume, save_rank_state,
+                                 set_rng_state, tag_for, withdraw, write_export)
 from vlm_dist.config import (Config, check_run_inputs, config_help, load_config,  # noqa: E402
                              save_config)
 from vlm_dist.data.loader import BatchStream  # noqa: E402
@@ -37,7 +36,8 @@ from vlm_dist.errors import run_cli  # noqa: E402
 from vlm_dist.ds_config import build_ds_config  # noqa: E402
 from vlm_dist.metrics import MetricsLog  # noqa: E402
 from vlm_dist.model.vlm import ce_chunks  # noqa: E402
-from vlm_dist.optim import build_optimizer, build_scheduler  # noqa: E402
+from vlm_dist.optim import apply_config_after_resume, build_optimizer, build_scheduler  # noqa: E402
+from vlm_dist.run_record import check_resume, write_run_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,33 +54,34 @@ def parse_args(argv):
 
 # ----------------------------------------------------------------------------- set-up
 def build_data(cfg: Config, cache, num_tokens: int, out_dir: Path, rank: int):
-    """Records -> tokenized (cached) -> mixture drawn -> train / eval sets; drops counted and listed."""
+    """Records -> tokenized (cached) -> eval held out -> mixture drawn; drops and duplicates counted and listed."""
     from vlm_dist.data.samples import load_training_set
 
     log = dist.print0
     common = dict(tokenizer_path=cfg.model.llm, template=cfg.data.template, num_tokens=num_tokens,
-                  max_seq_len=cfg.data.max_seq_len, truncate=cfg.data.truncate, cache=cache, log=log)
-    train_set, report = load_training_set(cfg.data.records, seed=cfg.data.seed, **common)
-    log(f"data: {report.summary()}" + (f" (listed in {out_dir / 'dropped.jsonl'})" if report.listed else ""))
+                  max_seq_len=cfg.data.max_seq_len, truncate=cfg.data.truncate, cache=cache,
+                  seed=cfg.data.seed, log=log)
+    # the held-out fraction is split off among distinct records before the mixture repeats any
+    fraction = 0.0 if cfg.data.eval_records else cfg.data.eval_fraction
+    train_set, eval_set, report = load_training_set(cfg.data.records, eval_fraction=fraction, **common)
+    listed = [name for name, rows in (("dropped.jsonl", report.listed), ("duplicates.jsonl", report.duplicates))
+              if rows]
+    log(f"data: {report.summary()}" + (f" (listed in {', '.join(str(out_dir / n) for n in listed)})"
+                                       if listed else ""))
     if rank == 0:
-        report.write(out_dir / "dropped.jsonl")
-    eval_set = None
+        report.write(out_dir)
     if cfg.data.eval_records:
-        eval_set, _ = load_training_set(cfg.data.eval_records, seed=cfg.data.seed, **common)
-    elif cfg.data.eval_fraction > 0:
-        order = np.random.default_rng([cfg.data.seed, 0xE7A1]).permutation(len(train_set))
-        n_eval = max(1, int(len(train_set) * cfg.data.eval_fraction))
-        eval_set = train_set.subset(np.sort(order[:n_eval]))
-        train_set = train_set.subset(np.sort(order[n_eval:]))
+        eval_set, _, eval_report = load_training_set(cfg.data.eval_records, **common)
+        log(f"eval data: {eval_report.summary()}")
     return train_set, eval_set
 
 
-def make_sampler(cfg: Config, samples, env, seed: int):
+def make_sampler(cfg: Config, samples, env, seed: int, grad_accum: int = 1):
     return LengthGroupedSampler(
         samples.lengths, samples.modalities,
         world_size=env.world_size, rank=env.rank, max_seq_len=cfg.data.max_seq_len,
         rows_per_micro=cfg.train.micro_batch_size, packing=cfg.data.pack,
-        max_tokens_per_micro=cfg.train.micro_batch_tokens, seed=seed)
+        max_tokens_per_micro=cfg.train.micro_batch_tokens, seed=seed, grad_accum=grad_accum)
 
 
 def build_model(cfg: Config, tokenizer, feature_shape, is_main: bool):
@@ -88,10 +89,7 @@ def build_model(cfg: Config, tokenizer, feature_shape, is_main: bool):
                                       trainable_table)
 
     dtype = getattr(torch, cfg.model.dtype)
-    adapter = None
-    if cfg.model.init_from and cfg.model.llm_mode in ("lora", "qlora"):
-        cand = Path(cfg.model.init_from) / "adapter"
-        adapter = str(cand) if cand.is_dir() else None
+    adapter = init_adapter(cfg.model.init_from, cfg.model.llm_mode)   # an export that lost its adapter: error
     llm = load_llm(cfg.model.llm, cfg.model.llm_mode, dtype, cfg.model.attn_implementation,
                    LoraSettings(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.target_modules)),
                    adapter=adapter, gradient_checkpointing=cfg.model.gradient_checkpointing)
@@ -150,18 +148,37 @@ def evaluate(engine, stream) -> float:
     return (total / max(count, 1)).item()
 
 
-def save(engine, vlm, cfg: Config, step: int, sampler, tokenizer, vlm_config: dict, env, info: dict):
-    """DeepSpeed checkpoint + per-rank state + export, published atomically by rank 0."""
+def save(engine, vlm, cfg: Config, step: int, sampler, tokenizer, vlm_config: dict, env, nan_run: int,
+         resume_target: bool = True) -> Path:
+    """DeepSpeed checkpoint + per-rank state + export, published atomically by rank 0.
+
+    Not a `resume_target` (a non-finite-loss stop): saved as nan_step_*, which `--resume auto`
+    never takes and `latest` never names.
+    """
     root = Path(cfg.train.output_dir) / "checkpoints"
-    tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    save_rank_state(root / tag, env.rank, {"step": step, "sampler": sampler.state_dict(), **info})
-    if cfg.checkpoint.export:
-        write_export(vlm, root / tag / "export", vlm_config, cfg.model.llm_mode, env.rank == 0, tokenizer)
+    tag = tag_for(step) if resume_target else nan_tag_for(step)
+    if env.rank == 0:   # a resumed run re-saves this step: its old marker goes before any rank writes
+        withdraw(root / tag)
+    dist.barrier()
+    with disk_errors(root / tag):
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        save_rank_state(root / tag, env.rank, {"step": step, "sampler": sampler.state_dict(), "nan_run": nan_run})
+        write_run_record(root / tag, cfg, env.rank == 0)   # config + data digest, for the resume check
+        if cfg.checkpoint.export:
+            write_export(vlm, root / tag / "export", vlm_config, cfg.model.llm_mode, env.rank == 0, tokenizer)
     dist.barrier()
     if env.rank == 0:
-        publish(root, root / tag, {"step": step, "world_size": env.world_size}, cfg.checkpoint.keep_last)
+        with disk_errors(root / tag):
+            publish(root, root / tag, {"step": step, "world_size": env.world_size, "nan_run": nan_run},
+                    cfg.checkpoint.keep_last)
     dist.barrier()
+    return root / tag
+
+
+def loss_fault(step: int, loss_sum: torch.Tensor) -> torch.Tensor:
+    """VLM_DIST_NAN_LOSS_AT=STEP reports that step's loss as NaN after its update was applied: a
+    non-finite loss that DeepSpeed's overflow check did not catch (tests of the loop's own check)."""
+    return loss_sum + float("nan") if os.environ.get("VLM_DIST_NAN_LOSS_AT") == str(step) else loss_sum
 
 
 def fault_injection(step: int, rank: int) -> None:
@@ -169,7 +186,7 @@ def fault_injection(step: int, rank: int) -> None:
     spec = os.environ.get("VLM_DIST_KILL_AT")
     if spec and spec == f"{step}:{rank}":
         print(f"rank {rank}: VLM_DIST_KILL_AT={spec}: killing myself with SIGKILL", flush=True)
-        os.kill(os.getpid(), 9)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- main
@@ -180,6 +197,11 @@ def main(argv=None) -> int:
     env = dist.init_distributed()
     stop = dist.Preemption()  # right away: a SIGUSR1 before the first step must not kill the rank
     out_dir = Path(cfg.train.output_dir)
+    # resume target first: a missing explicit checkpoint fails on every rank before any work
+    resume_dir = resolve_resume(cfg.checkpoint.resume, out_dir / "checkpoints", env.world_size)
+    # a resume that changes the run's mathematics is refused before config.yaml is rewritten
+    for note in check_resume(resume_dir, cfg):
+        dist.print0(f"resume: {note}")
     if env.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -191,20 +213,18 @@ def main(argv=None) -> int:
     from vlm_dist.cache import check_cache_for_training
     from vlm_dist.model.vision import VisionTower
 
-    # resume target first: a missing explicit checkpoint fails on every rank before any work
-    resume_dir = resolve_resume(cfg.checkpoint.resume, out_dir / "checkpoints", env.world_size)
-
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.llm)
-    expected = VisionTower.expected_fingerprint(cfg.model.vision, cfg.model.feature_layer)
+    expected = dist.compute_on_rank0(  # one rank loads the fp32 tower and hashes its weights
+        lambda: VisionTower.expected_fingerprint(cfg.model.vision, cfg.model.feature_layer))
     cache = check_cache_for_training(cfg.data.cache, expected)
     feature_shape = cache.feature_shape
     vlm = build_model(cfg, tokenizer, feature_shape, env.rank == 0)
     num_tokens = vlm.num_tokens["image"]
     samples, eval_samples = build_data(cfg, cache, num_tokens, out_dir, env.rank)
 
-    sampler = make_sampler(cfg, samples, env, cfg.data.seed)
-    steps_per_epoch = sampler.steps_per_epoch(0) // cfg.train.grad_accum
-    total_steps = cfg.train.max_steps or max(1, steps_per_epoch * cfg.train.epochs)
+    sampler = make_sampler(cfg, samples, env, cfg.data.seed, cfg.train.grad_accum)
+    # epochs: each epoch's own plan (packed epochs differ), each a whole number of optimizer steps
+    total_steps = cfg.train.max_steps or sampler.optimizer_steps(cfg.train.epochs)
     ds_config = build_ds_config(args.deepspeed, cfg, env.world_size)
     optimizer = build_optimizer(vlm, cfg, ds_config)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
@@ -218,11 +238,12 @@ def main(argv=None) -> int:
 
     step, nan_run = 0, 0
     if resume_dir is not None:
-        engine.load_checkpoint(str(resume_dir.parent), tag=resume_dir.name)
+        load_engine_state(engine, resume_dir)   # DeepSpeed's files too: weights_only, never unpickled
+        apply_config_after_resume(scheduler, cfg, total_steps)   # accepted changes take effect
         state = load_rank_state(resume_dir, env.rank)
         sampler.load_state_dict(state["trainer"]["sampler"])
         set_rng_state(state["rng"])
-        step = state["trainer"]["step"]
+        step, nan_run = state["trainer"]["step"], state["trainer"]["nan_run"]   # "K in a row" spans a resume
         dist.print0(f"resumed from {resume_dir} at step {step}")
 
     loader_args = dict(pad_id=tokenizer.pad_token_id, max_seq_len=cfg.data.max_seq_len,
@@ -237,28 +258,41 @@ def main(argv=None) -> int:
             eval_sampler.set_position(0, 0)
             return BatchStream(eval_sampler, eval_samples, cache.__getitem__, max_epochs=1, **loader_args)
 
-    metrics = MetricsLog(out_dir, enabled=env.rank == 0, total_steps=total_steps)
+    metrics = MetricsLog(out_dir, enabled=env.rank == 0, total_steps=total_steps, start_step=step)
+
+    def stop_nonfinite(why: str) -> int:
+        """Save for inspection as nan_step_* (never a resume target: `--resume auto` and `latest` keep
+        the last good checkpoint, taken before these updates) and stop."""
+        path = save(engine, vlm, cfg, step, sampler, tokenizer, vlm_config, env, nan_run, resume_target=False)
+        dist.print0(f"stopping: {why}; state saved to {path} for inspection (--resume auto continues from "
+                    "the last checkpoint before it)")
+        dist.shutdown()
+        return 3
+
     engine.train()
     since_log, t_log = [0, 0], time.perf_counter()   # local tokens and samples since the last log line
+    # DeepSpeed skips a step whose gradients are not finite (bf16.check_grad_overflow, set by
+    # build_ds_config). A non-finite loss whose update was applied anyway is flagged here on the
+    # device, with no host sync per step, and read when logging and before any save.
+    bad_update, checked = torch.zeros((), dtype=torch.bool, device=engine.device), step
     while step < total_steps:
         batches = [next(stream) for _ in range(cfg.train.grad_accum)]
         loss_sum, count = train_step(engine, batches, env.world_size)
         step += 1
-        # DeepSpeed skips a step whose gradients are not finite (bf16/fp32 overflow check);
-        # the loss itself is read back (a host sync) only when logging or after such a step
+        loss_sum = loss_fault(step, loss_sum)
         applied = engine.was_step_applied()
+        if applied:
+            bad_update |= ~torch.isfinite(loss_sum)
+        # the loss itself is read back (a host sync) only when logging or after a skipped step
         log_now = step % cfg.train.log_every == 0 or step == 1 or not applied
         loss = dist.all_reduce_sum(loss_sum).item() / max(count, 1) if log_now else None
-        if not applied or (loss is not None and not math.isfinite(loss)):
+        if not applied:
             nan_run += 1
             ids = [i for b in batches for row in b["sample_ids"] for i in row]
             metrics.note(step, f"non-finite loss {loss}: step skipped ({nan_run} in a row); samples {ids[:8]}")
             if nan_run >= cfg.train.nan_patience:
-                save(engine, vlm, cfg, step, sampler, tokenizer, vlm_config, env, {"nan_run": nan_run})
-                dist.print0(f"stopping: {nan_run} non-finite losses in a row, last at step {step} "
-                            f"(samples {ids})")
-                dist.shutdown()
-                return 3
+                return stop_nonfinite(f"{nan_run} non-finite losses in a row, last at step {step} "
+                                      f"(samples {ids})")
         else:
             nan_run = 0
         since_log[0] += sum(int(b["num_tokens"]) for b in batches)
@@ -272,13 +306,20 @@ def main(argv=None) -> int:
             since_log, t_log = [0, 0], time.perf_counter()
         if eval_stream and cfg.train.eval_every and step % cfg.train.eval_every == 0:
             metrics.eval(step, evaluate(engine, eval_stream()))
-        last = step == total_steps
         fault_injection(step, env.rank)
-        if stop.should_stop():
-            save(engine, vlm, cfg, step, sampler, tokenizer, vlm_config, env, {})
+        preempt = stop.should_stop()
+        save_now = preempt or step == total_steps or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+        if log_now or save_now:
+            if dist.all_reduce_max(bad_update.int()).item():
+                metrics.note(step, f"non-finite loss with its update applied, between steps {checked + 1} and {step}")
+                return stop_nonfinite(f"a non-finite loss between steps {checked + 1} and {step} had its update "
+                                      "applied (DeepSpeed's overflow check did not skip it): the weights since "
+                                      "then are suspect")
+            checked = step
+        if save_now:
+            save(engine, vlm, cfg, step, sampler, tokenizer, vlm_config, env, nan_run)
+        if preempt:
             dist.exit_for_requeue()
-        if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            save(engine, vlm, cfg, step, sampler, tokenizer, vlm_config, env, {})
 
     if eval_stream and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
         metrics.eval(step, evaluate(engine, eval_stream()))

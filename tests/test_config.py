@@ -223,3 +223,58 @@ def test_config_defaults_construct():
     cfg = Config()
     assert cfg.model.llm == "Qwen/Qwen3-8B-Base" and cfg.model.vision == "google/siglip-so400m-patch14-384"
     assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# --------------------------------------------------------------------------- resume: what may change
+
+def _record(*flags, records_sha=("a" * 64,)):
+    """A run record as a checkpoint stores it (vlm_dist.run_record), without hashing files."""
+    from vlm_dist.config import config_to_dict
+    length = [] if any(f.startswith("--train.max_steps") for f in flags) else ["--train.max_steps=100"]
+    cfg = load_config(None, [*length, *flags])
+    return json.loads(json.dumps({"config": config_to_dict(cfg),
+                                  "data": {"data.records": list(records_sha), "data.cache": "c" * 64}}))
+
+
+def test_resume_refuses_a_changed_learning_rate_naming_the_key_and_both_values():
+    from vlm_dist.run_record import resume_changes
+    refused, _ = resume_changes(_record("--train.lr_connector=1e-4"),
+                                _record("--train.lr_connector=3e-4", "--train.weight_decay=0.1"))
+    assert refused == ["train.lr_connector: 0.0001 -> 0.0003", "train.weight_decay: 0.01 -> 0.1"]
+
+
+def test_resume_refuses_records_of_other_content_even_with_the_same_paths():
+    from vlm_dist.run_record import resume_changes
+    refused, _ = resume_changes(_record(), _record(records_sha=("b" * 64,)))
+    assert len(refused) == 1 and refused[0].startswith("data.records: content changed (sha256 [aaaaaaaaaaaa]")
+
+
+def test_resume_accepts_a_longer_run_and_harmless_keys_and_logs_them():
+    from vlm_dist.run_record import resume_changes
+    refused, accepted = resume_changes(
+        _record(), _record("--train.max_steps=200", "--train.log_every=1", "--data.num_workers=0",
+                           "--checkpoint.every=5", "--resume=auto"))
+    assert refused == []
+    assert [line.split(":")[0] for line in accepted] == [
+        "data.num_workers", "train.max_steps", "train.log_every", "checkpoint.every", "checkpoint.resume"]
+    refused, _ = resume_changes(_record(), _record("--train.max_steps=50"))
+    assert refused == ["train.max_steps: 100 -> 50"], "a shorter run changes the schedule"
+
+
+def test_resume_accepts_a_change_the_user_names_explicitly():
+    from vlm_dist.run_record import resume_changes
+    new = _record("--train.lr_connector=3e-4", "--checkpoint.allow_changed=train.lr_connector,data.records",
+                  records_sha=("b" * 64,))
+    refused, accepted = resume_changes(_record(), new, ["train.lr_connector", "data.records"])
+    assert refused == []
+    assert any(a.startswith("train.lr_connector: 0.0001 -> 0.0003 (allowed") for a in accepted)
+    assert any(a.startswith("data.records: content changed") for a in accepted)
+
+
+@pytest.mark.parametrize("key,hint", [("train.lr_conector", "did you mean train.lr_connector"),
+                                      ("lr_connector", "did you mean train.lr_connector"),
+                                      ("nosuch.key", "section.key")])
+def test_allow_changed_naming_an_unknown_key_is_an_error_naming_it(key, hint):
+    with pytest.raises(ConfigError, match=f"--checkpoint.allow_changed: '{key}' is not a config key") as e:
+        load_config(None, [f"--checkpoint.allow_changed=train.seed,{key}"])
+    assert hint in str(e.value)

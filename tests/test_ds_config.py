@@ -33,7 +33,7 @@ def test_shipped_jsons_hold_only_deepspeed_settings_and_get_the_run_values(cfg, 
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 3 * 2 * 4
     assert ds["gradient_clipping"] == 0.5
-    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True} and ds["fp16"] == {"enabled": False}
     assert "optimizer" not in ds and "scheduler" not in ds
     assert ds["zero_optimization"] == raw["zero_optimization"]
 
@@ -81,7 +81,8 @@ def test_agreeing_and_auto_values_are_fine(cfg):
                           "train_batch_size": "auto", "gradient_clipping": 0.5,
                           "bf16": {"enabled": "auto", "immediate_grad_update": True}, "optimizer": "auto"}, cfg, 2)
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 12
-    assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True}   # DeepSpeed's own keys stay
+    assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True,   # DeepSpeed's own keys stay
+                          "check_grad_overflow": True}
     assert "optimizer" not in ds
 
 
@@ -105,3 +106,16 @@ def test_the_input_dict_is_not_modified(cfg):
     src = {"zero_optimization": {"stage": 2}}
     build_ds_config(src, cfg, 1)
     assert src == {"zero_optimization": {"stage": 2}}
+
+
+def test_a_non_finite_step_is_skipped_by_config_never_by_a_default(cfg):
+    """bf16.check_grad_overflow is set explicitly (its default changed across DeepSpeed versions);
+    a JSON turning the skip off is refused."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = build_ds_config(DS / "zero2.json", cfg, world_size=1)
+    assert DeepSpeedConfig(ds).bfloat16_config.check_grad_overflow is True
+    with pytest.raises(ConfigError, match="bf16.check_grad_overflow=false"):
+        build_ds_config({"bf16": {"check_grad_overflow": False}}, cfg, 1)
+    with pytest.raises(ConfigError, match="zero_optimization.compute_grad_norm=false"):
+        build_ds_config({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, cfg, 1)

@@ -238,3 +238,48 @@ def test_global_num_supervised_is_known_without_communication():
     assert len(per_rank[0]) == len(per_rank[1]) > 0
     for (n0, g0), (n1, g1) in zip(*per_rank):
         assert g0 == g1 == n0 + n1
+
+
+# ---- epochs and gradient accumulation ----------------------------------------------------
+
+def test_packed_epochs_differ_and_total_steps_end_exactly_at_the_last_epochs_end():
+    """train.epochs=N: the optimizer steps are summed over each epoch's own plan, every epoch is a
+    whole number of optimizer steps, and after them the stream stands at the end of epoch N."""
+    lengths, _ = random_data(120, seed=12, lo=4, hi=60)
+    n_images = [i % 3 for i in range(120)]
+    samples = [Sample(i, n, k) for i, (n, k) in enumerate(zip(lengths, n_images))]
+    feats = {k: torch.zeros(4, 3) for smp in samples for k in smp.image_keys}
+    epochs, accum = 3, 2
+    for rank in (0, 1):
+        # small mega-chunks (as on a large dataset): which samples share a packed row changes per epoch
+        s = make(lengths, n_images, 2, rank=rank, packing=True, max_seq_len=64, rows_per_micro=1,
+                 seed=3, grad_accum=accum, mega_chunk_steps=2)
+        micro = [s.steps_per_epoch(e) for e in range(epochs + 1)]
+        assert len(set(micro)) > 1, "packing: epochs differ in length (epoch 0 alone is not the answer)"
+        assert all(m % accum == 0 for m in micro), "every epoch is a whole number of optimizer steps"
+        for e in range(epochs):
+            check_epoch(s, e)   # still exactly a permutation per epoch
+        total = s.optimizer_steps(epochs)
+        assert total == sum(micro[:epochs]) // accum != epochs * (micro[0] // accum)
+        stream = iter(BatchStream(s, samples, feats.__getitem__, pad_id=0, max_seq_len=64,
+                                  feature_shape=(4, 3), num_workers=0, pin_memory=False))
+        seen = [(b["epoch"], b["step"]) for b in (next(stream) for _ in range(total * accum))]
+        assert seen[-1] == (epochs - 1, micro[epochs - 1] - 1), "the last step ends epoch N exactly"
+        nxt = next(stream)
+        assert (nxt["epoch"], nxt["step"]) == (epochs, 0)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("n,ws,rows,accum", [(6, 2, 3, 2), (4, 2, 1, 3), (1, 2, 1, 4), (37, 3, 2, 5)])
+def test_grad_accum_rounds_an_epoch_up_by_splitting_steps_or_filler_steps(n, ws, rows, accum, packing):
+    lengths, mods = random_data(n, seed=n, lo=2, hi=30)
+    s = make(lengths, mods, ws, packing=packing, rows_per_micro=rows, grad_accum=accum)
+    plan = check_epoch(s)
+    assert len(plan) % accum == 0 and s.optimizer_steps(1) == len(plan) // accum
+    plain = make(lengths, mods, ws, packing=packing, rows_per_micro=rows).plan(0)
+    extra = len(plan) - len(plain)
+    assert 0 <= extra < accum
+    fillers = sum(len(mb.filler_rows) for step in plan for mb in step)
+    plain_fillers = sum(len(mb.filler_rows) for step in plain for mb in step)
+    if n >= 2 * ws * accum and not (not packing and rows == 1):
+        assert fillers == plain_fillers, "enough samples: steps are split, no filler step is added"

@@ -156,6 +156,8 @@ def test_kill9_one_rank_then_resume_auto_matches_uninterrupted(tiny_data, tmp_pa
     a, b = losses(ref), losses(crashed)
     for s in range(5, 9):  # the resumed run re-does steps 5..8 from the step-4 checkpoint
         assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-6), (s, a, b)
+    rows = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))  # the redone steps once
 
 
 @pytest.mark.parametrize("ds", ["zero2", "zero3"])
@@ -172,17 +174,42 @@ def test_missing_explicit_checkpoint_is_an_error_on_every_rank(tiny_data, tmp_pa
     rc, out = launch(train_args(tiny_data, tmp_path / "r", **{"checkpoint.resume": tmp_path / "nope"}),
                      expect_rc=None)
     assert rc != 0
-    assert out.count("no such checkpoint directory") >= 2  # both ranks say it
+    # both ranks stop on it (neither waits for the other); rank 0 alone prints it, once
+    assert out.count("no such checkpoint directory") == 1 and "Traceback" not in out
 
 
 def test_nan_losses_skip_steps_then_save_and_stop(tiny_data, tmp_path):
+    from vlm_dist.checkpoint import load_rank_state, resolve_resume
+
     # an absurd learning rate blows the connector up: non-finite losses from step 2 on
-    rc, out = launch(train_args(tiny_data, tmp_path / "r", **{
-        "train.lr_connector": 1e30, "train.max_grad_norm": 0.0, "train.nan_patience": 2,
-        "checkpoint.every": 0}), expect_rc=None)
+    args = {"train.lr_connector": 1e30, "train.max_grad_norm": 0.0, "train.nan_patience": 2, "checkpoint.every": 0}
+    rc, out = launch(train_args(tiny_data, tmp_path / "r", **args), expect_rc=None)
     assert rc != 0, out[-3000:]
-    assert "non-finite losses in a row" in out and "samples [" in out
-    assert any(p.name.startswith("step_") for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert "2 non-finite losses in a row, last at step 3" in out and "samples [" in out
+    ckpts = tmp_path / "r" / "checkpoints"
+    stop = ckpts / "nan_step_00000003"   # saved for inspection, after the update that broke the weights
+    assert (stop / "COMPLETE").exists() and load_rank_state(stop, 1)["trainer"]["nan_run"] == 2
+    assert not (ckpts / "latest").exists() and resolve_resume("auto", ckpts) is None   # never the resume target
+    # resumed on purpose from it, the run goes on counting: one more non-finite step stops it
+    rc, out = launch(train_args(tiny_data, tmp_path / "r", **args, **{"checkpoint.resume": stop}),
+                     expect_rc=None)
+    assert rc != 0 and "3 non-finite losses in a row, last at step 4" in out, out[-3000:]
+
+
+def test_a_nan_loss_whose_update_was_applied_stops_without_publishing(tiny_data, tmp_path):
+    """DeepSpeed's overflow check skips a step with non-finite gradients; a non-finite loss that got
+    through anyway (injected at step 6, after its update) is caught on the device and read at the next
+    log/save (step 8): that step is not published, the resume target stays step 4."""
+    from vlm_dist.checkpoint import resolve_resume
+
+    rc, out = launch(train_args(tiny_data, tmp_path / "r", **{"train.log_every": 4, "checkpoint.every": 4}),
+                     env_extra={"VLM_DIST_NAN_LOSS_AT": "6"}, expect_rc=None)
+    assert rc != 0 and "between steps 5 and 8 had its update applied" in out, out[-3000:]
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert not (ckpts / "step_00000008").exists() and (ckpts / "nan_step_00000008" / "COMPLETE").exists()
+    assert (ckpts / "latest").read_text() == "step_00000004"
+    assert resolve_resume("auto", ckpts).name == "step_00000004"
+    assert not (tmp_path / "r" / "export").exists()
 
 
 def test_run_without_inputs_names_the_flags_to_add(tmp_path):
@@ -201,7 +228,7 @@ def test_records_whose_image_failed_are_dropped_counted_and_listed(tiny_data):
     from vlm_dist.config import RecordSource
     from vlm_dist.data.samples import load_training_set
 
-    train_set, report = load_training_set(
+    train_set, _, report = load_training_set(
         [RecordSource(str(tiny_data["data"] / "with_broken.jsonl"))], tiny_data["llm"], "plain", 4, 160, False,
         FeatureCache(tiny_data["cache"]), seed=0, log=lambda *_: None)
     assert len(train_set) == 1 and report.dropped == {"image_failed": 1}
@@ -225,3 +252,102 @@ def test_mpirun_two_ranks_trains(tiny_data, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert sorted(losses(out)) == [1, 2, 3]
     assert (out / "export" / "connector.safetensors").exists()
+
+
+def test_eval_split_is_taken_before_the_upsampled_mixture_and_duplicate_ids_are_listed(tiny_data, tmp_path):
+    from vlm_dist.cache import FeatureCache
+    from vlm_dist.config import RecordSource
+    from vlm_dist.data.samples import load_training_set
+    from vlm_dist.records import RecordError
+
+    lines = (tiny_data["data"] / "stage1_train.jsonl").read_text().splitlines()
+    path = tmp_path / "dups.jsonl"
+    path.write_text("\n".join(lines + lines[:2]) + "\n")   # two records repeated in the input file
+    cache = FeatureCache(tiny_data["cache"])
+
+    def load(src, seed=0):   # 3 epochs of the file: every record drawn three times
+        return load_training_set([src], tiny_data["llm"], "plain", 4, 160, False, cache, seed=seed,
+                                 eval_fraction=0.2, log=lambda *_: None)
+
+    train, held, report = load(RecordSource(str(path), count=3 * len(lines)))
+    train_ids = [train[i].id for i in range(len(train))]
+    held_ids = [held[i].id for i in range(len(held))]
+    assert len(held_ids) == len(set(held_ids)) == int(len(lines) * 0.2)
+    assert not set(held_ids) & set(train_ids) and len(train_ids) == 3 * len(lines)
+    assert [d["index"] for d in report.duplicates] == [len(lines), len(lines) + 1]
+    assert f"{len(held_ids)} held out for eval, 2 duplicate id(s) (kept)" in report.summary()
+    report.write(tmp_path)
+    assert len((tmp_path / "duplicates.jsonl").read_text().splitlines()) == 2
+    again_train, again_held, _ = load(RecordSource(str(path), count=3 * len(lines)))
+    assert (again_held.rows == held.rows).all() and (again_train.rows == train.rows).all()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(("\n".join(lines[:2]) + "\n").encode() + lines[2].encode().replace(b"}", b"\xff}", 1) + b"\n")
+    with pytest.raises(RecordError, match=f"{bad}:3: not UTF-8"):
+        load(RecordSource(str(bad)))
+    assert not any(".tmp" in p.name for p in tmp_path.iterdir())
+
+
+def test_metrics_after_a_resume_hold_each_step_once(tmp_path):
+    from vlm_dist.metrics import MetricsLog
+
+    rows = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in range(1, 7)] + \
+        [{"kind": "eval", "step": 4, "eval_loss": 0.5}, {"kind": "note", "step": 6, "note": "x"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tr')
+    log = MetricsLog(tmp_path, enabled=True, total_steps=8, start_step=4)   # resumed from step 4
+    for s in (5, 6):
+        log.step(s, loss=0.1, lr=1e-3, grad_norm=1.0, tokens=10, samples=1, seconds=1.0)
+    log.close()
+    got = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in got] == [("train", s) for s in range(1, 5)] + [("eval", 4)] + \
+        [("train", 5), ("train", 6)]
+    assert got[-1]["loss"] == 0.1
+
+
+def test_resume_that_changes_the_mathematics_is_refused_unless_named(tiny_data, tmp_path):
+    """A changed learning rate, or records of other content with the same lengths, is refused
+    (exit 2, naming the key, config.yaml untouched); named in --checkpoint.allow_changed, it trains."""
+    records = tmp_path / "records.jsonl"
+    shutil.copy(tiny_data["data"] / "stage1_train.jsonl", records)
+    out = tmp_path / "r"
+    base = {"data.records": records, "train.max_steps": 2, "checkpoint.every": 2}
+    launch(train_args(tiny_data, out, **base))
+    written = (out / "config.yaml").read_bytes()
+    resume = {**base, "checkpoint.resume": "auto"}
+    # the deepspeed launcher passes a rank's exit code on (torchrun turns every failure into 1)
+    _, log = launch(train_args(tiny_data, out, **resume, **{"train.lr_connector": 1e-3}), launcher="deepspeed",
+                    expect_rc=2)
+    assert "train.lr_connector: 0.003 -> 0.001" in log and "--checkpoint.allow_changed=train.lr_connector" in log
+    assert "Traceback" not in log
+    assert (out / "config.yaml").read_bytes() == written
+    lines = records.read_text().splitlines()   # same token lengths, other content: one id changed
+    first = json.loads(lines[0])
+    first["id"] = first["id"][:-1] + ("x" if first["id"][-1] != "x" else "y")
+    records.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    _, log = launch(train_args(tiny_data, out, **resume), launcher="deepspeed", expect_rc=2)
+    assert "data.records: content changed" in log and "Traceback" not in log
+    assert (out / "config.yaml").read_bytes() == written
+    # named explicitly (and a longer run): accepted, logged, and the new learning rate is the one used
+    _, log = launch(train_args(tiny_data, out, **{**resume, "train.max_steps": 3, "train.lr_connector": 1e-3,
+                                                  "checkpoint.allow_changed": "train.lr_connector,data.records"}))
+    assert "resume: train.lr_connector: 0.003 -> 0.001 (allowed" in log and "resume: train.max_steps: 2 -> 3" in log
+    from vlm_dist.config import load_config
+    cfg = load_config(out / "config.yaml")
+    assert cfg.train.lr_connector == 1e-3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lr3 = [r["lr"] for r in rows if r["kind"] == "train" and r["step"] == 3]
+    assert lr3 == [pytest.approx(1e-3 * cfg.train.min_lr_ratio)]   # warmup 0: step 3 of 3 is the floor
+
+
+def test_a_users_mistake_after_start_up_is_one_line_from_rank_0_and_exit_2(tiny_data, tmp_path):
+    """A broken cache is found by every rank after the process group is up: the user reads one
+    line naming the shard (rank 0's), no traceback, and the launcher exits 2."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_data["cache"], cache)
+    shard = sorted((cache / "shards").glob("*.arrow"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])   # truncated
+    _, log = launch(train_args(tiny_data, tmp_path / "run", **{"data.cache": cache}), launcher="deepspeed",
+                    expect_rc=2)
+    assert log.count("train: error") == 1 and log.count(shard.name) == 1, log[-3000:]
+    assert log.index("train: error") < log.index(shard.name)   # the message goes on to name the shard
+    assert "Traceback" not in log

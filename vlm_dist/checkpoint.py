@@ -3,29 +3,40 @@
 Layout under `<output_dir>/checkpoints/`:
 
     step_00000100/          DeepSpeed's files (model, optimizer, scheduler), written by every rank
-      rank_00000.pt ...     per-rank RNG state and the sampler position (trainer state)
+      rank_00000.pt ...     per-rank RNG state, sampler position, non-finite run (tensors and plain
+                            values only: loaded with weights_only=True, never unpickled)
       export/               the trainable weights (connector, adapter) for the next stage
       COMPLETE              written last, by rank 0, after every rank finished
-    latest                  the newest complete tag, replaced by rename
+    nan_step_00000120/      the state at a non-finite-loss stop: complete, for inspection or an
+                            explicit resume, but never a resume target for `auto`
+    latest                  the newest published tag, replaced by rename (a hint for people)
 
-A save interrupted at any point leaves no COMPLETE marker, so `--resume auto`
-never picks it. An explicit checkpoint that is missing or incomplete is an
-error on every rank (all ranks check the same files), never a fresh start.
+A save interrupted at any point leaves no COMPLETE marker, and re-saving a tag
+withdraws its marker before any rank writes, so `--resume auto` (the newest
+complete `step_*` directory; `latest` is not trusted) never picks a half-written
+one. An explicit checkpoint that is missing or incomplete is an error on every
+rank (all ranks check the same files), never a fresh start.
 """
 from __future__ import annotations
 
-from vlm_dist.errors import UserError
-
+import errno
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vlm_dist.errors import UserError
+
 MARKER, LATEST = "COMPLETE", "latest"
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+LOW_SPACE = 64 << 20   # bytes free under which a failed write is taken for a full disk
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -36,16 +47,27 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def nan_tag_for(step: int) -> str:
+    """The tag of a non-finite-loss stop's save: not `step_*`, so `--resume auto` never takes it."""
+    return f"nan_{tag_for(step)}"
+
+
 def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete `step_*` checkpoints directly under `root` (no symlinks), oldest first."""
+    return [p for p in _step_dirs(root) if is_complete(p)]
+
+
+def _step_dirs(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and is_complete(p))
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir() and not p.is_symlink()]
+    return [p for _, p in sorted(found)]
 
 
 def resolve_resume(resume: str | None, root: str | os.PathLike, world_size: int | None = None) -> Path | None:
@@ -67,11 +89,8 @@ def _resolve(resume: str | None, root: str | os.PathLike) -> Path | None:
     if resume is None or resume == "":
         return None
     if resume == "auto":
-        latest = Path(root) / LATEST
-        if latest.is_file():
-            cand = Path(root) / latest.read_text().strip()
-            if is_complete(cand):
-                return cand
+        # the newest complete one, found by listing: `latest` can lag (a crash between marker and
+        # rename) or hold anything, so it is never read here
         found = complete_checkpoints(root)
         return found[-1] if found else None
     path = Path(resume)
@@ -85,23 +104,33 @@ def _resolve(resume: str | None, root: str | os.PathLike) -> Path | None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG's state as tensors and plain values (what torch.load(weights_only=True) accepts)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()   # ("MT19937", uint32[624], ...)
+    return {"python": random.getstate(),                      # (3, tuple of 625 ints, None | float)
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
+    if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank_file(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / f"rank_{rank:05d}.pt"
+
+
 def save_rank_state(ckpt_dir: Path, rank: int, trainer_state: dict) -> None:
-    """This rank's RNG and trainer state, temp -> fsync -> rename."""
+    """This rank's RNG and trainer state (plain values and tensors), temp -> fsync -> rename."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"rank_{rank:05d}.pt"
+    path = _rank_file(ckpt_dir, rank)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         torch.save({"rng": rng_state(), "trainer": trainer_state}, f)
@@ -111,24 +140,150 @@ def save_rank_state(ckpt_dir: Path, rank: int, trainer_state: dict) -> None:
 
 
 def load_rank_state(ckpt_dir: Path, rank: int) -> dict:
-    path = ckpt_dir / f"rank_{rank:05d}.pt"
+    """This rank's saved state. Only tensors and plain values are loaded: a pickle is refused."""
+    path = _rank_file(ckpt_dir, rank)
     if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir}: no state for rank {rank} ({path.name}); was it saved with "
-                              "a different number of ranks?")
-    return torch.load(path, weights_only=False)
+        raise _rank_local(CheckpointError(f"{ckpt_dir}: no state for rank {rank} ({path.name}); was it "
+                                          "saved with a different number of ranks?"))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _rank_local(CheckpointError(
+            f"{path}: refused: it holds Python objects other than tensors and plain values, and loading "
+            f"them could run code (crafted, or written by an older vlm_dist). ({str(e).splitlines()[0]})")) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise _rank_local(CheckpointError(f"{path}: unreadable (truncated or corrupt): {e}")) from e
+    if not isinstance(state, dict) or {"rng", "trainer"} - set(state):
+        raise _rank_local(CheckpointError(f"{path}: not a vlm_dist rank state (expected keys rng, trainer)"))
+    return state
+
+
+def load_engine_state(engine, ckpt_dir: Path) -> None:
+    """engine.load_checkpoint for `ckpt_dir`, with every file DeepSpeed reads loaded weights_only.
+
+    DeepSpeed's TorchCheckpointEngine.load calls torch.load(weights_only=False). For this load
+    only, the engine's checkpoint engine is wrapped so that its `load` takes tensors, plain
+    values and the few DeepSpeed data classes its ZeRO files hold (allow-listed by name); a file
+    with anything else is refused, naming the file and the object, never unpickled.
+    """
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyLoads(inner)
+    try:
+        engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    finally:
+        engine.checkpoint_engine = inner
+
+
+class _WeightsOnlyLoads:
+    """A DeepSpeed checkpoint engine whose loads are torch.load(weights_only=True); the rest delegates."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path, map_location=None):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        # plain data classes in ZeRO optimizer files: rebuilt from their fields, no code of the file's
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise _rank_local(CheckpointError(
+                    f"{path}: refused: it holds Python objects other than tensors, plain values and "
+                    f"DeepSpeed's checkpoint classes, and loading them could run code. "
+                    f"({str(e).splitlines()[0]})")) from e
+
+
+def _rank_local(err: CheckpointError) -> CheckpointError:
+    err.rank_local = True   # only this rank reads this file: it must say so itself
+    return err
+
+
+def withdraw(ckpt_dir: Path) -> None:
+    """Rank 0, before any rank writes into an existing tag: remove its marker, durably.
+
+    A resumed run re-saves the steps after its checkpoint; without this, a step's old COMPLETE
+    would stand over the new, half-written files until the new marker replaces it.
+    """
+    marker = ckpt_dir / MARKER
+    if marker.exists():
+        marker.unlink()
+        _fsync_dir(ckpt_dir)
+
+
+@contextmanager
+def disk_errors(ckpt_dir: Path):
+    """A write that fails on a full disk becomes a CheckpointError naming `ckpt_dir` and the bytes free.
+
+    DeepSpeed's torch.save reports ENOSPC as `basic_ios::clear: iostream error` (errno lost), so a
+    RuntimeError counts as a full disk when the filesystem has under LOW_SPACE bytes free.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        free = _free_bytes(ckpt_dir)
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (full or free < LOW_SPACE):
+            raise
+        raise _rank_local(CheckpointError(
+            f"{ckpt_dir}: no space left on device ({free:,} bytes free) while saving the checkpoint "
+            f"({e}); free space or point --train.output_dir elsewhere, then resume")) from e
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:   # the checkpoint dir may not exist yet
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def publish(root: Path, ckpt_dir: Path, info: dict, keep_last: int) -> None:
-    """Rank 0, after every rank has written: marker, then `latest` by rename, then prune."""
+    """Rank 0, after every rank has written: marker, then `latest` by rename, then prune.
+
+    A `nan_step_*` save gets its marker only: it is kept for inspection, never made the latest.
+    """
     _write_atomic(ckpt_dir / MARKER, json.dumps(info, sort_keys=True))
+    if not _STEP_DIR.fullmatch(ckpt_dir.name):
+        return
     _write_atomic(root / LATEST, ckpt_dir.name)
     done = complete_checkpoints(root)
     for old in done[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     # interrupted saves older than the one just published are garbage
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("step_") and not is_complete(p) and p.name < ckpt_dir.name:
+    step = int(_STEP_DIR.fullmatch(ckpt_dir.name).group(1))
+    for p in _step_dirs(root):
+        if not is_complete(p) and int(_STEP_DIR.fullmatch(p.name).group(1)) < step:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def init_adapter(init_from: str | os.PathLike | None, llm_mode: str) -> str | None:
+    """The adapter a LoRA/QLoRA stage continues from `init_from` (an export), or None for a fresh one.
+
+    A fresh adapter is right only when that export never had one (its llm_mode is frozen or full);
+    an export trained with adapters but without `adapter/` lost them, and starting over would
+    silently discard that training.
+    """
+    if not init_from or llm_mode not in ("lora", "qlora"):
+        return None
+    export = Path(init_from)
+    adapter = export / "adapter"
+    if adapter.is_dir():
+        return str(adapter)
+    cfg_path = export / EXPORT_CONFIG
+    try:
+        saved_mode = json.loads(cfg_path.read_text())["llm_mode"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"--model.init_from={init_from}: cannot read llm_mode from {cfg_path} ({e}); "
+                              "expected a vlm_dist export") from e
+    if saved_mode in ("lora", "qlora"):
+        raise CheckpointError(f"--model.init_from={init_from}: that export was trained with "
+                              f"llm_mode={saved_mode} but has no adapter/ ({adapter} is missing); restore it, "
+                              "or point --model.init_from at a complete export")
+    return None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -138,7 +293,11 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -196,35 +355,59 @@ def write_export(vlm, out_dir: str | os.PathLike, vlm_config: dict, llm_mode: st
         llm_state = gathered_state(unwrap_llm(vlm.llm), keep=is_main)
     if not is_main:
         return
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_connectors(vlm, tmp, state=connector_state)
-    cfg = dict(vlm_config, llm_mode=llm_mode)
-    if llm_mode in ("lora", "qlora"):
-        vlm.llm.save_pretrained(str(tmp / "adapter"), state_dict=llm_state)
-    elif llm_mode == "full":
-        unwrap_llm(vlm.llm).save_pretrained(str(tmp / "llm"), state_dict=llm_state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "llm"))
-        cfg["base_llm"], cfg["llm"] = cfg["llm"], "llm"   # relative: the export can be moved
-    _write_atomic(tmp / EXPORT_CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
-    _replace_dir(tmp, out)
+    with publishing(out) as tmp:
+        save_connectors(vlm, tmp, state=connector_state)
+        cfg = dict(vlm_config, llm_mode=llm_mode)
+        if llm_mode in ("lora", "qlora"):
+            vlm.llm.save_pretrained(str(tmp / "adapter"), state_dict=llm_state)
+        elif llm_mode == "full":
+            unwrap_llm(vlm.llm).save_pretrained(str(tmp / "llm"), state_dict=llm_state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / "llm"))
+            cfg["base_llm"], cfg["llm"] = cfg["llm"], "llm"   # relative: the export can be moved
+        _write_atomic(tmp / EXPORT_CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def publish_export(src: str | os.PathLike, out: str | os.PathLike) -> None:
     """Copy a checkpoint's export to `out` (e.g. <output_dir>/export), replacing it atomically."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    _replace_dir(tmp, out)
+    with publishing(Path(out)) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+@contextmanager
+def publishing(out: Path):
+    """`with publishing(out) as tmp:` build an export in `tmp`; it then replaces `out` as one rename.
+
+    `tmp` is a new directory beside `out` (same filesystem). On leaving the block the export
+    in it is checked (every file opened: vlm_dist.export.check_export); a failed build or check
+    removes `tmp` and leaves `out` as it was. Only an export (has vlm_config.json) or an empty
+    directory is ever replaced, and only after the new one is in place; anything else at `out`
+    is refused before any work, and left untouched.
+    """
+    from vlm_dist.export import ExportError, check_export
+    if out.is_symlink() or (out.exists() and not (out.is_dir() and _is_export_or_empty(out))):
+        raise ExportError(f"{out} exists and is not an export (no {EXPORT_CONFIG}); refusing to replace "
+                          f"it. Move it away or choose another output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.{os.urandom(4).hex()}")   # a fresh name: nothing is cleared for it
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_export(tmp)
+        for f in tmp.rglob("*"):    # on disk before the rename makes them visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # ours and unpublished
+        raise
+    old = tmp.with_name(tmp.name + ".old")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
+    _fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_export_or_empty(path: Path) -> bool:
+    return (path / EXPORT_CONFIG).is_file() or not any(path.iterdir())

@@ -8,7 +8,9 @@ overridden on the command line, validated at load.
 
 Overrides are `--section.key=value` (or `--section.key value`); values are
 typed like YAML scalars, lists too (`--lora.target_modules=[q_proj,v_proj]`
-or `q_proj,v_proj`). `--resume X` is short for `--checkpoint.resume=X`.
+or `q_proj,v_proj`). `--resume X` is short for `--checkpoint.resume=X`; a resume that changes the
+run's mathematics is refused unless `--checkpoint.allow_changed=key,...` names each changed key
+(vlm_dist.run_record).
 Without a YAML file the stage-1 config (launch/configs/stage1_align.yaml) is used.
 
 Two pairs of keys exclude each other: `train.max_steps` / `train.epochs` and
@@ -17,8 +19,6 @@ the YAML, or both on the command line) they are an error; a command-line value
 replaces a conflicting value from the YAML or the defaults, and a note says so.
 """
 from __future__ import annotations
-
-from vlm_dist.errors import UserError
 
 import ast
 import dataclasses
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+from vlm_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,8 @@ class CheckpointConfig:
     """null: fresh run; auto: the newest complete checkpoint if any; a path: that checkpoint (must exist)."""
     export: bool = True
     """Export the trainable weights (connector.safetensors, adapter/) with each checkpoint and at the end."""
+    allow_changed: list[str] = field(default_factory=list)
+    """Keys a resume may change although they change the run's mathematics, e.g. train.lr_connector,data.records."""
 
 
 @dataclass
@@ -551,6 +555,13 @@ def validate_config(cfg: Config) -> None:
     need(c.keep_last >= 1, f"--checkpoint.keep_last={c.keep_last}: must be >= 1")
     need(c.resume is None or c.resume.strip() != "",
          "--checkpoint.resume is empty: use null, auto or a checkpoint path")
+    for key in c.allow_changed:
+        section, _, name = key.partition(".")
+        near = [k for k in _valid_keys() if k.split(".")[1] == key]
+        hint = (_suggest(section, name) if section in SECTIONS and name
+                else f" (did you mean {', '.join(near)}?)" if near else "")
+        need(key in _valid_keys(), f"--checkpoint.allow_changed: {key!r} is not a config key{hint}; "
+             "name keys as section.key, e.g. train.lr_connector")
 
 
 # --------------------------------------------------------------------------- what the run needs

@@ -83,6 +83,26 @@ def offloads_optimizer(ds: dict) -> bool:
     return off.get("device", "none") in ("cpu", "nvme")
 
 
+def _require_overflow_skip(ds: dict, src: str) -> None:
+    """A step whose gradients are not finite must change nothing (the trainer counts such steps and
+    stops after --train.nan_patience), so DeepSpeed's skip is set here, never left to a default.
+
+    ZeRO-1/2 under bf16 skips only with bf16.check_grad_overflow (DeepSpeed >= 0.17.1; its default
+    was False until 0.19.3); fp16 always checks; fp32 (and ZeRO-3) skip on a non-finite gradient norm
+    (DeepSpeed >= 0.19.8), which ZeRO-1/2 computes only with zero_optimization.compute_grad_norm.
+    """
+    bf16 = ds["bf16"]
+    if not _absent(bf16.get("check_grad_overflow")) and bf16["check_grad_overflow"] is not True:
+        raise ConfigError(f"{src} sets bf16.check_grad_overflow={json.dumps(bf16['check_grad_overflow'])}: "
+                          "a bf16 step with non-finite gradients would then be applied; remove the key "
+                          "(the trainer sets it to true)")
+    bf16["check_grad_overflow"] = True
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict) and zero.get("compute_grad_norm") is False:
+        raise ConfigError(f"{src} sets zero_optimization.compute_grad_norm=false: DeepSpeed then cannot "
+                          "skip a step with non-finite gradients; remove the key")
+
+
 def build_ds_config(ds_json: str | os.PathLike | dict, cfg: Config, world_size: int) -> dict:
     """The full DeepSpeed config: the JSON (a path or an already-loaded dict) plus run-config values."""
     if world_size < 1:
@@ -102,6 +122,7 @@ def build_ds_config(ds_json: str | os.PathLike | dict, cfg: Config, world_size: 
     _fill(ds, "gradient_clipping", float(t.max_grad_norm), f"--train.max_grad_norm={t.max_grad_norm}", "", src)
     for key, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
         _fill(_section(ds, key, src), "enabled", m.dtype == dtype, f"--model.dtype={m.dtype}", f"{key}.", src)
+    _require_overflow_skip(ds, src)
 
     # The optimizer and schedule are built by vlm_dist.optim and handed to deepspeed.initialize;
     # DeepSpeed would silently ignore JSON sections for them, so their presence is an error.

@@ -2,7 +2,9 @@
 
 Every step is appended to `<output_dir>/metrics.jsonl` (step, loss, lr, grad_norm,
 tokens_per_s, samples_per_s, ...); eval losses and notes (skipped steps) too, with a
-`kind` field. TensorBoard gets the same scalars when it is installed.
+`kind` field. TensorBoard gets the same scalars when it is installed. A run that starts at
+step S (a resume) first drops the rows after S, which it is about to redo, so each step
+appears once.
 """
 from __future__ import annotations
 
@@ -12,18 +14,23 @@ from pathlib import Path
 
 import torch
 
+from vlm_dist.checkpoint import _write_atomic
+
 
 class MetricsLog:
-    def __init__(self, out_dir: str | Path, enabled: bool, total_steps: int):
+    def __init__(self, out_dir: str | Path, enabled: bool, total_steps: int, start_step: int = 0):
         self.enabled, self.total_steps = enabled, total_steps
         self.out_dir = Path(out_dir)
         self.start = time.perf_counter()
+        if enabled:
+            truncate_metrics(self.out_dir / "metrics.jsonl", start_step)
         self._file = open(self.out_dir / "metrics.jsonl", "a") if enabled else None
         self._tb = None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+                # purge_step: TensorBoard hides the events after the resume step, which are redone
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=start_step + 1)
             except ImportError:  # tensorboard is optional
                 self._tb = None
         self._first_step: int | None = None
@@ -83,6 +90,26 @@ class MetricsLog:
         evals = sorted({r["step"]: r["eval_loss"] for r in rows if r["kind"] == "eval"}.items())
         if train:
             plot_losses(train, evals, self.out_dir / "loss.png")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the rows of `path` up to `last_step` (atomic rewrite). A row cut short by a crash is
+    always the last one, and after the checkpoint it resumes from: it goes too."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{n + 1}: not a metrics row ({e})") from e
+        if row["step"] <= last_step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        _write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def plot_losses(train: list[tuple[int, float]], evals: list[tuple[int, float]], path: Path | None = None,

@@ -152,3 +152,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config | TrainConfig,
     train = cfg.train if isinstance(cfg, Config) else cfg
     fn = WarmupCosine(warmup_steps(total_steps, train.warmup_ratio), total_steps, train.min_lr_ratio)
     return LambdaLR(optimizer, fn)
+
+
+def apply_config_after_resume(scheduler: LambdaLR, cfg: Config, total_steps: int) -> None:
+    """Make the run's config win over what DeepSpeed's load_checkpoint restored (each group's peak
+    lr, weight decay, betas, eps and the schedule's fields): they differ only where the resume
+    check accepted a change (a longer run, --checkpoint.allow_changed), and then the new value must
+    be the one that trains, as config.yaml says."""
+    t = cfg.train
+    peak = {"connector": t.lr_connector, "adapters": t.lr_adapters, "llm": t.lr_llm}
+    fn = WarmupCosine(warmup_steps(total_steps, t.warmup_ratio), total_steps, t.min_lr_ratio)
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [fn] * len(groups)
+    scheduler.base_lrs = []
+    for g in groups:   # names as build_param_groups gives them, e.g. "connector/no_decay"
+        component, kind = g["name"].split("/")
+        g["initial_lr"] = peak[component]
+        g["weight_decay"] = t.weight_decay if kind == "decay" else 0.0
+        g["betas"], g["eps"] = (t.adam_betas[0], t.adam_betas[1]), t.adam_eps
+        g["lr"] = peak[component] * fn(scheduler.last_epoch)   # what LambdaLR would give at this step
+        scheduler.base_lrs.append(peak[component])
+    scheduler._last_lr = [g["lr"] for g in groups]

@@ -14,11 +14,10 @@ control token. Control and block tokens are inserted as ids, never parsed.
 """
 from __future__ import annotations
 
-from vlm_dist.errors import UserError
-
 import re
 from dataclasses import dataclass, field
 
+from vlm_dist.errors import UserError
 from vlm_dist.media import IMAGE, MEDIA_KINDS, BlockIds, block_ids, token_id
 from vlm_dist.records import validate_record
 

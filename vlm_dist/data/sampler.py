@@ -18,9 +18,14 @@ capacity) alone, identically on every rank:
    than ranks, by filler rows: duplicates of a real sample that collate trains with
    zero supervision (no loss, no gradient), so every sample is still trained exactly
    once per epoch;
-6. shuffle the order of steps (so an optimizer step does not see a run of
+6. whole optimizer steps (see `_whole_optimizer_steps`): with grad_accum > 1 the epoch's
+   micro-steps are made a multiple of grad_accum — by splitting the steps holding the
+   most samples in two, and only when no step can split, by steps of filler rows — so
+   an optimizer step never spans two epochs and `train.epochs=N` ends exactly at the
+   end of epoch N (`optimizer_steps(N)`);
+7. shuffle the order of steps (so an optimizer step does not see a run of
    same-length, same-modality micro-batches);
-7. in each step give rows to ranks longest-first to the least-loaded rank that has
+8. in each step give rows to ranks longest-first to the least-loaded rank that has
    fewer than ceil(rows / world_size) rows (LPT with a cardinality cap): every rank
    gets a non-empty micro-batch, and tokens are balanced.
 
@@ -44,6 +49,7 @@ from typing import Sequence
 import numpy as np
 
 from vlm_dist.data.pack import count_targets, pack_rows
+from vlm_dist.errors import UserError
 
 TEXT, SINGLE_IMAGE, MULTI_IMAGE = 0, 1, 2
 
@@ -51,6 +57,10 @@ TEXT, SINGLE_IMAGE, MULTI_IMAGE = 0, 1, 2
 def modality_of(num_images: int) -> int:
     """0 = text only, 1 = one image, 2 = several."""
     return TEXT if num_images == 0 else SINGLE_IMAGE if num_images == 1 else MULTI_IMAGE
+
+
+class SamplerStateError(UserError, ValueError):
+    """A saved data position that this run would plan differently (other data, seed, world, batch)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ class SamplerState:
     world_size: int
     num_samples: int
     data_digest: str   # sha256 of lengths and modalities
-    capacity: str      # packing, max_seq_len, rows_per_micro, max_tokens_per_micro, mega_chunk_steps
+    capacity: str      # packing, max_seq_len, rows_per_micro, max_tokens_per_micro, mega_chunk_steps, grad_accum
 
 
 class LengthGroupedSampler:
@@ -95,7 +105,7 @@ class LengthGroupedSampler:
     def __init__(self, lengths: Sequence[int], modalities: Sequence[int], *, world_size: int, rank: int,
                  max_seq_len: int, rows_per_micro: int, packing: bool = True,
                  max_tokens_per_micro: int | None = None, seed: int = 0, mega_chunk_steps: int = 64,
-                 num_targets: Sequence[int] | None = None):
+                 num_targets: Sequence[int] | None = None, grad_accum: int = 1):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.modalities = np.asarray(modalities, dtype=np.int64)
         n = len(self.lengths)
@@ -112,6 +122,8 @@ class LengthGroupedSampler:
                              f"max_seq_len={max_seq_len}: a full row could never be scheduled")
         if mega_chunk_steps < 1:
             raise ValueError(f"mega_chunk_steps must be >= 1, got {mega_chunk_steps}")
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         bad = np.nonzero((self.lengths < 1) | (self.lengths > max_seq_len))[0]
         if len(bad):
             i = int(bad[0])
@@ -125,12 +137,13 @@ class LengthGroupedSampler:
         self.world_size, self.rank = world_size, rank
         self.max_seq_len, self.rows_per_micro = max_seq_len, rows_per_micro
         self.packing, self.max_tokens_per_micro = packing, max_tokens_per_micro
-        self.seed, self.mega_chunk_steps = seed, mega_chunk_steps
+        self.seed, self.mega_chunk_steps, self.grad_accum = seed, mega_chunk_steps, grad_accum
         digest = hashlib.sha256(self.lengths.tobytes() + b"|" + self.modalities.tobytes()).hexdigest()
         self._state = SamplerState(
             epoch=0, step=0, seed=seed, world_size=world_size, num_samples=n, data_digest=digest,
             capacity=f"packing={packing} max_seq_len={max_seq_len} rows_per_micro={rows_per_micro} "
-                     f"max_tokens_per_micro={max_tokens_per_micro} mega_chunk_steps={mega_chunk_steps}")
+                     f"max_tokens_per_micro={max_tokens_per_micro} mega_chunk_steps={mega_chunk_steps} "
+                     f"grad_accum={grad_accum}")
         self._cache: tuple[int, list[list[MicroBatch]]] | None = None
         if num_targets is not None and len(num_targets) != n:
             raise ValueError(f"LengthGroupedSampler: {n} lengths but {len(num_targets)} num_targets")
@@ -149,7 +162,7 @@ class LengthGroupedSampler:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, epoch])
-        steps = self._fix_tail(self._steps(rng))
+        steps = self._whole_optimizer_steps(self._fix_tail(self._steps(rng)))
         steps = [steps[i] for i in rng.permutation(len(steps))]
         plan = [self._assign(step) for step in steps]
         self._cache = (epoch, plan)
@@ -160,7 +173,13 @@ class LengthGroupedSampler:
         return [step[self.rank] for step in self.plan(epoch)]
 
     def steps_per_epoch(self, epoch: int) -> int:
+        """Micro-steps of the epoch (a multiple of grad_accum)."""
         return len(self.plan(epoch))
+
+    def optimizer_steps(self, epochs: int) -> int:
+        """Optimizer steps in epochs 0..epochs-1, each planned on its own (packed epochs differ in
+        length): after that many steps the stream stands at (epoch=epochs, step=0)."""
+        return sum(self.steps_per_epoch(e) for e in range(epochs)) // self.grad_accum
 
     def global_num_supervised(self, epoch: int, step: int) -> int:
         """Targets (!= -100) in micro-step `step` summed over all ranks, known without any
@@ -262,6 +281,24 @@ class LengthGroupedSampler:
         shortest = min((i for r in last for i in r.indices), key=lambda i: (self._len[i], i))
         return steps[:-1] + [last + [self._row([shortest], filler=True)] * (ws - len(last))]
 
+    def _whole_optimizer_steps(self, steps: list[list[_Row]]) -> list[list[_Row]]:
+        """Make the number of micro-steps a multiple of grad_accum (see the module docstring): split
+        the step holding the most samples into two of >= world_size rows each; when no step holds
+        2 x world_size samples, add steps of filler rows (the epoch's shortest sample, unsupervised)."""
+        ws = self.world_size
+        while len(steps) % self.grad_accum:
+            j = max(range(len(steps)), key=lambda j: (sum(len(r.indices) for r in steps[j]), -j))
+            rows = self._split(steps[j], 2 * ws)
+            if len(rows) < 2 * ws:
+                break
+            half = len(rows) // 2
+            steps[j:j + 1] = [rows[:half], rows[half:]]
+        if len(steps) % self.grad_accum:
+            shortest = min(range(len(self._len)), key=lambda i: (self._len[i], i))
+            filler = [self._row([shortest], filler=True)] * ws
+            steps = steps + [filler] * (-len(steps) % self.grad_accum)
+        return steps
+
     def _assign(self, rows: list[_Row]) -> list[MicroBatch]:
         """LPT with a cap of ceil(rows / ranks) rows per rank: balanced tokens, none empty."""
         ws = self.world_size
@@ -306,7 +343,7 @@ class LengthGroupedSampler:
             raise ValueError(f"sampler state has keys {sorted(state)}, expected {sorted(mine)}")
         for key in ("seed", "world_size", "num_samples", "data_digest", "capacity"):
             if state[key] != mine[key]:
-                raise ValueError(
+                raise SamplerStateError(
                     f"cannot resume the data order: the checkpoint's sampler {key} is {state[key]!r} but "
                     f"this run's is {mine[key]!r}; resume with the same data, seed, world size and "
                     "batch settings (or start a fresh run)")
