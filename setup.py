@@ -25,10 +25,10 @@ setup(
     extras_require={"mpi": ["mpi4py>=3.1"]},
     entry_points={
         "console_scripts": [
-            "vlm-cache=preprocess.cache_cli:main",
-            "vlm-convert=preprocess.convert:main",
-            "vlm-generate=vlm_dist.generate_cli:main",
-            "vlm-eval=vlm_dist.eval_cli:main",
+            "vlm-cache=vlm_dist.cache.cli:main",
+            "vlm-convert=vlm_dist.convert.cli:main",
+            "vlm-generate=vlm_dist.inference.generate_cli:main",
+            "vlm-eval=vlm_dist.inference.eval_cli:main",
         ]
     },
 )

@@ -9,11 +9,11 @@
 Builds Qwen3-8B-Base and SigLIP-so400m-patch14-384 at full size from the configs in
 launch/model_configs/ with random weights (written once to --work-dir; nothing is
 downloaded), then runs what training runs: launch/train.py's build_model and train_step,
-vlm_dist.optim's AdamW, vlm_dist.ds_config's DeepSpeed config, the LengthGroupedSampler's
+vlm_dist.training.optim's AdamW, vlm_dist.training.ds_config's DeepSpeed config, the LengthGroupedSampler's
 packed (or padded) micro-batches and vlm_dist.data.loader's DataLoader. Only the samples
 are synthetic: token ids with the layout of real ones (image blocks, prompt, supervised
 answer) and random (P, D) features standing in for the cache. Without CUDA (and with the
-default model configs), or with --tiny, the tiny models of vlm_dist.tiny are used.
+default model configs), or with --tiny, the tiny models of vlm_dist.testing.tiny are used.
 
 Sample lengths come from a built-in model (stage1: one 66-token image block + prompt +
 caption, ~110 tokens; multi: a multi-image SFT shape) or, exactly, from a records file
@@ -27,7 +27,7 @@ Variants are the run config's own flags (any --section.key=value of vlm_dist.con
 Reports a table and JSON (--out): tokens_per_s_per_gpu, samples/s, step time, MFU against
 the GPU's data-sheet bf16 peak (mfu) and against a bf16 matmul peak measured here
 (mfu_measured), HFU (recomputation included), peak memory, data-loader stall %, packing
-efficiency (real tokens / row capacity). FLOPs are counted by vlm_dist.flops from the
+efficiency (real tokens / row capacity). FLOPs are counted by vlm_dist.training.flops from the
 lengths of the samples that ran in the timed window (see BENCHMARKS.md).
 """
 from __future__ import annotations
@@ -51,10 +51,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "launch"))      # launch/train.py's loop pieces
 
-from vlm_dist import flops as F  # noqa: E402
-from vlm_dist.media import IMAGE, block_ids  # noqa: E402
-from vlm_dist.prompt import IGNORE, EncodedSample  # noqa: E402
-from vlm_dist.tiny import QWEN3_SPECIAL_TOKENS  # noqa: E402
+from vlm_dist.training import flops as F  # noqa: E402
+from vlm_dist.contract.media import IMAGE, block_ids  # noqa: E402
+from vlm_dist.contract.prompt import IGNORE, EncodedSample  # noqa: E402
+from vlm_dist.testing.tiny import QWEN3_SPECIAL_TOKENS  # noqa: E402
 
 MODEL_CONFIGS = REPO / "launch" / "model_configs"
 LLAVA_PRETRAIN_SAMPLES = 558_128
@@ -98,8 +98,8 @@ def shapes_from_records(path: str, tokenizer_dir: str, template: str, image_toke
     """Exact lengths of the first `limit` records, encoded as training encodes them."""
     from transformers import AutoTokenizer
 
-    from vlm_dist.prompt import PromptEncoder, SampleError
-    from vlm_dist.records import read_records
+    from vlm_dist.contract.prompt import PromptEncoder, SampleError
+    from vlm_dist.contract.records import read_records
 
     enc = PromptEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), template, image_tokens)
     out, skipped = [], 0
@@ -210,7 +210,7 @@ def _build_models(args, need_llm: bool) -> tuple[str | None, str, object]:
     if args.tiny:
         from transformers import AutoTokenizer
 
-        from vlm_dist.tiny import build_tiny_models
+        from vlm_dist.testing.tiny import build_tiny_models
         paths = build_tiny_models(work / "tiny")
         return paths["llm"], paths["vision"], AutoTokenizer.from_pretrained(paths["tokenizer"])
     vision = random_checkpoint(Path(args.vision_config), work / (Path(args.vision_config).stem + "-random"),
@@ -305,8 +305,8 @@ def run_train(cfg, args, device) -> dict:
 
     from vlm_dist import dist
     from vlm_dist.data.loader import build_loader
-    from vlm_dist.ds_config import build_ds_config
-    from vlm_dist.optim import build_optimizer
+    from vlm_dist.training.ds_config import build_ds_config
+    from vlm_dist.training.optim import build_optimizer
 
     world, rank = dist.world_size(), dist.rank()
     m, d, t = cfg.model, cfg.data, cfg.train

@@ -37,7 +37,7 @@ STAGE2 = dict(steps=300, lr_connector=1e-3, lr_adapters=2e-3, lora_r=32)
 
 def caption_pairs(data: Path, name: str = "stage1_train.jsonl") -> tuple[list[Path], list[str]]:
     """(image file, caption) of every single-image caption record in `name`."""
-    from vlm_dist.records import read_records
+    from vlm_dist.contract.records import read_records
     recs = list(read_records(data / name))
     return [data / r["images"][0] for r in recs], [r["conversations"][-1]["content"] for r in recs]
 
@@ -57,9 +57,9 @@ def reading_corpus(data: Path, llm_dir: str) -> list[tuple[list[int], list[int]]
     """
     from transformers import AutoTokenizer
 
-    from vlm_dist.media import IMAGE, block_ids
-    from vlm_dist.prompt import PromptEncoder
-    from vlm_dist.records import read_records
+    from vlm_dist.contract.media import IMAGE, block_ids
+    from vlm_dist.contract.prompt import PromptEncoder
+    from vlm_dist.contract.records import read_records
     tok = AutoTokenizer.from_pretrained(llm_dir)
     start = block_ids(tok, IMAGE, NUM_LATENTS).start
     examples = []
@@ -124,7 +124,7 @@ def train(stage: str, out: Path, models: dict, data: Path, cache: Path, extra: d
 
 def pretrained_models(out: Path, data: Path, data_config: dict) -> dict[str, str]:
     """The tiny models under out/models, pretrained; reused only when built by this recipe."""
-    from vlm_dist.tiny import build_tiny_models, pretrain_tiny_llm, pretrain_tiny_siglip, siglip_zero_shot
+    from vlm_dist.testing.tiny import build_tiny_models, pretrain_tiny_llm, pretrain_tiny_siglip, siglip_zero_shot
     # What the tiny models were built with; a directory built otherwise (older code,
     # other schedules, or an interrupted build) starts over.
     recipe = {"version": 2, "llm_hidden": LLM_HIDDEN, "llm_layers": LLM_LAYERS, "num_latents": NUM_LATENTS,

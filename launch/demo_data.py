@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from vlm_dist.records import write_records  # noqa: E402
+from vlm_dist.contract.records import write_records  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 0)}
 SHAPES = ("circle", "square", "triangle")

@@ -57,7 +57,7 @@ def before_export(out: Path, models: dict, trained_export: Path) -> Path:
 
 def evaluate(export: Path, data: Path, cache: Path, out: Path, logs: Path, run) -> dict:
     """vlm-eval on the held-out sets; returns the demo's headline numbers."""
-    run([sys.executable, "-m", "vlm_dist.eval_cli", "--model", export, "--cache", cache, "--out", out,
+    run([sys.executable, "-m", "vlm_dist.inference.eval_cli", "--model", export, "--cache", cache, "--out", out,
          "--loss", data / "heldout_loss.jsonl", "--captions", data / "heldout_captions.jsonl",
          "--describe", data / "heldout_describe.jsonl", "--probes", data / "heldout_which.jsonl",
          "--max-new-tokens", "48"], logs / f"{out.name}.log")
@@ -86,7 +86,7 @@ def plot_losses(run_dirs: list[Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vlm_dist.metrics import plot_losses as plot_run
+    from vlm_dist.training.metrics import plot_losses as plot_run
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(5 * len(run_dirs), 3.2))
     for ax, run_dir in zip(axes, run_dirs):
         rows = _metrics(run_dir)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from vlm_dist import dist  # noqa: E402
-from vlm_dist.checkpoint import (disk_errors, init_adapter, load_engine_state, load_rank_state,  # noqa: E402
+from vlm_dist.training.checkpoint import (disk_errors, init_adapter, load_engine_state, load_rank_state,  # noqa: E402
                                  nan_tag_for, publish, publish_export, resolve_resume, save_rank_state,
                                  set_rng_state, tag_for, withdraw, write_export)
 from vlm_dist.config import (Config, check_run_inputs, config_help, load_config,  # noqa: E402
@@ -33,11 +33,11 @@ from vlm_dist.config import (Config, check_run_inputs, config_help, load_config,
 from vlm_dist.data.loader import BatchStream  # noqa: E402
 from vlm_dist.data.sampler import LengthGroupedSampler  # noqa: E402
 from vlm_dist.errors import run_cli  # noqa: E402
-from vlm_dist.ds_config import build_ds_config  # noqa: E402
-from vlm_dist.metrics import MetricsLog  # noqa: E402
+from vlm_dist.training.ds_config import build_ds_config  # noqa: E402
+from vlm_dist.training.metrics import MetricsLog  # noqa: E402
 from vlm_dist.model.vlm import ce_chunks  # noqa: E402
-from vlm_dist.optim import apply_config_after_resume, build_optimizer, build_scheduler  # noqa: E402
-from vlm_dist.run_record import check_resume, write_run_record  # noqa: E402
+from vlm_dist.training.optim import apply_config_after_resume, build_optimizer, build_scheduler  # noqa: E402
+from vlm_dist.training.run_record import check_resume, write_run_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from vlm_dist.cache import check_cache_for_training
+    from vlm_dist.cache.reader import check_cache_for_training
     from vlm_dist.model.vision import VisionTower
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.llm)

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    from vlm_dist.tiny import build_tiny_models
+    from vlm_dist.testing.tiny import build_tiny_models
     return build_tiny_models(tmp_path_factory.mktemp("tiny"))
 
 

@@ -113,7 +113,7 @@ def test_cache_builder_mode(tmp_path, small_configs, capsys):
 
 
 def test_lengths_from_a_records_file(tmp_path, work_dir, tiny_models):
-    from vlm_dist.records import write_records
+    from vlm_dist.contract.records import write_records
     records = tmp_path / "records.jsonl"
     write_records(records, [
         {"id": f"r{i}", "images": [f"k{i}a", f"k{i}b"][:1 + i % 2],

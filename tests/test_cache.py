@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from preprocess import cache_cli
-from preprocess.cache_build import BuildConfig, BuildError, build, finalize
-from preprocess.cache_io import build_lock, rank_from_env
-from vlm_dist.cache import (CacheError, FeatureCache, check_cache_for_training, read_manifest,
+from vlm_dist.cache.reader import cli as cache_cli
+from vlm_dist.cache.build import BuildConfig, BuildError, build, finalize
+from vlm_dist.cache.writer import build_lock, rank_from_env
+from vlm_dist.cache.reader import (CacheError, FeatureCache, check_cache_for_training, read_manifest,
                             verify_cache)
-from vlm_dist.images import load_image
+from vlm_dist.contract.images import load_image
 from vlm_dist.model.vision import VisionTower
-from vlm_dist.records import write_records
+from vlm_dist.contract.records import write_records
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = [f"a{i}.png" for i in range(6)] + ["rgba.png", "cmyk.jpg", "grey/l.png"]
@@ -159,7 +159,7 @@ def test_other_dtypes_and_pooling(data, tiny_models, tmp_path, dtype, pool, shap
 
 # -- refusing -----------------------------------------------------------------------------------
 def test_fingerprint_mismatch_is_refused(built, tiny_models, tmp_path):
-    from vlm_dist.tiny import build_tiny_siglip
+    from vlm_dist.testing.tiny import build_tiny_siglip
 
     other_layer = VisionTower.from_pretrained(tiny_models["vision"], feature_layer=-1)
     with pytest.raises(CacheError, match="feature_layer: cache 2, configured 3"):
@@ -278,7 +278,7 @@ def test_two_processes_with_shard_index_equal_one_process(built, data, tiny_mode
 
 def test_launched_ranks_equal_one_process_and_rank0_finalizes(built, data, tiny_models, tmp_path,
                                                              monkeypatch):
-    from preprocess import cache_build
+    from vlm_dist.cache.reader import build as cache_build
 
     out = tmp_path / "ranks"
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -361,7 +361,7 @@ def test_a_second_build_of_the_same_slice_is_refused_naming_the_holder(data, tin
 
 
 def test_disk_full_names_the_shard_and_the_free_space(data, tiny_models, tmp_path, monkeypatch):
-    from preprocess import cache_io
+    from vlm_dist.cache.reader import writer as cache_io
 
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -400,8 +400,8 @@ def test_quick_check_trusts_size_and_mtime_and_a_full_verify_does_not(built, tow
 def test_an_image_list_with_bad_bytes_or_missing_is_named_by_file_and_line(tmp_path):
     import pytest
 
-    from preprocess.cache_build import BuildConfig, collect_references
-    from vlm_dist.records import RecordError
+    from vlm_dist.cache.build import BuildConfig, collect_references
+    from vlm_dist.contract.records import RecordError
     good = tmp_path / "list.txt"
     good.write_bytes(b"\xef\xbb\xbfa.png\n# a comment\nb.png\n")   # a BOM is read, not an error
     refs, _, n = collect_references(BuildConfig(out=str(tmp_path / "c"), image_lists=[str(good)]))

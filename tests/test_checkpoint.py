@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from vlm_dist.checkpoint import (MARKER, CheckpointError, complete_checkpoints, load_rank_state, publish,
+from vlm_dist.training.checkpoint import (MARKER, CheckpointError, complete_checkpoints, load_rank_state, publish,
                                  resolve_resume, save_rank_state, tag_for)
 
 
@@ -55,7 +55,7 @@ def test_rank_state_round_trip_and_missing_rank(tmp_path):
     a = torch.rand(3)
     state = load_rank_state(tmp_path, 1)
     assert state["trainer"]["sampler"]["step"] == 14
-    from vlm_dist.checkpoint import set_rng_state
+    from vlm_dist.training.checkpoint import set_rng_state
     set_rng_state(state["rng"])
     assert torch.equal(torch.rand(3), a)
     with pytest.raises(CheckpointError, match="rank 0"):
@@ -67,10 +67,10 @@ def test_write_export_reloads_with_identical_outputs(tiny_models, tokenizer, tmp
     """The trainer's export (adapter/ or llm/ + connector) loads in one call and computes the same loss."""
     import torch
 
-    from vlm_dist.checkpoint import write_export
-    from vlm_dist.export import load_export
+    from vlm_dist.training.checkpoint import write_export
+    from vlm_dist.inference.export import load_export
     from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
-    from vlm_dist.prompt import IGNORE, PromptEncoder
+    from vlm_dist.contract.prompt import IGNORE, PromptEncoder
 
     torch.manual_seed(0)
     llm = load_llm(tiny_models["llm"], mode, torch.float32, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
@@ -122,7 +122,7 @@ def test_auto_takes_the_newest_complete_checkpoint_whatever_latest_says(tmp_path
 
 
 def test_resaving_a_step_withdraws_its_marker_first(tmp_path):
-    from vlm_dist.checkpoint import withdraw
+    from vlm_dist.training.checkpoint import withdraw
 
     fake_save(tmp_path, 4)
     d = fake_save(tmp_path, 8)
@@ -135,7 +135,7 @@ def test_resaving_a_step_withdraws_its_marker_first(tmp_path):
 
 
 def test_a_nan_stop_save_is_complete_but_never_the_resume_target(tmp_path):
-    from vlm_dist.checkpoint import nan_tag_for
+    from vlm_dist.training.checkpoint import nan_tag_for
 
     fake_save(tmp_path, 4)
     d = tmp_path / nan_tag_for(6)
@@ -175,7 +175,7 @@ def test_every_rng_round_trips_exactly_through_a_rank_file(tmp_path):
     import numpy as np
     import torch
 
-    from vlm_dist.checkpoint import set_rng_state
+    from vlm_dist.training.checkpoint import set_rng_state
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()          # leaves a cached gaussian in numpy's state
@@ -196,7 +196,7 @@ def test_a_full_disk_at_save_names_the_checkpoint_and_the_space(tmp_path, monkey
     import shutil
     from collections import namedtuple
 
-    from vlm_dist.checkpoint import disk_errors
+    from vlm_dist.training.checkpoint import disk_errors
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 0))
@@ -209,7 +209,7 @@ def test_an_unrelated_save_error_is_not_called_a_full_disk(tmp_path, monkeypatch
     import shutil
     from collections import namedtuple
 
-    from vlm_dist.checkpoint import disk_errors
+    from vlm_dist.training.checkpoint import disk_errors
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
@@ -226,7 +226,7 @@ def test_an_unrelated_save_error_is_not_called_a_full_disk(tmp_path, monkeypatch
 def test_a_lora_stage_never_silently_drops_an_exports_adapter(tmp_path, saved_mode, has_adapter, want):
     import json
 
-    from vlm_dist.checkpoint import init_adapter
+    from vlm_dist.training.checkpoint import init_adapter
 
     export = tmp_path / "export"
     export.mkdir()
@@ -258,8 +258,8 @@ def _frozen_export(path):
 
 
 def test_publish_export_replaces_only_an_export(tmp_path):
-    from vlm_dist.checkpoint import publish_export
-    from vlm_dist.export import ExportError
+    from vlm_dist.training.checkpoint import publish_export
+    from vlm_dist.inference.export import ExportError
     src = _frozen_export(tmp_path / "checkpoints" / "step_00000001" / "export")
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -284,7 +284,7 @@ def test_deepspeeds_own_files_are_loaded_weights_only(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from vlm_dist.checkpoint import load_engine_state
+    from vlm_dist.training.checkpoint import load_engine_state
 
     class Engine:   # the one call engine.load_checkpoint makes per file
         checkpoint_engine = TorchCheckpointEngine()

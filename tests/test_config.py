@@ -228,7 +228,7 @@ def test_config_defaults_construct():
 # --------------------------------------------------------------------------- resume: what may change
 
 def _record(*flags, records_sha=("a" * 64,)):
-    """A run record as a checkpoint stores it (vlm_dist.run_record), without hashing files."""
+    """A run record as a checkpoint stores it (vlm_dist.training.run_record), without hashing files."""
     from vlm_dist.config import config_to_dict
     length = [] if any(f.startswith("--train.max_steps") for f in flags) else ["--train.max_steps=100"]
     cfg = load_config(None, [*length, *flags])
@@ -237,20 +237,20 @@ def _record(*flags, records_sha=("a" * 64,)):
 
 
 def test_resume_refuses_a_changed_learning_rate_naming_the_key_and_both_values():
-    from vlm_dist.run_record import resume_changes
+    from vlm_dist.training.run_record import resume_changes
     refused, _ = resume_changes(_record("--train.lr_connector=1e-4"),
                                 _record("--train.lr_connector=3e-4", "--train.weight_decay=0.1"))
     assert refused == ["train.lr_connector: 0.0001 -> 0.0003", "train.weight_decay: 0.01 -> 0.1"]
 
 
 def test_resume_refuses_records_of_other_content_even_with_the_same_paths():
-    from vlm_dist.run_record import resume_changes
+    from vlm_dist.training.run_record import resume_changes
     refused, _ = resume_changes(_record(), _record(records_sha=("b" * 64,)))
     assert len(refused) == 1 and refused[0].startswith("data.records: content changed (sha256 [aaaaaaaaaaaa]")
 
 
 def test_resume_accepts_a_longer_run_and_harmless_keys_and_logs_them():
-    from vlm_dist.run_record import resume_changes
+    from vlm_dist.training.run_record import resume_changes
     refused, accepted = resume_changes(
         _record(), _record("--train.max_steps=200", "--train.log_every=1", "--data.num_workers=0",
                            "--checkpoint.every=5", "--resume=auto"))
@@ -262,7 +262,7 @@ def test_resume_accepts_a_longer_run_and_harmless_keys_and_logs_them():
 
 
 def test_resume_accepts_a_change_the_user_names_explicitly():
-    from vlm_dist.run_record import resume_changes
+    from vlm_dist.training.run_record import resume_changes
     new = _record("--train.lr_connector=3e-4", "--checkpoint.allow_changed=train.lr_connector,data.records",
                   records_sha=("b" * 64,))
     refused, accepted = resume_changes(_record(), new, ["train.lr_connector", "data.records"])

@@ -12,9 +12,9 @@ import json
 import pytest
 from PIL import Image
 
-from preprocess.convert import main
-from vlm_dist.prompt import IGNORE, PromptEncoder
-from vlm_dist.records import read_records
+from vlm_dist.convert.cli import main
+from vlm_dist.contract.prompt import IGNORE, PromptEncoder
+from vlm_dist.contract.records import read_records
 
 
 def png(color, size=8) -> bytes:

@@ -13,10 +13,10 @@ sys.path.insert(0, str(REPO))
 
 from launch import demo  # noqa: E402
 from launch.demo_data import DemoDataConfig, generate  # noqa: E402
-from vlm_dist.media import IMAGE, block_ids  # noqa: E402
-from vlm_dist.prompt import IGNORE, PromptEncoder  # noqa: E402
-from vlm_dist.records import read_records  # noqa: E402
-from vlm_dist.tiny import (build_tiny_models, build_tiny_siglip, pretrain_tiny_llm,  # noqa: E402
+from vlm_dist.contract.media import IMAGE, block_ids  # noqa: E402
+from vlm_dist.contract.prompt import IGNORE, PromptEncoder  # noqa: E402
+from vlm_dist.contract.records import read_records  # noqa: E402
+from vlm_dist.testing.tiny import (build_tiny_models, build_tiny_siglip, pretrain_tiny_llm,  # noqa: E402
                            pretrain_tiny_siglip, siglip_zero_shot)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vlm_dist.images import load_image
-from vlm_dist.records import read_records
+from vlm_dist.contract.images import load_image
+from vlm_dist.contract.records import read_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 import demo_data as dd  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlm_dist.config import ConfigError, load_config
-from vlm_dist.ds_config import build_ds_config, load_ds_json, offloads_optimizer, zero_stage
+from vlm_dist.training.ds_config import build_ds_config, load_ds_json, offloads_optimizer, zero_stage
 
 DS = Path(__file__).resolve().parents[1] / "ds_configs"
 RUN_VALUES = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",

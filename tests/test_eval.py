@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlm_dist import evaluation as ev
-from vlm_dist.prompt import IGNORE, PromptEncoder
+from vlm_dist.inference.generate import evaluation as ev
+from vlm_dist.contract.prompt import IGNORE, PromptEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,7 +158,7 @@ def test_loss_sums_equal_a_direct_computation(tiny_models, tokenizer):
 # -- vlm-eval end to end on a tiny export -----------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_export(tiny_models, tokenizer, tmp_path_factory):
-    from vlm_dist.checkpoint import write_export
+    from vlm_dist.training.checkpoint import write_export
     from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
     torch.manual_seed(0)
     llm = load_llm(tiny_models["llm"], "lora", dtype=torch.float32, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
@@ -186,7 +186,7 @@ def demo_data(tmp_path_factory):
 
 def _nlvr2_and_mc(demo_data, tmp_path):
     """Hand-made NLVR2-style and multiple-choice sets over the demo images, with answer keys."""
-    from vlm_dist.records import write_records
+    from vlm_dist.contract.records import write_records
     which = [json.loads(line) for line in (demo_data / "heldout_which.jsonl").open()][:4]
     pairs = [{"id": f"pair{i}", "images": r["images"][:2], "answer": i % 2 == 0, "conversations": [
         {"role": "user", "content": "<image> <image> Both images show a red shape. True or false?"},
@@ -201,7 +201,7 @@ def _nlvr2_and_mc(demo_data, tmp_path):
 
 
 def test_vlm_eval_end_to_end(tiny_export, demo_data, tmp_path):
-    from vlm_dist.eval_cli import main
+    from vlm_dist.inference.eval_cli import main
     out = tmp_path / "eval"
     pairs, mc = _nlvr2_and_mc(demo_data, tmp_path)
     rc = main(["--model", str(tiny_export), "--out", str(out), "--image-root", str(demo_data),
@@ -234,11 +234,11 @@ def test_vlm_eval_two_ranks_matches_one(tiny_export, demo_data, tmp_path):
             str(demo_data / "heldout_loss.jsonl"), "--probes", str(demo_data / "heldout_which.jsonl"),
             "--limit", "5", "--max-new-tokens", "4", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    one = subprocess.run([sys.executable, "-m", "vlm_dist.eval_cli", *args, "--out", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "vlm_dist.inference.eval_cli", *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29731", "-m", "vlm_dist.eval_cli", *args, "--out", str(tmp_path / "two")],
+                          "--master_port", "29731", "-m", "vlm_dist.inference.eval_cli", *args, "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "eval.json").read_text())
@@ -260,7 +260,7 @@ LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "PMI_"
 ], ids=["srun", "mpirun"])
 def test_vlm_eval_starts_distributed_under_srun_and_mpirun(monkeypatch, launcher_env):
     import vlm_dist.dist as dist
-    from vlm_dist.eval_cli import start_ranks
+    from vlm_dist.inference.eval_cli import start_ranks
     for key in list(os.environ):
         if key.startswith(LAUNCHER_KEYS):
             monkeypatch.delenv(key)
@@ -276,7 +276,7 @@ def test_vlm_eval_starts_distributed_under_srun_and_mpirun(monkeypatch, launcher
 def test_vlm_eval_under_mpirun_shards_over_two_ranks(tiny_export, demo_data, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_KEYS)}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT="29741")
-    proc = subprocess.run(["mpirun", "-n", "2", sys.executable, "-m", "vlm_dist.eval_cli", "--model", str(tiny_export),
+    proc = subprocess.run(["mpirun", "-n", "2", sys.executable, "-m", "vlm_dist.inference.eval_cli", "--model", str(tiny_export),
                            "--image-root", str(demo_data), "--loss", str(demo_data / "heldout_loss.jsonl"),
                            "--limit", "4", "--device", "cpu", "--out", str(tmp_path / "mpi")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -287,8 +287,8 @@ def test_vlm_eval_under_mpirun_shards_over_two_ranks(tiny_export, demo_data, tmp
 
 def test_vlm_eval_reads_images_only_under_its_image_root(tiny_export, demo_data, tmp_path, capsys):
     """A record naming a file outside --image-root (here by `..`) is refused by name, never read."""
-    from vlm_dist.eval_cli import main
-    from vlm_dist.records import read_records, write_records
+    from vlm_dist.inference.eval_cli import main
+    from vlm_dist.contract.records import read_records, write_records
     secret = tmp_path / "secret.png"
     secret.write_bytes((demo_data / next(read_records(demo_data / "heldout_loss.jsonl"))["images"][0]).read_bytes())
     rec = next(read_records(demo_data / "heldout_loss.jsonl"))
@@ -301,7 +301,7 @@ def test_vlm_eval_reads_images_only_under_its_image_root(tiny_export, demo_data,
 
 
 def test_vlm_generate_names_a_bad_chat_file_without_a_traceback(tmp_path, capsys):
-    from vlm_dist.generate_cli import main
+    from vlm_dist.inference.generate_cli import main
     chat = tmp_path / "chat.json"
     chat.write_bytes(b'[{"role": "user", "content": "caf\xe9"}]')   # latin-1, not UTF-8
     assert main(["--model", str(tmp_path), "--chat", str(chat)]) == 2

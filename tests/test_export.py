@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_dist.checkpoint import write_export
-from vlm_dist.export import ExportError, load_export, merge_export, read_export_config
-from vlm_dist.generate_cli import build_conversation, main as generate_main
-from vlm_dist.inference import GenerationSettings, Generator
+from vlm_dist.training.checkpoint import write_export
+from vlm_dist.inference.export import ExportError, load_export, merge_export, read_export_config
+from vlm_dist.inference.generate_cli import build_conversation, main as generate_main
+from vlm_dist.inference.generate import GenerationSettings, Generator
 from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
 from vlm_dist.model.vision import VisionTower
-from vlm_dist.prompt import PromptEncoder
+from vlm_dist.contract.prompt import PromptEncoder
 
 N = 4  # visual tokens per image
 
@@ -205,7 +205,7 @@ def test_merge_into_a_new_path_and_again_over_its_own_output(run_layout, tmp_pat
 
 
 def test_merge_cli_refuses_the_run_dir_with_one_line(run_layout, capsys):
-    from vlm_dist.export import main
+    from vlm_dist.inference.export import main
     assert main(["merge", str(run_layout / "export"), str(run_layout)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vlm-export: error: merge output") and len(err.strip().splitlines()) == 1
@@ -251,19 +251,19 @@ def test_a_broken_export_file_is_named(trained, tmp_path, name):
         merge_export(broken, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     _images()[0].save(tmp_path / "a.png")
-    proc = _cli("vlm_dist.generate_cli", "--model", broken, "--image", tmp_path / "a.png", "--prompt", "What?",
+    proc = _cli("vlm_dist.inference.generate_cli", "--model", broken, "--image", tmp_path / "a.png", "--prompt", "What?",
                 "--max-new-tokens", "2", "--device", "cpu")
     assert_names_the_file(proc, broken / name)
     (tmp_path / "text.jsonl").write_text(json.dumps({"id": "t", "images": [], "conversations": [
         {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]}) + "\n")
-    proc = _cli("vlm_dist.eval_cli", "--model", broken, "--out", tmp_path / "eval", "--text",
+    proc = _cli("vlm_dist.inference.eval_cli", "--model", broken, "--out", tmp_path / "eval", "--text",
                 tmp_path / "text.jsonl", "--device", "cpu")
     assert_names_the_file(proc, broken / name)
     assert not (tmp_path / "eval").exists()
 
 
 def test_publishing_refuses_a_broken_build_and_keeps_the_old_export(trained, tmp_path):
-    from vlm_dist.checkpoint import publish_export
+    from vlm_dist.training.checkpoint import publish_export
     _, export_dir = trained
     broken = broken_copy(export_dir, tmp_path / "broken", "connector.safetensors")
     out = tmp_path / "export"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, SiglipVisionConfig
 
-from vlm_dist import flops as F
+from vlm_dist.training import flops as F
 
 
 def tiny_llm_config():
@@ -119,9 +119,9 @@ def test_counts_match_torch_flop_counter(tiny_models, tokenizer, mode):
     from transformers import AutoConfig
 
     from vlm_dist.data.pack import collate
-    from vlm_dist.media import IMAGE, block_ids
+    from vlm_dist.contract.media import IMAGE, block_ids
     from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
-    from vlm_dist.prompt import EncodedSample
+    from vlm_dist.contract.prompt import EncodedSample
 
     torch.manual_seed(0)
     lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from preprocess.convert import main
-from preprocess.hygiene import (DEFAULT_SPAM, CaptionFilters, HygieneError, MultiImageAugment, NearDuplicates,
+from vlm_dist.convert.cli import main
+from vlm_dist.convert.hygiene import (DEFAULT_SPAM, CaptionFilters, HygieneError, MultiImageAugment, NearDuplicates,
                                 normalize_caption, stage1)
-from vlm_dist.prompt import IGNORE, PromptEncoder
-from vlm_dist.records import read_records, validate_record, write_records
+from vlm_dist.contract.prompt import IGNORE, PromptEncoder
+from vlm_dist.contract.records import read_records, validate_record, write_records
 
 
 def cap(rid, caption, image=None):

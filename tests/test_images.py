@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_dist.images import ImageError, load_image, read_under, resolve_under
+from vlm_dist.contract.images import ImageError, load_image, read_under, resolve_under
 
 RED, WHITE = (255, 0, 0), (255, 255, 255)
 

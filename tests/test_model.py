@@ -6,7 +6,7 @@ from vlm_dist.model.build import (build_vlm, load_connectors, load_llm, save_con
                                   trainable_table)
 from vlm_dist.model.connector import Connector
 from vlm_dist.model.vlm import SpliceError
-from vlm_dist.prompt import IGNORE, PromptEncoder
+from vlm_dist.contract.prompt import IGNORE, PromptEncoder
 
 N, P, DV = 4, 16, 32
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vlm_dist.config import ConfigError, load_config
-from vlm_dist.optim import (WarmupCosine, build_optimizer, build_param_groups, build_scheduler,
+from vlm_dist.training.optim import (WarmupCosine, build_optimizer, build_param_groups, build_scheduler,
                             describe_param_groups, param_component, total_steps, warmup_steps)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,8 +171,8 @@ DS_SCRIPT = textwrap.dedent("""
     import json, os, socket, sys
     import torch, deepspeed
     from vlm_dist.config import load_config
-    from vlm_dist.ds_config import build_ds_config
-    from vlm_dist.optim import build_optimizer, build_scheduler
+    from vlm_dist.training.ds_config import build_ds_config
+    from vlm_dist.training.optim import build_optimizer, build_scheduler
 
     class Connector(torch.nn.Module):
         def __init__(self):

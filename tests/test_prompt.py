@@ -1,8 +1,8 @@
 """Token layout, labels, truncation and the record contract."""
 import pytest
 
-from vlm_dist.prompt import IGNORE, PromptEncoder, SampleError
-from vlm_dist.records import RecordError, read_records, validate_record
+from vlm_dist.contract.prompt import IGNORE, PromptEncoder, SampleError
+from vlm_dist.contract.records import RecordError, read_records, validate_record
 
 N = 4
 

@@ -213,7 +213,7 @@ def test_build_cache_template_two_ranks(tmp_path, tiny_models):
     import numpy as np
     from PIL import Image
 
-    from vlm_dist.records import write_records
+    from vlm_dist.contract.records import write_records
 
     (tmp_path / "images").mkdir()
     records = []

@@ -5,10 +5,10 @@ import pickle
 
 import pytest
 
-from preprocess.convert import main
+from vlm_dist.convert.cli import main
 from vlm_dist.data import lengths as L
-from vlm_dist.prompt import PromptEncoder
-from vlm_dist.records import write_records
+from vlm_dist.contract.prompt import PromptEncoder
+from vlm_dist.contract.records import write_records
 
 N = 4
 

@@ -111,10 +111,10 @@ def test_zero2_and_zero3_give_the_same_losses(stage1_runs):
 def test_export_reloads_into_a_fresh_model_with_identical_outputs(stage1_runs, tiny_data, ds):
     """Held-out loss of the exported weights in a plain (non-DeepSpeed) model equals the
     loss the run computed with its engine at the last step."""
-    from vlm_dist.cache import FeatureCache
-    from vlm_dist.export import load_export
-    from vlm_dist.prompt import IGNORE, PromptEncoder
-    from vlm_dist.records import read_records
+    from vlm_dist.cache.reader import FeatureCache
+    from vlm_dist.inference.export import load_export
+    from vlm_dist.contract.prompt import IGNORE, PromptEncoder
+    from vlm_dist.contract.records import read_records
 
     run = stage1_runs / {"zero2": "z2", "zero3": "z3"}[ds]
     vlm, tok, _, _ = load_export(run / "export", device="cpu", dtype=torch.float32)
@@ -179,7 +179,7 @@ def test_missing_explicit_checkpoint_is_an_error_on_every_rank(tiny_data, tmp_pa
 
 
 def test_nan_losses_skip_steps_then_save_and_stop(tiny_data, tmp_path):
-    from vlm_dist.checkpoint import load_rank_state, resolve_resume
+    from vlm_dist.training.checkpoint import load_rank_state, resolve_resume
 
     # an absurd learning rate blows the connector up: non-finite losses from step 2 on
     args = {"train.lr_connector": 1e30, "train.max_grad_norm": 0.0, "train.nan_patience": 2, "checkpoint.every": 0}
@@ -200,7 +200,7 @@ def test_a_nan_loss_whose_update_was_applied_stops_without_publishing(tiny_data,
     """DeepSpeed's overflow check skips a step with non-finite gradients; a non-finite loss that got
     through anyway (injected at step 6, after its update) is caught on the device and read at the next
     log/save (step 8): that step is not published, the resume target stays step 4."""
-    from vlm_dist.checkpoint import resolve_resume
+    from vlm_dist.training.checkpoint import resolve_resume
 
     rc, out = launch(train_args(tiny_data, tmp_path / "r", **{"train.log_every": 4, "checkpoint.every": 4}),
                      env_extra={"VLM_DIST_NAN_LOSS_AT": "6"}, expect_rc=None)
@@ -224,7 +224,7 @@ def test_run_without_inputs_names_the_flags_to_add(tmp_path):
 
 
 def test_records_whose_image_failed_are_dropped_counted_and_listed(tiny_data):
-    from vlm_dist.cache import FeatureCache
+    from vlm_dist.cache.reader import FeatureCache
     from vlm_dist.config import RecordSource
     from vlm_dist.data.samples import load_training_set
 
@@ -255,10 +255,10 @@ def test_mpirun_two_ranks_trains(tiny_data, tmp_path):
 
 
 def test_eval_split_is_taken_before_the_upsampled_mixture_and_duplicate_ids_are_listed(tiny_data, tmp_path):
-    from vlm_dist.cache import FeatureCache
+    from vlm_dist.cache.reader import FeatureCache
     from vlm_dist.config import RecordSource
     from vlm_dist.data.samples import load_training_set
-    from vlm_dist.records import RecordError
+    from vlm_dist.contract.records import RecordError
 
     lines = (tiny_data["data"] / "stage1_train.jsonl").read_text().splitlines()
     path = tmp_path / "dups.jsonl"
@@ -289,7 +289,7 @@ def test_eval_split_is_taken_before_the_upsampled_mixture_and_duplicate_ids_are_
 
 
 def test_metrics_after_a_resume_hold_each_step_once(tmp_path):
-    from vlm_dist.metrics import MetricsLog
+    from vlm_dist.training.metrics import MetricsLog
 
     rows = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in range(1, 7)] + \
         [{"kind": "eval", "step": 4, "eval_loss": 0.5}, {"kind": "note", "step": 6, "note": "x"}]

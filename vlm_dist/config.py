@@ -10,7 +10,7 @@ Overrides are `--section.key=value` (or `--section.key value`); values are
 typed like YAML scalars, lists too (`--lora.target_modules=[q_proj,v_proj]`
 or `q_proj,v_proj`). `--resume X` is short for `--checkpoint.resume=X`; a resume that changes the
 run's mathematics is refused unless `--checkpoint.allow_changed=key,...` names each changed key
-(vlm_dist.run_record).
+(vlm_dist.training.run_record).
 Without a YAML file the stage-1 config (launch/configs/stage1_align.yaml) is used.
 
 Two pairs of keys exclude each other: `train.max_steps` / `train.epochs` and
@@ -99,7 +99,7 @@ class LoraConfig:
 @dataclass
 class RecordSource:
     path: str
-    """A JSONL file of records (vlm_dist.records)."""
+    """A JSONL file of records (vlm_dist.contract.records)."""
     weight: Optional[float] = None
     """Relative sampling weight in a mixture (use weights or counts, not both)."""
     count: Optional[int] = None

@@ -9,7 +9,7 @@
     summarize(table)       # length distribution and supervised-token fraction
     duplicate_ids([table]) # records repeating an earlier record's id (listed, kept)
 
-Each record goes through `vlm_dist.prompt.PromptEncoder` (the one tokenization of
+Each record goes through `vlm_dist.contract.prompt.PromptEncoder` (the one tokenization of
 the contract). A record is a problem when it is invalid, longer than
 max_seq_len (`too_long`; with truncate=True it is cut instead, but a cut that
 would remove an image block is still `too_long`), or has no supervised token
@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from vlm_dist.cache import sha256_file
+from vlm_dist.cache.reader import sha256_file
 from vlm_dist.errors import UserError
-from vlm_dist.records import RecordError, read_lines
+from vlm_dist.contract.records import RecordError, read_lines
 
 CHUNK = 2048          # records per worker task
 CACHE_VERSION = 2
@@ -114,9 +114,9 @@ class LengthTable:
 
 
 def _to_sample(row: dict):
-    from vlm_dist.media import IMAGE
-    from vlm_dist.prompt import EncodedSample
-    from vlm_dist.prompt import IGNORE
+    from vlm_dist.contract.media import IMAGE
+    from vlm_dist.contract.prompt import EncodedSample
+    from vlm_dist.contract.prompt import IGNORE
     media = {IMAGE.name: row["image_keys"]} if row["image_keys"] else {}
     labels = [t if m else IGNORE for t, m in zip(row["input_ids"], row["supervised_mask"])]
     return EncodedSample(row["id"], row["input_ids"], labels, media, row["truncated"])
@@ -136,10 +136,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _code_fingerprint() -> str:
-    import vlm_dist.media
-    import vlm_dist.prompt
+    import vlm_dist.contract.media
+    import vlm_dist.contract.prompt
     h = hashlib.sha256()
-    for mod in (vlm_dist.prompt, vlm_dist.media):
+    for mod in (vlm_dist.contract.prompt, vlm_dist.contract.media):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()
 
@@ -152,14 +152,14 @@ def _init_worker(tokenizer_path: str, template: str, image_tokens: int, max_seq_
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
-    from vlm_dist.prompt import PromptEncoder
+    from vlm_dist.contract.prompt import PromptEncoder
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
     _W.update(encoder=PromptEncoder(tok, template, image_tokens), max_seq_len=max_seq_len, truncate=truncate)
 
 
 def _encode_chunk(task: tuple[int, list[str]]) -> pa.RecordBatch:
-    from vlm_dist.prompt import SampleError
-    from vlm_dist.records import RecordError, validate_record
+    from vlm_dist.contract.prompt import SampleError
+    from vlm_dist.contract.records import RecordError, validate_record
 
     start, lines = task
     enc, max_len, truncate = _W["encoder"], _W["max_seq_len"], _W["truncate"]

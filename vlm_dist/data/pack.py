@@ -39,7 +39,7 @@ IGNORE = -100
 
 
 class PackableSample(Protocol):
-    """What collate needs from an encoded sample (vlm_dist.prompt.EncodedSample has it)."""
+    """What collate needs from an encoded sample (vlm_dist.contract.prompt.EncodedSample has it)."""
     id: str
     input_ids: Sequence[int]
     labels: Sequence[int]  # the token itself where supervised, -100 elsewhere (unshifted)

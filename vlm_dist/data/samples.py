@@ -31,7 +31,7 @@ import numpy as np
 from vlm_dist.data.lengths import SupervisionError, duplicate_ids, tokenize_records
 from vlm_dist.data.mixture import build_mixture, format_summary, hold_out, sources_from_config
 from vlm_dist.data.sampler import MULTI_IMAGE, SINGLE_IMAGE, TEXT
-from vlm_dist.media import IMAGE
+from vlm_dist.contract.media import IMAGE
 
 
 @dataclass
@@ -89,7 +89,7 @@ class TrainingSet:
 def read_index(cache_dir) -> dict[str, str]:
     """The cache's record-reference -> image-key map, in one read (not a search per reference)."""
     import pyarrow as pa
-    from vlm_dist.cache import INDEX_FILE
+    from vlm_dist.cache.reader import INDEX_FILE
     table = pa.ipc.open_file(pa.memory_map(str(Path(cache_dir) / INDEX_FILE))).read_all()
     return dict(zip(table.column("ref").to_pylist(), table.column("key").to_pylist()))
 

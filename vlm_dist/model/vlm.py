@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlm_dist.media import MEDIA_KINDS
+from vlm_dist.contract.media import MEDIA_KINDS
 from vlm_dist.model.connector import Connector
-from vlm_dist.prompt import IGNORE
+from vlm_dist.contract.prompt import IGNORE
 
 CE_CHUNK = 4096  # supervised tokens per lm_head/cross-entropy chunk
 
@@ -129,7 +129,7 @@ class VisionLanguageModel(nn.Module):
         """New token ids (1, T_new) for one prompt (1, T) with its media.
 
         do_sample draws from torch's global RNG; for seeded sampling that leaves it alone,
-        pass vlm_dist.inference.SeededSampling as `logits_processor` (with do_sample=False).
+        pass vlm_dist.inference.generate.SeededSampling as `logits_processor` (with do_sample=False).
         """
         embeds = self.embed(input_ids, media)
         kwargs = dict(do_sample=do_sample)
@@ -164,5 +164,5 @@ def _cpu_counts(media: dict | None) -> dict | None:
 
 
 def media_pad_ids(tokenizer) -> dict[str, int]:
-    from vlm_dist.media import token_id
+    from vlm_dist.contract.media import token_id
     return {name: token_id(tokenizer, kind.pad_token) for name, kind in MEDIA_KINDS.items()}

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from preprocess.formats.common import Drop, RawRecord, image_list, json_rows, turn_fields
+from vlm_dist.convert.formats.common import Drop, RawRecord, image_list, json_rows, turn_fields
 
 PARQUET_BATCH = 64  # rows per read: bounds memory when rows carry image bytes
 

@@ -2,13 +2,13 @@
 
     vlm, tokenizer, tower, cfg = load_export("runs/sft/export", device="cpu")
     merge_export("runs/sft/export", "merged/sft")      # then vlm-generate --model merged/sft
-    python -m vlm_dist.export merge runs/sft/export merged/sft [--dtype bf16]
+    python -m vlm_dist.inference.export merge runs/sft/export merged/sft [--dtype bf16]
 
 The merge output lies outside the export and its training run, and is new, empty or an
 earlier merge output: it is built beside, checked and swapped in, so a mistyped path
 never deletes a run (check_merge_target).
 
-An export directory (written by the trainer, vlm_dist.checkpoint.write_export):
+An export directory (written by the trainer, vlm_dist.training.checkpoint.write_export):
 
     connector.safetensors, connector_config.json   the connector (save_connectors)
     adapter/                                       PEFT LoRA adapter (llm_mode lora / qlora)
@@ -279,7 +279,7 @@ def merge_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """
     from transformers import AutoConfig
 
-    from vlm_dist.checkpoint import publishing
+    from vlm_dist.training.checkpoint import publishing
 
     export_dir, out = Path(export_dir), Path(out_dir)
     cfg = check_export(export_dir)
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """python -m vlm_dist.export merge EXPORT_DIR OUT_DIR [--dtype bf16]: merge LoRA into one directory."""
+    """python -m vlm_dist.inference.export merge EXPORT_DIR OUT_DIR [--dtype bf16]: merge LoRA into one directory."""
     import argparse
     p = argparse.ArgumentParser(prog="vlm-export")
     sub = p.add_subparsers(dest="command", required=True)

@@ -3,10 +3,10 @@
     vlm-eval --model runs/sft/export --cache cache/ --out runs/sft/eval \\
         --loss heldout.jsonl --captions captions.jsonl --probes which.jsonl \\
         --nlvr2 pairs.jsonl --mc mmmu.jsonl --text text.jsonl
-    torchrun --nproc_per_node 8 -m vlm_dist.eval_cli ...     # records sharded over ranks
-    srun -n 8 python -m vlm_dist.eval_cli ...                 # (or mpirun -n 8): the same
+    torchrun --nproc_per_node 8 -m vlm_dist.inference.eval_cli ...     # records sharded over ranks
+    srun -n 8 python -m vlm_dist.inference.eval_cli ...                 # (or mpirun -n 8): the same
 
-Every set is a JSONL file of contract records (answer keys: see vlm_dist.evaluation).
+Every set is a JSONL file of contract records (answer keys: see vlm_dist.inference.evaluation).
 Image features come from --cache (a `vlm-cache build` of the records; its encoder
 fingerprint must match the export's vision tower) or are computed online from
 files under --image-root with the export's tower.
@@ -64,7 +64,7 @@ def parse_args(argv):
 
 
 def _read(path: str, limit: int | None, need_answer: bool = False) -> list[dict]:
-    from vlm_dist.records import read_records
+    from vlm_dist.contract.records import read_records
     recs = list(read_records(path))[:limit]
     if need_answer:
         missing = [r["id"] for r in recs if "answer" not in r]
@@ -87,7 +87,7 @@ class Features:
 
     def _image(self, ref: str):
         """An image under --image-root only (contained, a regular file, size-capped), as the cache reads it."""
-        from vlm_dist.images import load_image, read_under
+        from vlm_dist.contract.images import load_image, read_under
         return load_image(read_under(self.root, ref), name=os.path.join(self.root, ref))
 
     def __call__(self, record: dict):
@@ -106,7 +106,7 @@ class Features:
 
 def open_cache(path: str, tower, pool: int):
     """The cache, refused if its encoder differs from the export's tower (then features would too)."""
-    from vlm_dist.cache import FeatureCache, fingerprint_differences
+    from vlm_dist.cache.reader import FeatureCache, fingerprint_differences
     cache = FeatureCache(path)
     diffs = fingerprint_differences(cache.fingerprint, tower.fingerprint(pool))
     if diffs:
@@ -116,7 +116,7 @@ def open_cache(path: str, tower, pool: int):
 
 
 def cfg_has_vision_dtype(export_dir: str) -> bool:
-    from vlm_dist.export import read_export_config
+    from vlm_dist.inference.export import read_export_config
     return read_export_config(export_dir).vision_dtype is not None
 
 
@@ -142,15 +142,15 @@ def start_ranks() -> tuple[int, int]:
 def run(args) -> dict:
     import torch
 
-    from vlm_dist import evaluation as ev
-    from vlm_dist.export import load_export
-    from vlm_dist.inference import GenerationSettings, Generator
+    from vlm_dist.inference.generate import evaluation as ev
+    from vlm_dist.inference.export import load_export
+    from vlm_dist.inference.generate import GenerationSettings, Generator
 
     rank, world = start_ranks()
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     cache_dtype = None
     if args.cache:   # the tower runs in the cache's dtype unless the export recorded its own
-        from vlm_dist.cache import read_manifest
+        from vlm_dist.cache.reader import read_manifest
         cache_dtype = read_manifest(args.cache)["fingerprint"]["dtype"]
     vlm, tokenizer, tower, cfg = load_export(args.model, device=device, dtype=args.dtype,
                                              vision_dtype=None if cfg_has_vision_dtype(args.model) else cache_dtype)

@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass, field
 
 from vlm_dist.errors import UserError
-from vlm_dist.media import IMAGE, MEDIA_KINDS, BlockIds, block_ids, token_id
-from vlm_dist.records import validate_record
+from vlm_dist.contract.media import IMAGE, MEDIA_KINDS, BlockIds, block_ids, token_id
+from vlm_dist.contract.records import validate_record
 
 IGNORE = -100
 TEMPLATES = ("plain", "chatml")

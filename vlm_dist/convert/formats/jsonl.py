@@ -11,7 +11,7 @@ names map with --role-map.
 """
 from __future__ import annotations
 
-from preprocess.formats.common import ConvertError, Drop, RawRecord, image_list, turn_fields
+from vlm_dist.convert.formats.common import ConvertError, Drop, RawRecord, image_list, turn_fields
 
 DEFAULT_KEYS = {
     "id": ("id",),

@@ -12,7 +12,7 @@ name). mix665k's ShareGPT records have no `image` key: they stay text-only. The
 """
 from __future__ import annotations
 
-from preprocess.formats.common import Drop, RawRecord, image_list, turn_fields
+from vlm_dist.convert.formats.common import Drop, RawRecord, image_list, turn_fields
 
 
 def parse(row) -> RawRecord:

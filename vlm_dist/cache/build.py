@@ -33,15 +33,15 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from preprocess.cache_encode import encode_shards
-from preprocess.cache_io import (BUILD_DIR, BuildError, build_lock, rank_from_env, sidecar_path,
+from vlm_dist.cache.encode import encode_shards
+from vlm_dist.cache.writer import (BUILD_DIR, BuildError, build_lock, rank_from_env, sidecar_path,
                                  write_bytes_atomic, write_json_atomic, write_table_atomic)
-from vlm_dist.cache import (FAILURES_FILE, FORMAT, INDEX_FILE, KEYS_FILE, MANIFEST, SHARD_DIR,
+from vlm_dist.cache.reader import (FAILURES_FILE, FORMAT, INDEX_FILE, KEYS_FILE, MANIFEST, SHARD_DIR,
                             shard_name, write_verified_stamp)
-from vlm_dist.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_under,
+from vlm_dist.contract.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_under,
                              too_large)
 from vlm_dist.model.vision import DEFAULT_VISION_MODEL, VisionTower, dtype_name, resolve_dtype
-from vlm_dist.records import read_lines, read_records
+from vlm_dist.contract.records import read_lines, read_records
 
 PLAN_FILE = f"{BUILD_DIR}/plan.json"
 REFS_FILE = f"{BUILD_DIR}/refs.arrow"
@@ -94,7 +94,7 @@ def collect_references(cfg: BuildConfig) -> tuple[dict[str, list[str]], int, int
 def hash_ref(root: str, ref: str, max_bytes: int) -> tuple[str | None, str | None]:
     """(hex SHA-256 of the file's bytes, None) or (None, why it cannot be used).
 
-    Only a regular file inside `root` of at most `max_bytes` is read (vlm_dist.images.open_under).
+    Only a regular file inside `root` of at most `max_bytes` is read (vlm_dist.contract.images.open_under).
     """
     h = hashlib.sha256()
     size = 0

@@ -1,6 +1,6 @@
 """Evaluation: answer parsing and accounting (pure functions), and the model-driven runs behind vlm-eval.
 
-Answer keys live in contract records (vlm_dist.records) as an extra top-level field:
+Answer keys live in contract records (vlm_dist.contract.records) as an extra top-level field:
     which-image probes   "answer": 1-based position of the image that shows the asked thing
     NLVR2-style pairs    "answer": true | false  (or "true"/"false"/"yes"/"no")
     multiple choice      "answer": "B"  (optional "choices": [option texts], A first)
@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from vlm_dist.prompt import PromptEncoder, SampleError
+from vlm_dist.contract.prompt import PromptEncoder, SampleError
 
 # -- text normalisation and parsing ----------------------------------------------------------
 ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
@@ -326,5 +326,5 @@ def merge_loss(parts: Sequence[dict]) -> dict:
 
 def generate_replies(generator, records: Sequence[dict], features: FeatureFn, settings) -> list[str]:
     """The model's reply to each record's prompt (the conversation before its last assistant turn)."""
-    from vlm_dist.inference import prompt_turns
+    from vlm_dist.inference.generate import prompt_turns
     return [generator.generate(prompt_turns(r["conversations"]), features(r), settings) for r in records]

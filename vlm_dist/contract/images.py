@@ -1,6 +1,6 @@
 """Decode any common image file into an upright 8-bit RGB PIL image, or say why not.
 
-    from vlm_dist.images import load_image, ImageError
+    from vlm_dist.contract.images import load_image, ImageError
     img = load_image("photo.jpg")          # or load_image(raw_bytes)
 
 Every mode comes out as RGB: alpha (RGBA, LA, P with transparency) is

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.formats.common import ConvertError
-from vlm_dist.records import IMAGE_PLACEHOLDER, read_lines, read_records, write_records
+from vlm_dist.convert.formats.common import ConvertError
+from vlm_dist.contract.records import IMAGE_PLACEHOLDER, read_lines, read_records, write_records
 
 DEFAULT_SPAM = (
     "watermark", "stock photo", "stock image", "stock footage", "download", "click", "shutterstock",
@@ -276,7 +276,7 @@ def add_parser(sub):
 
 
 def run_cli(args) -> int:
-    from preprocess.convert import write_side_files
+    from vlm_dist.convert.cli import write_side_files
 
     tokenizer = None
     if args.tokenizer:

@@ -379,12 +379,12 @@ def publishing(out: Path):
     """`with publishing(out) as tmp:` build an export in `tmp`; it then replaces `out` as one rename.
 
     `tmp` is a new directory beside `out` (same filesystem). On leaving the block the export
-    in it is checked (every file opened: vlm_dist.export.check_export); a failed build or check
+    in it is checked (every file opened: vlm_dist.inference.export.check_export); a failed build or check
     removes `tmp` and leaves `out` as it was. Only an export (has vlm_config.json) or an empty
     directory is ever replaced, and only after the new one is in place; anything else at `out`
     is refused before any work, and left untouched.
     """
-    from vlm_dist.export import ExportError, check_export
+    from vlm_dist.inference.export import ExportError, check_export
     if out.is_symlink() or (out.exists() and not (out.is_dir() and _is_export_or_empty(out))):
         raise ExportError(f"{out} exists and is not an export (no {EXPORT_CONFIG}); refusing to replace "
                           f"it. Move it away or choose another output path")

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from vlm_dist.prompt import PromptEncoder
+from vlm_dist.contract.prompt import PromptEncoder
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 

@@ -21,14 +21,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from preprocess.cache_io import (ShardWriter, disk_full_is_an_error, sidecar_path,
+from vlm_dist.cache.writer import (ShardWriter, disk_full_is_an_error, sidecar_path,
                                  write_json_atomic)
-from vlm_dist.cache import shard_name
-from vlm_dist.images import ImageError, load_image, read_under
+from vlm_dist.cache.reader import shard_name
+from vlm_dist.contract.images import ImageError, load_image, read_under
 from vlm_dist.model.vision import VisionTower, dtype_name
 
 if TYPE_CHECKING:
-    from preprocess.cache_build import BuildConfig, Plan
+    from vlm_dist.cache.build import BuildConfig, Plan
 
 
 class _DecodeDataset(Dataset):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlm_dist.prompt import TEMPLATES
+from vlm_dist.contract.prompt import TEMPLATES
 
 
 def add_parser(sub):
@@ -35,7 +35,7 @@ def add_parser(sub):
 
 
 def run_cli(args) -> int:
-    from preprocess.convert import side_path
+    from vlm_dist.convert.cli import side_path
     from vlm_dist.data.lengths import (check_supervision, duplicate_ids, format_summary, summarize,
                                        tokenize_records)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from preprocess.formats import jsonl, llava, mantis
-from preprocess.formats.common import json_rows
+from vlm_dist.convert.formats import jsonl, llava, mantis
+from vlm_dist.convert.formats.common import json_rows
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 the batch, precision, clipping and optimizer values from the run config.
 
     ds = build_ds_config("ds_configs/zero2.json", cfg, world_size)
-    optimizer = build_optimizer(model, cfg, ds)                  # vlm_dist.optim
+    optimizer = build_optimizer(model, cfg, ds)                  # vlm_dist.training.optim
     engine, *_ = deepspeed.initialize(model=model, config=ds, optimizer=optimizer,
                                       lr_scheduler=build_scheduler(optimizer, cfg, total_steps))
 
@@ -10,7 +10,7 @@ The JSON holds only what is DeepSpeed's own (ZeRO, communication, logging).
 Batch sizes, gradient accumulation, bf16/fp16 and gradient clipping are filled
 in from the run config. A value the JSON also sets is checked, never silently
 overridden: equal is fine, different is an error naming both sources; "auto"
-counts as absent. The optimizer and schedule are vlm_dist.optim's, given to
+counts as absent. The optimizer and schedule are vlm_dist.training.optim's, given to
 deepspeed.initialize, so "optimizer" and "scheduler" sections (which DeepSpeed
 would then ignore) are errors.
 """
@@ -124,7 +124,7 @@ def build_ds_config(ds_json: str | os.PathLike | dict, cfg: Config, world_size: 
         _fill(_section(ds, key, src), "enabled", m.dtype == dtype, f"--model.dtype={m.dtype}", f"{key}.", src)
     _require_overflow_skip(ds, src)
 
-    # The optimizer and schedule are built by vlm_dist.optim and handed to deepspeed.initialize;
+    # The optimizer and schedule are built by vlm_dist.training.optim and handed to deepspeed.initialize;
     # DeepSpeed would silently ignore JSON sections for them, so their presence is an error.
     if not _absent(ds.get("optimizer")):
         raise ConfigError(f"{src} has an optimizer section, but the optimizer comes from the run config "

@@ -4,7 +4,7 @@ Tests and the demo use them so nothing is downloaded. Each is written with
 `save_pretrained` and read back through the same `from_pretrained` path as the
 real checkpoints, so the code under test cannot tell the difference.
 
-    from vlm_dist.tiny import build_tiny_models
+    from vlm_dist.testing.tiny import build_tiny_models
     paths = build_tiny_models("/tmp/tiny")   # {"llm": ..., "vision": ..., "tokenizer": ...}
 """
 from __future__ import annotations

@@ -39,7 +39,7 @@ LONGER_OK = ("train.max_steps", "train.epochs")   # a longer run continues the s
 
 @functools.lru_cache(maxsize=None)
 def _digest(records: tuple[str, ...], cache: str | None) -> dict:
-    from vlm_dist.cache import read_manifest, sha256_file
+    from vlm_dist.cache.reader import read_manifest, sha256_file
 
     manifest = None if cache is None else read_manifest(cache)
     return {"data.records": [sha256_file(p) for p in records],
@@ -60,7 +60,7 @@ def run_record(cfg: Config) -> dict:
 
 def write_run_record(ckpt_dir: str | os.PathLike, cfg: Config, is_main: bool = True) -> None:
     """`run.json` in the checkpoint (by the main rank only; every rank may call it)."""
-    from vlm_dist.checkpoint import _write_atomic
+    from vlm_dist.training.checkpoint import _write_atomic
 
     if is_main:
         _write_atomic(Path(ckpt_dir) / RECORD, json.dumps(run_record(cfg), indent=1))

@@ -1,6 +1,6 @@
 """AdamW parameter groups and the learning-rate schedule of a run.
 
-    ds = build_ds_config(args.deepspeed, cfg, world_size)        # vlm_dist.ds_config
+    ds = build_ds_config(args.deepspeed, cfg, world_size)        # vlm_dist.training.ds_config
     optimizer = build_optimizer(model, cfg, ds)                  # AdamW over the trainable params
     scheduler = build_scheduler(optimizer, cfg, total_steps)     # warmup -> cosine to the floor
     print0(describe_param_groups(optimizer.param_groups))
@@ -13,7 +13,7 @@ else is an LLM weight. Each gets its own peak learning rate (train.lr_connector,
 lr_adapters, lr_llm). Norms, biases and other 1-D parameters get no weight
 decay. The schedule is linear warmup then cosine decay to a floor, as a torch
 LambdaLR, so DeepSpeed steps it and saves it in its checkpoints. Gradient
-clipping is DeepSpeed's (`gradient_clipping`, filled in by vlm_dist.ds_config).
+clipping is DeepSpeed's (`gradient_clipping`, filled in by vlm_dist.training.ds_config).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from vlm_dist.config import Config, ConfigError, TrainConfig
-from vlm_dist.ds_config import offloads_optimizer
+from vlm_dist.training.ds_config import offloads_optimizer
 
 COMPONENTS = ("connector", "adapters", "llm")
 # Which llm_mode trains which components; a trainable parameter outside its mode's set is a bug upstream.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_dist.checkpoint import _write_atomic
+from vlm_dist.training.checkpoint import _write_atomic
 
 
 class MetricsLog:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from vlm_dist.cache import shard_schema
+from vlm_dist.cache.reader import shard_schema
 from vlm_dist.errors import UserError
 
 

@@ -1,11 +1,11 @@
 """FLOPs of one training step, counted from the real per-sample lengths, and MFU.
 
-    from vlm_dist.flops import SampleShape, step_flops, mfu
+    from vlm_dist.training.flops import SampleShape, step_flops, mfu
     f = step_flops(llm_config, vision_config, connector_config,
                    [SampleShape(length=110, supervised=32, images=1)] * 4096, llm_mode="frozen")
     print(f.total / f.tokens / 1e9, "GFLOP/token;", mfu(f.total, step_seconds, 989e12))
 
-`python -m vlm_dist.flops` prints the breakdown for Qwen3-8B-Base + SigLIP-so400m at a
+`python -m vlm_dist.training.flops` prints the breakdown for Qwen3-8B-Base + SigLIP-so400m at a
 stage-1-like sample (launch/model_configs/), per mode.
 
 The rules (DESIGN.md "Performance accounting"). A matmul of an (n x k) activation by a
@@ -54,7 +54,7 @@ from typing import Iterable, Sequence
 LLM_MODES = ("frozen", "lora", "qlora", "full")
 COMPONENTS = ("body", "lora", "lm_head", "attention", "connector", "connector_attention", "recompute")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "model_configs"
+MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "model_configs"
 
 # Dense bf16 tensor-core peaks from the vendor data sheets (no sparsity), FLOP/s.
 # Matched against torch.cuda.get_device_name() by the first key it contains.

@@ -5,7 +5,7 @@
     vlm-generate --model merged/sft --chat chat.json --image a.png --sample --temperature 0.7
 
 --model is an export directory (base LLM + connector + adapter/) or a merged
-one (vlm_dist.export.merge_export); either loads in one call. Features are
+one (vlm_dist.inference.export.merge_export); either loads in one call. Features are
 computed online by the export's vision tower with the cache's preprocessing,
 dtype and pooling. The k-th `<image>` in the prompt is the k-th --image; a
 --prompt without any `<image>` gets one `<image>` line per image in front
@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from vlm_dist.records import IMAGE_PLACEHOLDER
+from vlm_dist.contract.records import IMAGE_PLACEHOLDER
 
 
 def build_conversation(prompt: str | None, chat: list[dict] | None, n_images: int,
@@ -53,7 +53,7 @@ def build_conversation(prompt: str | None, chat: list[dict] | None, n_images: in
 
 
 def read_chat(path: str) -> list[dict]:
-    from vlm_dist.records import read_text
+    from vlm_dist.contract.records import read_text
     try:
         data = json.loads(read_text(path))   # a missing file or bad byte: RecordError naming it
     except json.JSONDecodeError as e:
@@ -102,9 +102,9 @@ def _main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import TextStreamer
 
-    from vlm_dist.export import load_export
-    from vlm_dist.images import ImageError, load_image
-    from vlm_dist.inference import GenerationSettings, Generator
+    from vlm_dist.inference.export import load_export
+    from vlm_dist.contract.images import ImageError, load_image
+    from vlm_dist.inference.generate import GenerationSettings, Generator
 
     try:
         chat = read_chat(args.chat) if args.chat else None

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vlm_dist.errors import UserError
-from vlm_dist.images import ImageError, resolve_under
-from vlm_dist.records import IMAGE_PLACEHOLDER, RecordError, read_lines, read_text, validate_record
+from vlm_dist.contract.images import ImageError, resolve_under
+from vlm_dist.contract.records import IMAGE_PLACEHOLDER, RecordError, read_lines, read_text, validate_record
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
             "system": "system"}
@@ -138,7 +138,7 @@ class ImageResolver:
 
     Paths are kept as given (a symlink inside the image tree stays a link name),
     but each is checked on its real path: a link that leads out of the image
-    root is dropped, listed, never read (vlm_dist.images.resolve_under, the
+    root is dropped, listed, never read (vlm_dist.contract.images.resolve_under, the
     rule the feature cache applies too).
     """
 
@@ -280,7 +280,7 @@ def unique_ids(records: Iterator[dict], stats: ConvertStats) -> Iterator[dict]:
 def json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(source, row) from a JSON list file or a JSONL file, with 0-based row numbers in source.
 
-    Text is read through vlm_dist.records (UTF-8, BOM accepted): a non-UTF-8 byte is
+    Text is read through vlm_dist.contract.records (UTF-8, BOM accepted): a non-UTF-8 byte is
     an error naming the file and line, since it means the whole file is mis-encoded.
     """
     path = Path(path)

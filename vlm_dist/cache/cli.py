@@ -1,0 +1,178 @@
+"""`vlm-cache`: build, finalize, verify and describe the feature cache.
+
+    vlm-cache build --records train.jsonl --image-root images/ --vision-model google/siglip-so400m-patch14-384 --out cache/
+    torchrun --nproc-per-node 8 -m preprocess.cache_cli build ...        # one slice per rank
+    vlm-cache build ... --shard-index $SLURM_ARRAY_TASK_ID --num-shards 16 && vlm-cache finalize cache/
+    vlm-cache verify cache/ [--quick]
+    vlm-cache info cache/
+
+Exit status: 0 when the command completed (a build with failed images
+included: they are listed in failures.jsonl), 1 when it could not, 2 for bad
+arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vlm_dist.cache.reader import (CacheError, last_verified, read_manifest, verify_cache,
+                            write_verified_stamp)
+from vlm_dist.contract.records import RecordError
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from vlm_dist.cache.build import BuildConfig
+    from vlm_dist.contract.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+    from vlm_dist.model.vision import DEFAULT_VISION_MODEL
+
+    d = BuildConfig(out="")
+    p = argparse.ArgumentParser(prog="vlm-cache", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="encode images into a feature cache",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--records", nargs="+", default=[], metavar="JSONL",
+                   help="record files (sample contract); their image references are encoded")
+    b.add_argument("--image-list", nargs="+", default=[], dest="image_lists", metavar="TXT",
+                   help="plain lists of image files, one path per line (instead of or besides records)")
+    b.add_argument("--image-root", default=".",
+                   help="image references are relative to this directory; a reference that "
+                        "leaves it (absolute, .., a symlink out) is a listed failure, never read")
+    b.add_argument("--vision-model", default=DEFAULT_VISION_MODEL, help="hub id or local directory")
+    b.add_argument("--out", required=True, help="cache directory")
+    b.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward")
+    b.add_argument("--workers", type=int, default=d.workers, help="decode/preprocess worker processes")
+    b.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    b.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp16", "fp32"])
+    b.add_argument("--feature-layer", type=int, default=d.feature_layer,
+                   help="hidden_states index of the features (-2: penultimate layer)")
+    b.add_argument("--shard-size", type=int, default=d.shard_size, help="images per Arrow shard")
+    b.add_argument("--pool", type=int, default=d.pool, choices=[1, 2],
+                   help="2: average-pool the patch grid 2x2 (4x less storage)")
+    b.add_argument("--shard-index", type=int, default=None,
+                   help="this process's slice (Slurm job array task, separate processes)")
+    b.add_argument("--num-shards", type=int, default=None, help="number of slices")
+    b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="images with more pixels are failures (decompression bombs)")
+    b.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help="image files larger than this are failures (never read past it)")
+    b.add_argument("--wait-timeout", type=float, default=d.wait_timeout,
+                   help="seconds rank 0 waits for the other ranks before finalizing")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    f = sub.add_parser("finalize", help="write the index and manifest once every slice is built")
+    f.add_argument("cache_dir")
+    v = sub.add_parser("verify", help="check every shard against the manifest")
+    v.add_argument("cache_dir")
+    v.add_argument("--quick", action="store_true", help="skip SHA-256 (size, footer, rows only)")
+    i = sub.add_parser("info", help="describe a cache")
+    i.add_argument("cache_dir")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    return p
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def describe_trust(cache_dir) -> str:
+    """The last full check, and what training's own check trusts since then."""
+    when = last_verified(cache_dir)
+    if when is None:
+        return ("verified       never (no verified.json): training refuses the cache until "
+                f"`vlm-cache verify {cache_dir}` passes")
+    return (f"verified       full SHA-256 check {when}; since then training checks only size and "
+            "mtime per file, so a byte altered with its mtime restored is caught only by the next "
+            f"`vlm-cache verify {cache_dir}` (the Slurm stage templates run it first unless "
+            "VERIFY_CACHE=0)")
+
+
+def describe(manifest: dict) -> str:
+    fp, c = manifest["fingerprint"], manifest["counts"]
+    p, d = manifest["feature_shape"]
+    per_image = p * d * {"bfloat16": 2, "float16": 2, "float32": 4}[fp["dtype"]]
+    return "\n".join([
+        f"encoder        {fp['model']} ({fp['model_type']}), weights sha256 {fp['weights_sha256'][:16]}...",
+        f"features       hidden_states[{fp['feature_layer']}], {p} patches x {d} dims, {fp['dtype']}"
+        + (f", {fp['pool']}x{fp['pool']} pooled" if fp["pool"] != 1 else "")
+        + f" = {_human_bytes(per_image)} per image",
+        f"input          image size {fp['image_size']}, patch {fp['patch_size']}, "
+        f"{fp['preprocessing'].get('processor_class', '?')}",
+        f"records        {c['records']} with {c['references']} image references "
+        f"({c['unique_references']} distinct paths)",
+        f"images         {c['unique_images']} unique, {c['encoded']} encoded, "
+        f"{c['failed_images']} failed to decode, {c['unreadable_files']} unreadable files, "
+        f"{c['records_with_failed_images']} records affected (failures.jsonl)",
+        f"storage        {len(manifest['shards'])} shards of up to {manifest['shard_size']} images, "
+        f"{_human_bytes(c['shard_bytes'])}",
+        f"sources        {manifest['sources']['image_root']} <- "
+        + ", ".join(manifest["sources"]["records"] + manifest["sources"]["image_lists"]),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlm_dist.errors import run_cli
+    return run_cli("vlm-cache", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            from vlm_dist.cache.build import BuildConfig, BuildError, build
+            if not args.records and not args.image_lists:
+                print("vlm-cache build: give --records and/or --image-list", file=sys.stderr)
+                return 2
+            cfg = BuildConfig(
+                out=args.out, records=args.records, image_lists=args.image_lists,
+                image_root=args.image_root, vision_model=args.vision_model,
+                feature_layer=args.feature_layer, dtype=args.dtype, pool=args.pool,
+                batch_size=args.batch_size, workers=args.workers, device=args.device,
+                shard_size=args.shard_size, shard_index=args.shard_index,
+                num_shards=args.num_shards, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+                wait_timeout=args.wait_timeout, progress=not args.no_progress)
+            try:
+                build(cfg)
+            except (BuildError, RecordError) as e:
+                print(f"vlm-cache build: {e}", file=sys.stderr)
+                return 1
+        elif args.command == "finalize":
+            from vlm_dist.cache.build import BuildError, finalize
+            try:
+                manifest = finalize(args.cache_dir)
+            except BuildError as e:
+                print(f"vlm-cache finalize: {e}", file=sys.stderr)
+                return 1
+            print(describe(manifest))
+        elif args.command == "verify":
+            problems = verify_cache(args.cache_dir, quick=args.quick)
+            for line in problems:
+                print(f"BROKEN {line}", file=sys.stderr)
+            if problems:
+                print(f"vlm-cache verify: {args.cache_dir}: {len(problems)} problem(s)", file=sys.stderr)
+                return 1
+            if not args.quick:
+                try:
+                    write_verified_stamp(args.cache_dir)   # lets training skip re-hashing
+                except OSError as e:
+                    print(f"vlm-cache verify: could not record the result ({e}); training will "
+                          "ask for a verify again", file=sys.stderr)
+            n = len(read_manifest(args.cache_dir)["shards"])
+            print(f"{args.cache_dir}: OK ({n} shards{', quick' if args.quick else ', SHA-256 checked'})")
+        elif args.command == "info":
+            manifest = read_manifest(args.cache_dir)
+            print(json.dumps(manifest, indent=1) if args.json
+                  else describe(manifest) + "\n" + describe_trust(args.cache_dir))
+    except CacheError as e:
+        print(f"vlm-cache {args.command}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
