@@ -120,11 +120,12 @@ def test_counts_match_torch_flop_counter(tiny_models, tokenizer, mode):
 
     from vlm_dist.data.pack import collate
     from vlm_dist.contract.media import IMAGE, block_ids
-    from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
+    from vlm_dist.config import LoraConfig
+    from vlm_dist.model.build import build_vlm, load_llm, set_trainable
     from vlm_dist.contract.prompt import EncodedSample
 
     torch.manual_seed(0)
-    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
     llm = load_llm(tiny_models["llm"], mode, torch.float32, "sdpa", lora=lora)
     vcfg = AutoConfig.from_pretrained(tiny_models["vision"]).vision_config
     patches = F.num_patches(vcfg)

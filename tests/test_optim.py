@@ -25,9 +25,10 @@ STAGES = REPO / "launch" / "configs"
 def tiny_vlm(tiny_models, mode: str):
     from transformers import AutoTokenizer
 
-    from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
+    from vlm_dist.config import LoraConfig
+    from vlm_dist.model.build import build_vlm, load_llm, set_trainable
 
-    llm = load_llm(tiny_models["llm"], mode, torch.float32, "sdpa", LoraSettings(r=4, alpha=8))
+    llm = load_llm(tiny_models["llm"], mode, torch.float32, "sdpa", LoraConfig(r=4, alpha=8))
     tok = AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
     vlm = build_vlm(llm, tok, vision_dim=32, num_patches=16,
                     connector=dict(kind="resampler", num_latents=4, depth=1, heads=4), dtype=torch.float32)

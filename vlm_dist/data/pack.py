@@ -35,7 +35,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-IGNORE = -100
+from vlm_dist.contract.prompt import IGNORE
 
 
 class PackableSample(Protocol):

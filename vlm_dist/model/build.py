@@ -13,32 +13,23 @@ LLM modes:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from vlm_dist.config.schema import ADAPTER_MODES, LLM_MODES, LoraConfig
 from vlm_dist.model.connector import Connector
 from vlm_dist.model.vlm import VisionLanguageModel, media_pad_ids, unwrap_llm
 
-LLM_MODES = ("frozen", "lora", "qlora", "full")
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONNECTOR_FILE, CONNECTOR_CONFIG = "connector.safetensors", "connector_config.json"
 
 
-@dataclass
-class LoraSettings:
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-
-
 def load_llm(name_or_path: str, mode: str = "frozen", dtype: torch.dtype = torch.bfloat16,
-             attn_implementation: str = "sdpa", lora: LoraSettings | None = None,
+             attn_implementation: str = "sdpa", lora: LoraConfig | None = None,
              adapter: str | None = None, gradient_checkpointing: bool = False) -> nn.Module:
-    """Qwen3 causal LM in the given mode; `adapter` resumes LoRA weights from a PEFT directory."""
+    """Qwen3 causal LM in the given mode; `lora` is the run config's section (defaults: LoraConfig());
+    `adapter` resumes LoRA weights from a PEFT directory."""
     from transformers import AutoModelForCausalLM
 
     if mode not in LLM_MODES:
@@ -53,13 +44,13 @@ def load_llm(name_or_path: str, mode: str = "frozen", dtype: torch.dtype = torch
     llm.config.use_cache = False
     if gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if mode in ("lora", "qlora"):
-        from peft import LoraConfig, PeftModel, get_peft_model
+    if mode in ADAPTER_MODES:
+        from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model
         if adapter is not None:
             llm = PeftModel.from_pretrained(llm, adapter, is_trainable=True)
         else:
-            lora = lora or LoraSettings()
-            llm = get_peft_model(llm, LoraConfig(
+            lora = lora or LoraConfig()
+            llm = get_peft_model(llm, PeftLoraConfig(
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                 target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM"))
     return llm
@@ -83,7 +74,7 @@ def set_trainable(vlm: VisionLanguageModel, llm_mode: str, train_connector: bool
     for name, p in vlm.llm.named_parameters():
         if llm_mode == "full":
             p.requires_grad_(p.is_floating_point())
-        elif llm_mode in ("lora", "qlora"):
+        elif llm_mode in ADAPTER_MODES:
             p.requires_grad_("lora_" in name)
         else:
             p.requires_grad_(False)

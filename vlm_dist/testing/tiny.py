@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from vlm_dist.contract.prompt import IGNORE
+
 # Qwen3's added tokens, in Qwen3's order. The real ids start at 151643; ours
 # follow the tiny vocabulary. Code must look tokens up by string, never by id.
 QWEN3_SPECIAL_TOKENS = [
@@ -129,7 +131,7 @@ def pretrain_tiny_llm(llm_dir: str | os.PathLike, examples: list[tuple[list[int]
                       seed: int = 0) -> list[float]:
     """Causal-LM training of a tiny random Qwen3 on (input_ids, labels) pairs, in place.
 
-    `labels` holds the token where the loss applies and -100 elsewhere (the
+    `labels` holds the token where the loss applies and IGNORE (-100) elsewhere (the
     PromptEncoder's convention). A real base LLM already speaks English; a random
     tiny one does not. The demo uses this to give its tiny Qwen3 the language of its
     own templates, so the VLM stages only have to learn grounding. Returns the losses.
@@ -152,7 +154,7 @@ def pretrain_tiny_llm(llm_dir: str | os.PathLike, examples: list[tuple[list[int]
         idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
         width = max(len(examples[i][0]) for i in idx)
         ids = torch.full((batch_size, width), pad)
-        labels = torch.full((batch_size, width), -100)
+        labels = torch.full((batch_size, width), IGNORE)
         for row, i in enumerate(idx):
             ids[row, :len(examples[i][0])] = torch.tensor(examples[i][0])
             labels[row, :len(examples[i][1])] = torch.tensor(examples[i][1])

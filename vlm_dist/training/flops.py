@@ -8,7 +8,8 @@
 `python -m vlm_dist.training.flops` prints the breakdown for Qwen3-8B-Base + SigLIP-so400m at a
 stage-1-like sample (launch/model_configs/), per mode.
 
-The rules (DESIGN.md "Performance accounting"). A matmul of an (n x k) activation by a
+The rules (the 6N-per-token accounting of Kaplan et al. 2020, "Scaling Laws for Neural
+Language Models", and PaLM's MFU, Chowdhery et al. 2022, appendix B). A matmul of an (n x k) activation by a
 (k x m) weight costs 2nkm in the forward pass; backward costs 2nkm for the input
 gradient and 2nkm for the weight gradient. Counted per linear layer and per token:
 
@@ -20,7 +21,7 @@ gradient and 2nkm for the weight gradient. Counted per linear layer and per toke
 - lm_head (H x V ~ 0.62B): only at supervised positions, because logits are only
   computed there (vlm.py). 4 x H x V when frozen (forward + input gradient; its
   weight gradient exists only when it trains), 6 x H x V in full mode.
-  DESIGN.md writes 2 x 3 x 0.62B: that is what the GPU executes, since vlm.py
+  The GPU executes 2 x H x V more (6 x H x V when frozen), since vlm.py
   checkpoints each cross-entropy chunk and so runs the lm_head forward twice.
   The recomputation is counted in `recompute` (hardware FLOPs), not in the model
   FLOPs that MFU is defined on (PaLM's convention: recomputation is not useful work).
@@ -51,9 +52,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-LLM_MODES = ("frozen", "lora", "qlora", "full")
+from vlm_dist.config.schema import ADAPTER_MODES, ALL_PROJECTIONS, LLM_MODES
+
 COMPONENTS = ("body", "lora", "lm_head", "attention", "connector", "connector_attention", "recompute")
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "model_configs"
 
 # Dense bf16 tensor-core peaks from the vendor data sheets (no sparsity), FLOP/s.
@@ -145,7 +146,7 @@ def lm_head_params(config) -> int:
     return config.hidden_size * config.vocab_size
 
 
-def lora_params(config, r: int, target_modules: Sequence[str] = DEFAULT_LORA_TARGETS) -> int:
+def lora_params(config, r: int, target_modules: Sequence[str] = ALL_PROJECTIONS) -> int:
     """Adapter weights: r x (in + out) per targeted linear per layer."""
     shapes = llm_linears(config)
     unknown = sorted(set(target_modules) - set(shapes))
@@ -220,7 +221,7 @@ def vision_flops_per_image(vision_config, feature_layer: int = -2) -> float:
 @dataclass(frozen=True)
 class LoraShape:
     r: int = 128
-    target_modules: tuple[str, ...] = field(default=DEFAULT_LORA_TARGETS)
+    target_modules: tuple[str, ...] = field(default=ALL_PROJECTIONS)
 
 
 def step_flops(llm_config, vision_config, connector_config: dict, samples: Iterable[SampleShape],
@@ -236,7 +237,7 @@ def step_flops(llm_config, vision_config, connector_config: dict, samples: Itera
         raise ValueError(f"llm_mode must be one of {LLM_MODES}, got {llm_mode!r}")
     n_body, n_head = body_params(llm_config), lm_head_params(llm_config)
     n_lora = lora_params(llm_config, (lora or LoraShape()).r, (lora or LoraShape()).target_modules) \
-        if llm_mode in ("lora", "qlora") else 0
+        if llm_mode in ADAPTER_MODES else 0
     body_factor = 6 if llm_mode == "full" else 4
     head_factor = 6 if llm_mode == "full" else 4
     attn_width = llm_config.num_attention_heads * llm_config.head_dim
@@ -267,7 +268,7 @@ def step_flops(llm_config, vision_config, connector_config: dict, samples: Itera
     return f
 
 
-# -- the command line: the DESIGN.md numbers ---------------------------------------------------------
+# -- the command line: the breakdown for Qwen3-8B-Base + SigLIP-so400m ------------------------------
 
 def load_configs(llm_json: str | Path = MODEL_CONFIGS / "qwen3-8b-base.json",
                  vision_json: str | Path = MODEL_CONFIGS / "siglip-so400m-patch14-384.json"):
