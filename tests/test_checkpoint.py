@@ -69,11 +69,12 @@ def test_write_export_reloads_with_identical_outputs(tiny_models, tokenizer, tmp
 
     from vlm_dist.training.checkpoint import write_export
     from vlm_dist.inference.export import load_export
-    from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
+    from vlm_dist.config import LoraConfig
+    from vlm_dist.model.build import build_vlm, load_llm, set_trainable
     from vlm_dist.contract.prompt import IGNORE, PromptEncoder
 
     torch.manual_seed(0)
-    llm = load_llm(tiny_models["llm"], mode, torch.float32, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    llm = load_llm(tiny_models["llm"], mode, torch.float32, lora=LoraConfig(r=4, alpha=8, dropout=0.0))
     vlm = build_vlm(llm, tokenizer, 32, 16, dict(num_latents=4, depth=1, heads=4), torch.float32)
     set_trainable(vlm, mode)
     with torch.no_grad():  # move every trainable weight away from its initial value
@@ -305,3 +306,14 @@ def test_deepspeeds_own_files_are_loaded_weights_only(tmp_path):
     with pytest.raises(CheckpointError, match=r"optim_states\.pt: refused"):
         load_engine_state(engine, d)
     assert not pwned.exists()
+
+
+def test_a_fresh_run_never_overwrites_a_runs_checkpoints(tmp_path):
+    """Without --resume, an output dir that holds complete checkpoints is refused (the fresh run would
+    re-save step_1, step_2, ... over them); an interrupted save alone is not a run to protect."""
+    (tmp_path / tag_for(3)).mkdir()
+    assert resolve_resume(None, tmp_path) is None
+    publish(tmp_path, tmp_path / tag_for(3), {"step": 3}, keep_last=2)
+    with pytest.raises(CheckpointError, match="step_00000003.*--resume auto"):
+        resolve_resume(None, tmp_path)
+    assert resolve_resume("auto", tmp_path).name == tag_for(3)

@@ -8,7 +8,7 @@ The one module that knows about distribution (model code never imports torch.dis
     for step in ...:
         train_step(...)
         if stop.should_stop():                  # every rank agrees at the same step
-            save_checkpoint(...)
+            save(...)                           # vlm_dist.training.loop.save
             exit_for_requeue()                  # exit code REQUEUE_EXIT_CODE: the sbatch script requeues
     shutdown()                                  # before Python exits, on every rank
 

@@ -10,6 +10,7 @@ temporary file; the target keeps its old content.
     write_text_atomic(path, text)       # the common cases
     write_json_atomic(path, obj)
     sha256_file(path)                   # hex digest, streamed
+    sha256_stream(f, limit=max_bytes)   # (digest or None past the limit, bytes read) of an open file
 """
 from __future__ import annotations
 
@@ -45,12 +46,14 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside `path`; on a clean exit it is fsynced and renamed over `path`."""
+    """Open a temporary file beside `path`; on a clean exit it is fsynced and renamed over `path`.
+
+    Text modes write UTF-8 whatever the locale (records hold any language)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -76,8 +79,21 @@ def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 1) -> N
 
 def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_stream(f, chunk=chunk)[0]
+
+
+def sha256_stream(f: IO[bytes], limit: int | None = None, chunk: int = 8 << 20) -> tuple[str | None, int]:
+    """(hex SHA-256, bytes read) of the rest of an open binary file, read in chunks.
+
+    With `limit`, reading stops once more than `limit` bytes have come: (None, bytes read so far),
+    for a file that grew past a size checked when it was opened.
+    """
+    h = hashlib.sha256()
+    size = 0
+    while block := f.read(chunk):
+        size += len(block)
+        if limit is not None and size > limit:
+            return None, size
+        h.update(block)
+    return h.hexdigest(), size

@@ -11,7 +11,7 @@ Steps (each process, `plan` and `encode`; then one `finalize`):
             each file's SHA-256, and rank 0 refuses a plan of other inputs).
   encode    shard j belongs to process j % num_shards. Decoding and preprocessing run in
             DataLoader workers, the forward on the device, the write in a background thread
-            (preprocess/cache_encode.py). A finished shard is written temp -> fsync -> rename,
+            (vlm_dist.cache.encode). A finished shard is written temp -> fsync -> rename,
             after its sidecar (build/shard-j.json: rows, bytes, SHA-256, failed keys).
             Re-runs skip finished shards.
   finalize  when every shard exists: keys.arrow, index.arrow, failures.jsonl, then manifest.json.
@@ -19,6 +19,7 @@ Steps (each process, `plan` and `encode`; then one `finalize`):
 Under torchrun / srun / mpirun each rank takes its slice from the environment and rank 0
 finalizes once every shard exists; with --shard-index/--num-shards the user runs
 `vlm-cache finalize` after the last one. Either way the files are byte-identical.
+What a build is asked to do and what it planned: BuildConfig and Plan (vlm_dist.cache.plan).
 """
 from __future__ import annotations
 
@@ -34,39 +35,19 @@ import pyarrow as pa
 import torch
 
 from vlm_dist.cache.encode import encode_shards
-from vlm_dist.cache.writer import (BUILD_DIR, BuildError, build_lock, rank_from_env, sidecar_path,
-                                 write_bytes_atomic, write_json_atomic, write_table_atomic)
+from vlm_dist.cache.plan import BuildConfig, Plan
+from vlm_dist.cache.writer import (BUILD_DIR, BuildError, build_lock, sidecar_path, write_bytes_atomic,
+                                 write_json_atomic, write_table_atomic)
 from vlm_dist.cache.reader import (FAILURES_FILE, FORMAT, INDEX_FILE, KEYS_FILE, MANIFEST, SHARD_DIR,
                             shard_name, write_verified_stamp)
-from vlm_dist.contract.images import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, open_under,
-                             too_large)
-from vlm_dist.model.vision import DEFAULT_VISION_MODEL, VisionTower, dtype_name, resolve_dtype
+from vlm_dist.contract.images import ImageError, open_under, too_large
+from vlm_dist.model.vision import VisionTower, dtype_name, resolve_dtype
 from vlm_dist.contract.records import read_lines, read_records
+from vlm_dist.dist import discover
+from vlm_dist.fileio import sha256_stream
 
 PLAN_FILE = f"{BUILD_DIR}/plan.json"
 REFS_FILE = f"{BUILD_DIR}/refs.arrow"
-
-
-@dataclass
-class BuildConfig:
-    out: str                                  # cache directory
-    records: list[str] = field(default_factory=list)      # JSONL files in the sample contract
-    image_lists: list[str] = field(default_factory=list)  # text files, one image path per line
-    image_root: str = "."                     # record image references are relative to this
-    vision_model: str = DEFAULT_VISION_MODEL  # hub id or local directory
-    feature_layer: int = -2                   # hidden_states index (-2: penultimate)
-    dtype: str = "bf16"                       # stored feature dtype: bf16, fp16, fp32
-    pool: int = 1                             # 2: average-pool the patch grid 2x2 (4x smaller)
-    batch_size: int = 64                      # images per forward
-    workers: int = 4                          # DataLoader decode/preprocess processes
-    device: str = "auto"                      # auto (cuda if present), cpu, cuda, cuda:N
-    shard_size: int = 1024                    # images per Arrow shard
-    shard_index: int | None = None            # this process's slice (with num_shards)
-    num_shards: int | None = None             # number of slices; default: launcher world size or 1
-    max_pixels: int = DEFAULT_MAX_PIXELS      # larger images are failures (decompression bombs)
-    max_bytes: int = DEFAULT_MAX_BYTES        # larger files are failures (never read past this)
-    wait_timeout: float = 24 * 3600.0         # rank 0 waits this long for the other ranks' shards
-    progress: bool = True                     # show the progress bar
 
 
 # -- plan ---------------------------------------------------------------------------------------
@@ -96,39 +77,16 @@ def hash_ref(root: str, ref: str, max_bytes: int) -> tuple[str | None, str | Non
 
     Only a regular file inside `root` of at most `max_bytes` is read (vlm_dist.contract.images.open_under).
     """
-    h = hashlib.sha256()
-    size = 0
     try:
         with open_under(root, ref, max_bytes) as f:
-            while block := f.read(8 << 20):
-                size += len(block)
-                if size > max_bytes:                   # grew since it was opened
-                    return None, too_large(size, max_bytes)
-                h.update(block)
+            digest, size = sha256_stream(f, limit=max_bytes)
     except ImageError as e:
         return None, e.reason
     except OSError as e:
         return None, f"unreadable file ({e.strerror or e})"
-    return h.hexdigest(), None
-
-
-@dataclass
-class Plan:
-    info: dict                       # what plan.json holds
-    refs: list[str]                  # sorted unique references
-    ref_keys: list[str | None]       # key per reference (None: unreadable)
-    ref_errors: list[str | None]
-    ref_records: list[list[str]]
-    keys: list[str]                  # sorted unique keys
-    key_ref: dict[str, str]          # key -> the first reference with it (the file decoded)
-
-    @property
-    def num_shard_files(self) -> int:
-        return self.info["num_shard_files"]
-
-    def shard_keys(self, j: int) -> list[str]:
-        s = self.info["shard_size"]
-        return self.keys[j * s:(j + 1) * s]
+    if digest is None:                                 # grew since it was opened
+        return None, too_large(size, max_bytes)
+    return digest, None
 
 
 def make_plan(cfg: BuildConfig, fingerprint: dict, threads: int = 8) -> Plan:
@@ -218,7 +176,12 @@ def missing_shards(out: Path, num_files: int) -> list[int]:
 
 
 def finalize(cache_dir: str | os.PathLike) -> dict:
-    """Write keys.arrow, index.arrow, failures.jsonl and (last) manifest.json; return the manifest."""
+    """Write keys.arrow, index.arrow, failures.jsonl and (last) manifest.json; return the manifest.
+
+    Refused until every planned shard is finished. Three steps: read the shards back
+    (`read_shards`), list what failed and who it affects (`collect_failures`), publish the
+    index files and the manifest (`publish_index`).
+    """
     out = Path(cache_dir)
     if not (out / PLAN_FILE).exists():
         raise BuildError(f"{out}: no {PLAN_FILE}; run `vlm-cache build` first")
@@ -233,8 +196,26 @@ def finalize(cache_dir: str | os.PathLike) -> dict:
             "(finished shards are skipped), then finalize again.".replace("%%", "%"))
     for stale in (out / SHARD_DIR).glob("*.tmp.*"):           # left by killed runs
         stale.unlink(missing_ok=True)
+    shards = read_shards(out, num_files)
+    refs = pa.ipc.open_file(pa.memory_map(str(out / REFS_FILE), "r")).read_all().to_pylist()
+    failures, failure_counts = collect_failures(refs, shards.failed)
+    return publish_index(out, info, shards, refs, failures, failure_counts)
 
-    shards, keys, shard_col, row_col, failed, written = [], [], [], [], {}, {}
+
+@dataclass
+class ShardContents:
+    """The finished shards read back: their manifest entries, every key and where it is stored."""
+    entries: list[dict] = field(default_factory=list)    # manifest "shards": file, rows, bytes, sha256
+    keys: list[str] = field(default_factory=list)        # every encoded key, in shard order
+    shard: list[int] = field(default_factory=list)       # key i is row row[i] of shard shard[i]
+    row: list[int] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)         # key -> why it was not encoded
+    written: dict[str, list[int]] = field(default_factory=dict)  # shard file -> [bytes, mtime_ns]
+
+
+def read_shards(out: Path, num_files: int) -> ShardContents:
+    """Every shard's keys, checked against its sidecar; the keys of all shards must be sorted."""
+    s = ShardContents()
     for j in range(num_files):
         side = json.loads(sidecar_path(out, j).read_text())
         try:
@@ -246,18 +227,25 @@ def finalize(cache_dir: str | os.PathLike) -> dict:
         if len(shard_keys) != side["rows"]:
             raise BuildError(f"{shard_name(j)} has {len(shard_keys)} rows, its sidecar says "
                              f"{side['rows']}: delete both and re-run the build")
-        shards.append({"file": shard_name(j), "rows": side["rows"], "bytes": side["bytes"],
-                       "sha256": side["sha256"]})
-        written[shard_name(j)] = [side["bytes"], side["mtime_ns"]]
-        keys += shard_keys
-        shard_col += [j] * len(shard_keys)
-        row_col += range(len(shard_keys))
-        failed.update((f["key"], f["reason"]) for f in side["failures"])
-    if keys != sorted(keys):
+        s.entries.append({"file": shard_name(j), "rows": side["rows"], "bytes": side["bytes"],
+                          "sha256": side["sha256"]})
+        s.written[shard_name(j)] = [side["bytes"], side["mtime_ns"]]
+        s.keys += shard_keys
+        s.shard += [j] * len(shard_keys)
+        s.row += range(len(shard_keys))
+        s.failed.update((f["key"], f["reason"]) for f in side["failures"])
+    if s.keys != sorted(s.keys):
         raise BuildError(f"{out}: shard keys are not in sorted order; the shards come from "
                          "different builds. Delete the cache and rebuild.")
+    return s
 
-    refs = pa.ipc.open_file(pa.memory_map(str(out / REFS_FILE), "r")).read_all().to_pylist()
+
+def collect_failures(refs: list[dict], failed: dict[str, str]) -> tuple[list[dict], dict]:
+    """failures.jsonl's entries and the manifest's failure counts.
+
+    First each image that failed to encode (by key, with every path and record that uses it),
+    then each file that could not be read at all (by path, from the plan).
+    """
     key_failures: dict[str, dict] = {k: {"key": k, "reason": r, "paths": [], "records": set()}
                                      for k, r in failed.items()}
     path_failures = []
@@ -273,7 +261,14 @@ def finalize(cache_dir: str | os.PathLike) -> dict:
     bad_records = set()
     for f in failures:
         bad_records.update(f["records"])
+    return failures, {"failed_images": len(key_failures), "unreadable_files": len(path_failures),
+                      "records_with_failed_images": len(bad_records)}
 
+
+def publish_index(out: Path, info: dict, shards: ShardContents, refs: list[dict], failures: list[dict],
+                  failure_counts: dict) -> dict:
+    """keys.arrow, index.arrow and failures.jsonl, then manifest.json (which names and hashes them,
+    so a reader that finds it finds them complete), then the verified stamp. Returns the manifest."""
     files = {}
 
     def publish(name: str, data: bytes):
@@ -287,8 +282,8 @@ def finalize(cache_dir: str | os.PathLike) -> dict:
         return sink.getvalue().to_pybytes()
 
     publish(KEYS_FILE, table_bytes(pa.table({
-        "key": pa.array([k.encode() for k in keys], pa.binary(64)),
-        "shard": pa.array(shard_col, pa.int32()), "row": pa.array(row_col, pa.int32())})))
+        "key": pa.array([k.encode() for k in shards.keys], pa.binary(64)),
+        "shard": pa.array(shards.shard, pa.int32()), "row": pa.array(shards.row, pa.int32())})))
     indexed = [r for r in refs if r["key"] is not None]
     publish(INDEX_FILE, table_bytes(pa.table({
         "ref": pa.array([r["ref"] for r in indexed], pa.string()),
@@ -308,18 +303,16 @@ def finalize(cache_dir: str | os.PathLike) -> dict:
             "references": info["num_references"],
             "unique_references": info["num_unique_references"],
             "unique_images": info["num_keys"],
-            "encoded": len(keys),
-            "failed_images": len(key_failures),
-            "unreadable_files": len(path_failures),
-            "records_with_failed_images": len(bad_records),
-            "shard_bytes": sum(s["bytes"] for s in shards),
+            "encoded": len(shards.keys),
+            **failure_counts,
+            "shard_bytes": sum(s["bytes"] for s in shards.entries),
         },
         "sources": info["sources"],
-        "shards": shards,
+        "shards": shards.entries,
         "files": files,
     }
     write_json_atomic(out / MANIFEST, manifest)
-    write_verified_stamp(out, written)    # shards were hashed as they were written
+    write_verified_stamp(out, shards.written)    # shards were hashed as they were written
     return manifest
 
 
@@ -347,21 +340,18 @@ def build(cfg: BuildConfig) -> dict:
     """Plan, encode this process's shards and (when it is the one to) finalize. Returns a summary."""
     t0 = time.monotonic()
     resolve_dtype(cfg.dtype)
-    launched = rank_from_env()
+    env = discover()         # torchrun, deepspeed, srun, mpirun, or one plain process (rank 0 of 1)
     if cfg.num_shards is not None or cfg.shard_index is not None:
         if cfg.num_shards is None or cfg.shard_index is None:
             raise BuildError("--shard-index and --num-shards go together")
         index, count, local, auto_finalize = cfg.shard_index, cfg.num_shards, 0, cfg.num_shards == 1
-    elif launched is not None:
-        index, count, local = launched
-        auto_finalize = index == 0
     else:
-        index, count, local, auto_finalize = 0, 1, 0, True
+        index, count, local, auto_finalize = env.rank, env.world_size, env.local_rank, env.rank == 0
     if not 0 <= index < count:
         raise BuildError(f"--shard-index {index} must be in [0, --num-shards {count})")
     if cfg.shard_size < 1 or cfg.batch_size < 1 or cfg.pool < 1:
         raise BuildError("--shard-size, --batch-size and --pool must be positive")
-    show = launched is None or index == 0 or cfg.shard_index is not None   # rank 0 speaks
+    show = index == 0 or cfg.shard_index is not None   # rank 0 speaks
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -370,7 +360,7 @@ def build(cfg: BuildConfig) -> dict:
         tower = VisionTower.from_pretrained(cfg.vision_model, feature_layer=cfg.feature_layer,
                                             dtype=cfg.dtype, device=device)
         fingerprint = tower.fingerprint(pool=cfg.pool)
-        if launched is not None and cfg.shard_index is None and index > 0:
+        if cfg.shard_index is None and index > 0:
             plan = load_plan(out, cfg.wait_timeout)     # rank 0 hashes every file, once for all
             if plan.info["fingerprint"] != fingerprint:
                 raise BuildError(f"{out / PLAN_FILE} was planned for another encoder than this "

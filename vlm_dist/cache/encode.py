@@ -1,6 +1,6 @@
 """Encode planned shards: decode in DataLoader workers, SigLIP on the device, write in a thread.
 
-Used by preprocess/cache_build.py (`vlm-cache build`). Images are read,
+Used by vlm_dist.cache.build (`vlm-cache build`). Images are read,
 checked against their key, decoded and preprocessed in worker processes; the
 main loop only moves pinned batches to the device (non-blocking) and runs the
 forward; a background thread copies features to the host and streams them
@@ -14,21 +14,18 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from vlm_dist.cache.plan import BuildConfig, Plan
 from vlm_dist.cache.writer import (ShardWriter, disk_full_is_an_error, sidecar_path,
                                  write_json_atomic)
 from vlm_dist.cache.reader import shard_name
 from vlm_dist.contract.images import ImageError, load_image, read_under
 from vlm_dist.model.vision import VisionTower, dtype_name
-
-if TYPE_CHECKING:
-    from vlm_dist.cache.build import BuildConfig, Plan
 
 
 class _DecodeDataset(Dataset):

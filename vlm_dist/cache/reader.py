@@ -27,7 +27,6 @@ instance can be handed to DataLoader workers.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import time
@@ -41,6 +40,7 @@ import pyarrow as pa
 import torch
 
 from vlm_dist.errors import UserError
+from vlm_dist.fileio import sha256_file, write_json_atomic
 
 FORMAT = "vlm_dist-feature-cache/1"
 MANIFEST = "manifest.json"
@@ -73,14 +73,6 @@ def shard_schema(dtype: str, feature_shape: tuple[int, int]) -> pa.Schema:
     p, d = feature_shape
     return pa.schema([("key", pa.string()), ("features", pa.list_(storage, p * d))],
                      metadata={"feature_shape": json.dumps([p, d]), "dtype": dtype})
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> dict:
@@ -321,9 +313,7 @@ def write_verified_stamp(cache_dir: str | os.PathLike,
     files.update(known or {})
     stamp = {"manifest_sha256": sha256_file(cache_dir / MANIFEST), "files": files,
              "verified_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    tmp = cache_dir / f"{VERIFIED_FILE}.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, cache_dir / VERIFIED_FILE)
+    write_json_atomic(cache_dir / VERIFIED_FILE, stamp)
 
 
 def last_verified(cache_dir: str | os.PathLike) -> str | None:

@@ -1,7 +1,7 @@
-"""Crash-safe file writing for the feature cache builder, its build lock, and rank discovery.
+"""Crash-safe file writing for the feature cache builder, and its build lock.
 
 Every file the builder publishes is written under a temporary name, fsynced,
-renamed into place and its directory fsynced: after a crash a file is either
+renamed into place and its directory fsynced (vlm_dist.fileio): after a crash a file is either
 complete or absent. `ShardWriter` streams record batches into one Arrow IPC
 shard and hashes the bytes as they are written, so finishing a shard never
 re-reads it. A full disk is a `BuildError` naming the file and the free space.
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from vlm_dist import fileio
 from vlm_dist.cache.reader import shard_schema
 from vlm_dist.errors import UserError
 
@@ -36,23 +37,6 @@ BUILD_DIR = "build"     # the builder's own state: plan, per-shard sidecars, sum
 def sidecar_path(out: Path, j: int) -> Path:
     """build/shard-j.json: rows, bytes, SHA-256 and failed keys of shard j, written before it."""
     return out / BUILD_DIR / f"shard-{j:06d}.json"
-
-
-def tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 @contextmanager
@@ -73,21 +57,15 @@ def disk_full_is_an_error(path: Path):
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    try:
-        with disk_full_is_an_error(path), open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    publish(tmp, path)
+    """fileio.write_bytes_atomic; a full disk is a BuildError naming `path`."""
+    with disk_full_is_an_error(path):
+        fileio.write_bytes_atomic(path, data)
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    """fileio.write_json_atomic; a full disk is a BuildError naming `path`."""
+    with disk_full_is_an_error(path):
+        fileio.write_json_atomic(path, obj)
 
 
 def write_table_atomic(path: Path, table: pa.Table) -> None:
@@ -135,7 +113,7 @@ class ShardWriter:
     """Stream (keys, features) batches into one shard; `finish()` then `publish()` it."""
 
     def __init__(self, path: Path, dtype: str, feature_shape: tuple[int, int]):
-        self.path, self.tmp = path, tmp_name(path)
+        self.path, self.tmp = path, fileio.tmp_name(path)
         self.schema = shard_schema(dtype, feature_shape)
         self.width = feature_shape[0] * feature_shape[1]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +147,7 @@ class ShardWriter:
 
     def publish(self) -> None:
         """Rename the finished file into place: from here on the shard exists."""
-        publish(self.tmp, self.path)
+        fileio.publish(self.tmp, self.path)
 
     def abort(self) -> None:
         if not self.file.closed:
@@ -234,26 +212,3 @@ def _holder(path: Path) -> str:
         return f"pid {h['pid']} on {h['host']} since {h['since']}"
     except (OSError, ValueError, KeyError):
         return "holder not recorded yet"
-
-
-# -- ranks ------------------------------------------------------------------------------------
-# (rank, world size, local rank) variables of torchrun, Open MPI, MPICH/Intel MPI and srun.
-# Slurm's come last and use the *step* task count: a batch script also has SLURM_PROCID=0.
-_RANK_ENV = (
-    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
-)
-
-
-def rank_from_env(env=os.environ) -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) from the launcher's environment, or None when not launched."""
-    for rank_var, world_var, local_var in _RANK_ENV:
-        if rank_var in env and world_var in env:
-            rank, world = int(env[rank_var]), int(env[world_var])
-            local = int(env[local_var]) if local_var in env else 0
-            if not 0 <= rank < world:
-                raise ValueError(f"{rank_var}={rank} is not below {world_var}={world}")
-            return rank, world, local
-    return None

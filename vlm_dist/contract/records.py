@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Iterator
 
 from vlm_dist.errors import UserError
+from vlm_dist.fileio import atomic_file
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -118,19 +118,13 @@ def read_records(path: str | os.PathLike) -> Iterator[dict]:
 def write_records(path: str | os.PathLike, records) -> int:
     """Write records as JSONL (validated, deterministic key order); return the count.
 
-    Written to `<path>.tmp` and renamed: on any error (a bad record, a bad input
-    line upstream, Ctrl-C) the partial file is removed and `path` is untouched.
+    Written through fileio.atomic_file (a temporary file, then a rename): on any error (a bad
+    record, a bad input line upstream, Ctrl-C) the partial file is removed and `path` is untouched.
     """
     n = 0
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                validate_record(r)
-                f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w") as f:     # UTF-8
+        for r in records:
+            validate_record(r)
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+            n += 1
     return n

@@ -16,7 +16,6 @@ prints the counts. Output is deterministic: same inputs and flags, same bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,22 +23,8 @@ from vlm_dist.convert.formats import FORMATS
 from vlm_dist.convert.formats.common import (ConvertError, ConvertOptions, ConvertStats, Drop,
                                        ImageResolver, normalize, unique_ids)
 from vlm_dist.contract.records import write_records
-
-
-def side_path(out: str | Path, suffix: str) -> Path:
-    """records.jsonl -> records.<suffix>; other names get .<suffix> appended."""
-    out = Path(out)
-    stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
-    return out.with_name(f"{stem}.{suffix}")
-
-
-def write_side_files(out: Path, stats: dict, dropped: list[dict]) -> tuple[Path, Path]:
-    dropped_path, stats_path = side_path(out, "dropped.jsonl"), side_path(out, "stats.json")
-    with open(dropped_path, "w", encoding="utf-8") as f:
-        for d in dropped:
-            f.write(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n")
-    stats_path.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    return dropped_path, stats_path
+from vlm_dist.convert import hygiene, supervision
+from vlm_dist.convert.side_files import write_side_files
 
 
 def convert(fmt_name: str, inputs: list[Path], out: Path, opts: ConvertOptions,
@@ -139,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="format", required=True, metavar="<format|stage1|check>")
     for name, fmt in FORMATS.items():
         _add_convert_parser(sub, name, fmt.help).set_defaults(run=run_convert)
-    from vlm_dist.convert import hygiene
     hygiene.add_parser(sub).set_defaults(run=hygiene.run_cli)
-    from vlm_dist.convert import supervision
     supervision.add_parser(sub).set_defaults(run=supervision.run_cli)
     return parser
 

@@ -1,4 +1,4 @@
-"""Stage-1 caption hygiene and synthetic multi-image captions (seed 002, sections 4-5).
+"""Stage-1 caption hygiene and synthetic multi-image captions (`vlm-convert stage1`).
 
 Input: converted stage-1 records (one image, a user turn, the caption as the
 assistant turn). Optional filters, each counted and every drop listed:
@@ -30,6 +30,7 @@ import numpy as np
 
 from vlm_dist.convert.formats.common import ConvertError
 from vlm_dist.contract.records import IMAGE_PLACEHOLDER, read_lines, read_records, write_records
+from vlm_dist.convert.side_files import write_side_files
 
 DEFAULT_SPAM = (
     "watermark", "stock photo", "stock image", "stock footage", "download", "click", "shutterstock",
@@ -233,7 +234,7 @@ def synthesize_multi_image(records: list[dict], aug: MultiImageAugment, stats: H
 
 
 def rewrite_prompt(record: dict, prompt: str) -> dict:
-    """Replace the user turn with '<image>\\n' + prompt (seed 002's single, consistent template)."""
+    """Replace the user turn with '<image>\\n' + prompt (one template for every record)."""
     convs = [dict(t) for t in record["conversations"]]
     for t in convs:
         if t["role"] == "user":
@@ -276,8 +277,6 @@ def add_parser(sub):
 
 
 def run_cli(args) -> int:
-    from vlm_dist.convert.cli import write_side_files
-
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from vlm_dist.contract.prompt import TEMPLATES
+from vlm_dist.convert.side_files import side_path
 
 
 def add_parser(sub):
@@ -35,7 +36,6 @@ def add_parser(sub):
 
 
 def run_cli(args) -> int:
-    from vlm_dist.convert.cli import side_path
     from vlm_dist.data.lengths import (check_supervision, duplicate_ids, format_summary, summarize,
                                        tokenize_records)
 

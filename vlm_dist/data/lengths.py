@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from vlm_dist.cache.reader import sha256_file
 from vlm_dist.errors import UserError
+from vlm_dist.fileio import atomic_file, sha256_file
 from vlm_dist.contract.records import RecordError, read_lines
 
 CHUNK = 2048          # records per worker task
@@ -158,7 +158,7 @@ def _init_worker(tokenizer_path: str, template: str, image_tokens: int, max_seq_
 
 
 def _encode_chunk(task: tuple[int, list[str]]) -> pa.RecordBatch:
-    from vlm_dist.contract.prompt import SampleError
+    from vlm_dist.contract.prompt import IGNORE, SampleError
     from vlm_dist.contract.records import RecordError, validate_record
 
     start, lines = task
@@ -167,8 +167,8 @@ def _encode_chunk(task: tuple[int, list[str]]) -> pa.RecordBatch:
 
     def add(i, rid, ids=(), labels=(), keys=(), truncated=False, reason=None, detail=None, length=None):
         # labels are the token itself where supervised (prompt.py), so a bit mask stores them
-        assert all(l == -100 or l == t for t, l in zip(ids, labels))
-        mask = [l != -100 for l in labels]
+        assert all(l == IGNORE or l == t for t, l in zip(ids, labels))
+        mask = [l != IGNORE for l in labels]
         for name, v in (("index", start + i), ("id", rid), ("input_ids", list(ids)), ("supervised_mask", mask),
                         ("image_keys", list(keys)), ("truncated", truncated), ("reason", reason),
                         ("detail", detail), ("length", len(ids) if length is None else length),
@@ -243,15 +243,14 @@ def tokenize_records(records_path: str | os.PathLike, tokenizer: str | os.PathLi
 
 
 def _build(cache: Path, records_path: Path, key: dict, init: tuple, num_workers: int | None, progress: bool):
-    """Tokenize every record into `cache` (temp file, fsync, rename: a reader never sees half a file)."""
+    """Tokenize every record into `cache` (fileio.atomic_file: a reader never sees half a file)."""
     from tqdm import tqdm
 
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     schema = SCHEMA.with_metadata({"vlm_dist.lengths.key": json.dumps(key, sort_keys=True)})
     bar = tqdm(desc=f"tokenize {records_path.name}", unit=" rec", disable=None if progress else True)
     try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        with atomic_file(cache) as sink, pa.ipc.new_file(sink, schema) as writer:
             if workers <= 1:
                 _init_worker(*init)
                 batches = map(_encode_chunk, _chunks(records_path))
@@ -266,12 +265,6 @@ def _build(cache: Path, records_path: Path, key: dict, init: tuple, num_workers:
             finally:
                 if workers > 1:
                     pool.terminate()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, cache)
-    except BaseException:
-        tmp.unlink(missing_ok=True)   # never leave a partial table behind
-        raise
     finally:
         bar.close()
 

@@ -32,7 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlm_dist import fileio
+from vlm_dist.config.schema import ADAPTER_MODES
 from vlm_dist.errors import UserError
+from vlm_dist.inference.export import EXPORT_CONFIG, publishing
 
 MARKER, LATEST = "COMPLETE", "latest"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
@@ -87,6 +90,10 @@ def resolve_resume(resume: str | None, root: str | os.PathLike, world_size: int 
 
 def _resolve(resume: str | None, root: str | os.PathLike) -> Path | None:
     if resume is None or resume == "":
+        done = complete_checkpoints(root)
+        if done:   # a fresh run would save step 1, 2, ... over this run's checkpoints
+            raise CheckpointError(f"{root} already holds checkpoints (newest: {done[-1].name}); continue that run "
+                                  "with --resume auto, or start a new one under another --train.output_dir")
         return None
     if resume == "auto":
         # the newest complete one, found by listing: `latest` can lag (a crash between marker and
@@ -128,15 +135,9 @@ def _rank_file(ckpt_dir: Path, rank: int) -> Path:
 
 
 def save_rank_state(ckpt_dir: Path, rank: int, trainer_state: dict) -> None:
-    """This rank's RNG and trainer state (plain values and tensors), temp -> fsync -> rename."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = _rank_file(ckpt_dir, rank)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
+    """This rank's RNG and trainer state (plain values and tensors), published atomically (fileio)."""
+    with fileio.atomic_file(_rank_file(ckpt_dir, rank)) as f:
         torch.save({"rng": rng_state(), "trainer": trainer_state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_rank_state(ckpt_dir: Path, rank: int) -> dict:
@@ -213,7 +214,7 @@ def withdraw(ckpt_dir: Path) -> None:
     marker = ckpt_dir / MARKER
     if marker.exists():
         marker.unlink()
-        _fsync_dir(ckpt_dir)
+        fileio.fsync_dir(ckpt_dir)
 
 
 @contextmanager
@@ -246,10 +247,10 @@ def publish(root: Path, ckpt_dir: Path, info: dict, keep_last: int) -> None:
 
     A `nan_step_*` save gets its marker only: it is kept for inspection, never made the latest.
     """
-    _write_atomic(ckpt_dir / MARKER, json.dumps(info, sort_keys=True))
+    fileio.write_text_atomic(ckpt_dir / MARKER, json.dumps(info, sort_keys=True))
     if not _STEP_DIR.fullmatch(ckpt_dir.name):
         return
-    _write_atomic(root / LATEST, ckpt_dir.name)
+    fileio.write_text_atomic(root / LATEST, ckpt_dir.name)
     done = complete_checkpoints(root)
     for old in done[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -267,7 +268,7 @@ def init_adapter(init_from: str | os.PathLike | None, llm_mode: str) -> str | No
     an export trained with adapters but without `adapter/` lost them, and starting over would
     silently discard that training.
     """
-    if not init_from or llm_mode not in ("lora", "qlora"):
+    if not init_from or llm_mode not in ADAPTER_MODES:
         return None
     export = Path(init_from)
     adapter = export / "adapter"
@@ -279,35 +280,14 @@ def init_adapter(init_from: str | os.PathLike | None, llm_mode: str) -> str | No
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"--model.init_from={init_from}: cannot read llm_mode from {cfg_path} ({e}); "
                               "expected a vlm_dist export") from e
-    if saved_mode in ("lora", "qlora"):
+    if saved_mode in ADAPTER_MODES:
         raise CheckpointError(f"--model.init_from={init_from}: that export was trained with "
                               f"llm_mode={saved_mode} but has no adapter/ ({adapter} is missing); restore it, "
                               "or point --model.init_from at a complete export")
     return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 # -- export ----------------------------------------------------------------------
-EXPORT_CONFIG = "vlm_config.json"
-
-
 def gathered_state(module: torch.nn.Module, names: list[str] | None = None,
                    keep: bool = True) -> dict[str, torch.Tensor] | None:
     """Full CPU copies of `module`'s parameters (all, or `names`), gathered if ZeRO-3 partitioned them.
@@ -348,7 +328,7 @@ def write_export(vlm, out_dir: str | os.PathLike, vlm_config: dict, llm_mode: st
     out = Path(out_dir)
     connector_state = gathered_state(vlm.connectors, keep=is_main)
     llm_state = None
-    if llm_mode in ("lora", "qlora"):
+    if llm_mode in ADAPTER_MODES:
         names = [n for n, p in vlm.llm.named_parameters() if "lora_" in n]
         llm_state = gathered_state(vlm.llm, names, keep=is_main)
     elif llm_mode == "full":
@@ -358,56 +338,17 @@ def write_export(vlm, out_dir: str | os.PathLike, vlm_config: dict, llm_mode: st
     with publishing(out) as tmp:
         save_connectors(vlm, tmp, state=connector_state)
         cfg = dict(vlm_config, llm_mode=llm_mode)
-        if llm_mode in ("lora", "qlora"):
+        if llm_mode in ADAPTER_MODES:
             vlm.llm.save_pretrained(str(tmp / "adapter"), state_dict=llm_state)
         elif llm_mode == "full":
             unwrap_llm(vlm.llm).save_pretrained(str(tmp / "llm"), state_dict=llm_state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / "llm"))
             cfg["base_llm"], cfg["llm"] = cfg["llm"], "llm"   # relative: the export can be moved
-        _write_atomic(tmp / EXPORT_CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
+        fileio.write_text_atomic(tmp / EXPORT_CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def publish_export(src: str | os.PathLike, out: str | os.PathLike) -> None:
     """Copy a checkpoint's export to `out` (e.g. <output_dir>/export), replacing it atomically."""
     with publishing(Path(out)) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-
-
-@contextmanager
-def publishing(out: Path):
-    """`with publishing(out) as tmp:` build an export in `tmp`; it then replaces `out` as one rename.
-
-    `tmp` is a new directory beside `out` (same filesystem). On leaving the block the export
-    in it is checked (every file opened: vlm_dist.inference.export.check_export); a failed build or check
-    removes `tmp` and leaves `out` as it was. Only an export (has vlm_config.json) or an empty
-    directory is ever replaced, and only after the new one is in place; anything else at `out`
-    is refused before any work, and left untouched.
-    """
-    from vlm_dist.inference.export import ExportError, check_export
-    if out.is_symlink() or (out.exists() and not (out.is_dir() and _is_export_or_empty(out))):
-        raise ExportError(f"{out} exists and is not an export (no {EXPORT_CONFIG}); refusing to replace "
-                          f"it. Move it away or choose another output path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.{os.urandom(4).hex()}")   # a fresh name: nothing is cleared for it
-    tmp.mkdir()
-    try:
-        yield tmp
-        check_export(tmp)
-        for f in tmp.rglob("*"):    # on disk before the rename makes them visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)   # ours and unpublished
-        raise
-    old = tmp.with_name(tmp.name + ".old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _is_export_or_empty(path: Path) -> bool:
-    return (path / EXPORT_CONFIG).is_file() or not any(path.iterdir())

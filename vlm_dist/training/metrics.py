@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_dist.training.checkpoint import _write_atomic
+from vlm_dist.fileio import write_text_atomic
 
 
 class MetricsLog:
@@ -109,7 +109,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         if row["step"] <= last_step:
             kept.append(line)
     if len(kept) < len(lines):
-        _write_atomic(path, "".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def plot_losses(train: list[tuple[int, float]], evals: list[tuple[int, float]], path: Path | None = None,

@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 from vlm_dist.config import Config, ConfigError, config_to_dict
+from vlm_dist.fileio import sha256_file, write_text_atomic
 
 RECORD = "run.json"
 # Keys whose change leaves what the run computes unchanged (same samples, order, weights, updates).
@@ -39,7 +40,7 @@ LONGER_OK = ("train.max_steps", "train.epochs")   # a longer run continues the s
 
 @functools.lru_cache(maxsize=None)
 def _digest(records: tuple[str, ...], cache: str | None) -> dict:
-    from vlm_dist.cache.reader import read_manifest, sha256_file
+    from vlm_dist.cache.reader import read_manifest
 
     manifest = None if cache is None else read_manifest(cache)
     return {"data.records": [sha256_file(p) for p in records],
@@ -60,10 +61,8 @@ def run_record(cfg: Config) -> dict:
 
 def write_run_record(ckpt_dir: str | os.PathLike, cfg: Config, is_main: bool = True) -> None:
     """`run.json` in the checkpoint (by the main rank only; every rank may call it)."""
-    from vlm_dist.training.checkpoint import _write_atomic
-
     if is_main:
-        _write_atomic(Path(ckpt_dir) / RECORD, json.dumps(run_record(cfg), indent=1))
+        write_text_atomic(Path(ckpt_dir) / RECORD, json.dumps(run_record(cfg), indent=1))
 
 
 def _show(value) -> str:

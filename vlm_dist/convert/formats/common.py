@@ -16,7 +16,7 @@ native rows and pull out an id, image references and (role, text) turns as a
   <image-root>/sha256/<aa>/<sha256><ext>, named by their content;
 - duplicate ids get a "#2", "#3"... suffix (counted) so ids stay unique.
 
-Run through `vlm-convert` (preprocess/convert.py).
+Run through `vlm-convert` (vlm_dist.convert.cli).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from typing import Any, Iterator
 from vlm_dist.errors import UserError
 from vlm_dist.contract.images import ImageError, resolve_under
 from vlm_dist.contract.records import IMAGE_PLACEHOLDER, RecordError, read_lines, read_text, validate_record
+from vlm_dist.fileio import write_bytes_atomic
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
             "system": "system"}
@@ -184,11 +185,8 @@ class ImageResolver:
         if path.exists():
             self.stats.images_reused += 1
             return rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(image.data)
-        os.replace(tmp, path)
+        # durable before it is named: a crash must not leave an empty file that a re-run reuses
+        write_bytes_atomic(path, image.data)
         self.stats.images_written += 1
         return rel
 

@@ -1,0 +1,56 @@
+"""What a cache build is asked to do (BuildConfig) and what it decided to do (Plan).
+
+Both the build (vlm_dist.cache.build: plan, finalize) and the encoder (vlm_dist.cache.encode)
+read these, so they live below both. The plan itself is made, saved and loaded in build.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlm_dist.contract.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from vlm_dist.model.vision import DEFAULT_VISION_MODEL
+
+
+@dataclass
+class BuildConfig:
+    """The settings of one `vlm-cache build` (vlm_dist.cache.cli maps its flags onto these)."""
+
+    out: str                                  # cache directory
+    records: list[str] = field(default_factory=list)      # JSONL files in the sample contract
+    image_lists: list[str] = field(default_factory=list)  # text files, one image path per line
+    image_root: str = "."                     # record image references are relative to this
+    vision_model: str = DEFAULT_VISION_MODEL  # hub id or local directory
+    feature_layer: int = -2                   # hidden_states index (-2: penultimate)
+    dtype: str = "bf16"                       # stored feature dtype: bf16, fp16, fp32
+    pool: int = 1                             # 2: average-pool the patch grid 2x2 (4x smaller)
+    batch_size: int = 64                      # images per forward
+    workers: int = 4                          # DataLoader decode/preprocess processes
+    device: str = "auto"                      # auto (cuda if present), cpu, cuda, cuda:N
+    shard_size: int = 1024                    # images per Arrow shard
+    shard_index: int | None = None            # this process's slice (with num_shards)
+    num_shards: int | None = None             # number of slices; default: launcher world size or 1
+    max_pixels: int = DEFAULT_MAX_PIXELS      # larger images are failures (decompression bombs)
+    max_bytes: int = DEFAULT_MAX_BYTES        # larger files are failures (never read past this)
+    wait_timeout: float = 24 * 3600.0         # rank 0 waits this long for the other ranks' shards
+    progress: bool = True                     # show the progress bar
+
+
+@dataclass
+class Plan:
+    """The inputs resolved: every reference hashed, the unique keys sorted and cut into shards."""
+
+    info: dict                       # what plan.json holds
+    refs: list[str]                  # sorted unique references
+    ref_keys: list[str | None]       # key per reference (None: unreadable)
+    ref_errors: list[str | None]
+    ref_records: list[list[str]]
+    keys: list[str]                  # sorted unique keys
+    key_ref: dict[str, str]          # key -> the first reference with it (the file decoded)
+
+    @property
+    def num_shard_files(self) -> int:
+        return self.info["num_shard_files"]
+
+    def shard_keys(self, j: int) -> list[str]:
+        s = self.info["shard_size"]
+        return self.keys[j * s:(j + 1) * s]
