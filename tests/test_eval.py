@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlm_dist.inference.generate import evaluation as ev
+from vlm_dist.inference import evaluation as ev
 from vlm_dist.contract.prompt import IGNORE, PromptEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,9 +159,10 @@ def test_loss_sums_equal_a_direct_computation(tiny_models, tokenizer):
 @pytest.fixture(scope="module")
 def tiny_export(tiny_models, tokenizer, tmp_path_factory):
     from vlm_dist.training.checkpoint import write_export
-    from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
+    from vlm_dist.config import LoraConfig
+    from vlm_dist.model.build import build_vlm, load_llm, set_trainable
     torch.manual_seed(0)
-    llm = load_llm(tiny_models["llm"], "lora", dtype=torch.float32, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    llm = load_llm(tiny_models["llm"], "lora", dtype=torch.float32, lora=LoraConfig(r=4, alpha=8, dropout=0.0))
     vlm = build_vlm(llm, tokenizer, 32, 16, connector=dict(num_latents=4, depth=1, heads=4), dtype=torch.float32)
     set_trainable(vlm, "lora")
     with torch.no_grad():
@@ -177,8 +178,7 @@ def tiny_export(tiny_models, tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "launch"))
-    import demo_data as dd
+    from vlm_dist.demo import data as dd
     out = tmp_path_factory.mktemp("demo")
     dd.generate(out, dd.DemoDataConfig().scaled(0.05))
     return out
@@ -266,10 +266,12 @@ def test_vlm_eval_starts_distributed_under_srun_and_mpirun(monkeypatch, launcher
             monkeypatch.delenv(key)
     started = []
     monkeypatch.setattr(dist, "init_distributed", lambda: started.append(dist.discover()) or started[-1])
-    assert start_ranks() == (0, 1) and not started          # plain python: one process, no group
+    env = start_ranks()
+    assert (env.rank, env.world_size) == (0, 1) and not started          # plain python: one process, no group
     for k, v in launcher_env.items():
         monkeypatch.setenv(k, v)
-    assert start_ranks() == (1, 2) and len(started) == 1     # rank 1 of 2, process group started
+    env = start_ranks()
+    assert (env.rank, env.world_size) == (1, 2) and len(started) == 1     # rank 1 of 2, process group started
 
 
 @pytest.mark.skipif(not shutil.which("mpirun"), reason="no mpirun (pip install mpich mpi4py)")

@@ -12,7 +12,8 @@ from vlm_dist.training.checkpoint import write_export
 from vlm_dist.inference.export import ExportError, load_export, merge_export, read_export_config
 from vlm_dist.inference.generate_cli import build_conversation, main as generate_main
 from vlm_dist.inference.generate import GenerationSettings, Generator
-from vlm_dist.model.build import LoraSettings, build_vlm, load_llm, set_trainable
+from vlm_dist.config import LoraConfig
+from vlm_dist.model.build import build_vlm, load_llm, set_trainable
 from vlm_dist.model.vision import VisionTower
 from vlm_dist.contract.prompt import PromptEncoder
 
@@ -36,7 +37,7 @@ def _vlm_config(tiny_models, llm_mode):
 def trained(tiny_models, tokenizer, tmp_path_factory):
     """A 'training-time' LoRA VLM with non-trivial adapter and connector weights, and its export."""
     torch.manual_seed(0)
-    llm = load_llm(tiny_models["llm"], "lora", dtype=torch.float32, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    llm = load_llm(tiny_models["llm"], "lora", dtype=torch.float32, lora=LoraConfig(r=4, alpha=8, dropout=0.0))
     vlm = build_vlm(llm, tokenizer, vision_dim=32, num_patches=16,
                     connector=dict(num_latents=N, depth=1, heads=4), dtype=torch.float32)
     set_trainable(vlm, "lora")
@@ -294,3 +295,15 @@ def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(trained):
     # it really samples: across seeds the replies differ, and differ from greedy decoding
     replies = {tuple(sample(s)) for s in range(5)} | {tuple(gen.generate_ids(_turns(), feats, GenerationSettings(8)))}
     assert len(replies) > 1
+
+
+def test_seeded_sampling_applies_the_llms_top_k():
+    """Transformers' own sampling applies generation_config.top_k; the seeded sampler must too."""
+    from vlm_dist.inference.generate import SeededSampling
+    scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    for seed in range(5):   # top_k=1: only the most likely token survives, whatever the draw
+        out = SeededSampling(1.0, 1.0, seed, torch.device("cpu"), top_k=1)(ids, scores)
+        assert torch.equal(out.argmax(-1), scores.argmax(-1))
+    drawn = {int(SeededSampling(5.0, 1.0, s, torch.device("cpu"), top_k=3)(ids, scores)[0].argmax()) for s in range(40)}
+    assert drawn <= set(scores[0].topk(3).indices.tolist()) and len(drawn) > 1

@@ -15,6 +15,9 @@ Writes to --out: eval.json (every metric), captions.jsonl + captions.md (the
 caption report: image, reference, generated, exact match), probes.jsonl,
 describe.jsonl, nlvr2.jsonl, mc.jsonl (one line per question: the reply and
 how it was scored). Prints a summary table.
+
+Each set is one entry of TASKS (its flag, the function that scores it, its summary line);
+the tasks share one EvalContext: the export loaded once, its feature source, this rank's share.
 """
 from __future__ import annotations
 
@@ -22,11 +25,15 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from vlm_dist.errors import UserError
+from vlm_dist.inference import evaluation as ev
 
-SETS = ("loss", "captions", "describe", "probes", "nlvr2", "mc", "text")
+if TYPE_CHECKING:
+    from vlm_dist.dist import DistEnv
 
 
 class EvalInputError(UserError):
@@ -129,130 +136,182 @@ def caption_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_ranks() -> tuple[int, int]:
-    """(rank, world) from whichever launcher started us (torchrun, deepspeed, srun, mpirun, plain
+def start_ranks() -> DistEnv:
+    """Where this process sits (vlm_dist.dist.discover: torchrun, deepspeed, srun, mpirun, plain
     python); with more than one rank the process group starts, so records are sharded once."""
     from vlm_dist.dist import discover, init_distributed
-    if discover().world_size == 1:
-        return 0, 1
-    env = init_distributed()
-    return env.rank, env.world_size
+    env = discover()
+    return init_distributed() if env.world_size > 1 else env
 
 
-def run(args) -> dict:
-    import torch
+# -- the tasks: one per set flag, each returning its metrics and its report rows -------------------
+class EvalContext:
+    """What every task uses: the loaded export, its feature source, this rank's place and the flags."""
 
-    from vlm_dist.inference.generate import evaluation as ev
-    from vlm_dist.inference.export import load_export
-    from vlm_dist.inference.generate import GenerationSettings, Generator
+    def __init__(self, args, env: DistEnv):
+        import torch
 
-    rank, world = start_ranks()
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    cache_dtype = None
-    if args.cache:   # the tower runs in the cache's dtype unless the export recorded its own
-        from vlm_dist.cache.reader import read_manifest
-        cache_dtype = read_manifest(args.cache)["fingerprint"]["dtype"]
-    vlm, tokenizer, tower, cfg = load_export(args.model, device=device, dtype=args.dtype,
-                                             vision_dtype=None if cfg_has_vision_dtype(args.model) else cache_dtype)
-    gen = Generator(vlm, tokenizer, cfg, tower)
-    cache = open_cache(args.cache, tower, cfg.pool) if args.cache else None
-    feats = Features(gen, cache, args.image_root)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    results: dict = {"model": str(args.model), "world_size": world}
-    out = Path(args.out)
-    main = rank == 0
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+        from vlm_dist.inference.export import load_export
+        from vlm_dist.inference.generate import GenerationSettings, Generator
 
-    def replies(records):
-        mine = ev.shard(list(range(len(records))), rank, world)     # indices: ids may repeat
-        got = ev.generate_replies(gen, [records[i] for i in mine], feats, settings)
+        self.args, self.rank, self.world = args, env.rank, env.world_size
+        self.device = args.device or (f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+        cache_dtype = None
+        if args.cache:   # the tower runs in the cache's dtype unless the export recorded its own
+            from vlm_dist.cache.reader import read_manifest
+            cache_dtype = read_manifest(args.cache)["fingerprint"]["dtype"]
+        self.vlm, self.tokenizer, tower, self.cfg = load_export(
+            args.model, device=self.device, dtype=args.dtype,
+            vision_dtype=None if cfg_has_vision_dtype(args.model) else cache_dtype)
+        self.gen = Generator(self.vlm, self.tokenizer, self.cfg, tower)
+        cache = open_cache(args.cache, tower, self.cfg.pool) if args.cache else None
+        self.feats = Features(self.gen, cache, args.image_root)
+        self.settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+
+    def read(self, path: str, need_answer: bool = False) -> list[dict]:
+        return _read(path, self.args.limit, need_answer)
+
+    def replies(self, records: list[dict]) -> list[str]:
+        """The model's reply to every record, generated for this rank's share and gathered."""
+        mine = ev.shard(list(range(len(records))), self.rank, self.world)     # indices: ids may repeat
+        got = ev.generate_replies(self.gen, [records[i] for i in mine], self.feats, self.settings)
         by_index = dict(ev.gather_lists(list(zip(mine, got))))
         return [by_index[i] for i in range(len(records))]
 
-    def write_jsonl(name, rows):
+    def loss(self, records: list[dict], feature_lookup, vlm=None) -> dict:
+        """Loss and perplexity over `records`, computed for this rank's share and merged."""
+        part = ev.loss_sums(self.vlm if vlm is None else vlm, self.tokenizer, self.cfg.template,
+                            self.cfg.num_media_tokens, ev.shard(records, self.rank, self.world),
+                            feature_lookup, self.feats.shape, self.args.batch_size, self.args.max_seq_len)
+        return ev.merge_loss(ev.gather(part))
+
+
+def loss_task(ctx: EvalContext, paths: list[str]):
+    return ctx.loss([r for path in paths for r in ctx.read(path)], ctx.feats.lookup), {}
+
+
+def captions_task(ctx: EvalContext, path: str):
+    recs = ctx.read(path)
+    preds = ctx.replies(recs)
+    refs = [r["conversations"][-1]["content"] for r in recs]
+    metrics = ev.caption_metrics({r["id"]: p for r, p in zip(recs, preds)},
+                                 {r["id"]: [ref] for r, ref in zip(recs, refs)})
+    rows = [{"id": r["id"], "images": r["images"], "reference": ref, "prediction": p,
+             "exact": ev.normalize_text(p) == ev.normalize_text(ref)} for r, p, ref in zip(recs, preds, refs)]
+    report = (f"# Caption report\n\nmodel `{ctx.args.model}`, {len(rows)} images; exact match "
+              f"{metrics['accuracy']:.3f}, BLEU-4 {metrics['bleu_4']:.3f}, CIDEr {metrics['cider']:.3f}\n\n"
+              + caption_markdown(rows))
+    return metrics, {"captions.jsonl": rows, "captions.md": report}
+
+
+def describe_task(ctx: EvalContext, path: str):
+    recs = ctx.read(path)
+    preds = ctx.replies(recs)
+    refs = [r["conversations"][-1]["content"] for r in recs]
+    return ev.score_ordered_descriptions(preds, refs), {
+        "describe.jsonl": [{"id": r["id"], "reference": ref, "prediction": p}
+                           for r, p, ref in zip(recs, preds, refs)]}
+
+
+def probes_task(ctx: EvalContext, path: str):
+    recs = ctx.read(path, need_answer=True)
+    asked = recs if ctx.args.no_permute else ev.rotated_probes(recs)
+    preds = ctx.replies(asked)
+    picked = [ev.parse_image_choice(p, len(r["images"])) for r, p in zip(asked, preds)]
+    metrics = dict(ev.score_choices(picked, [int(r["answer"]) for r in asked], [len(r["images"]) for r in asked]),
+                   permuted=not ctx.args.no_permute, records=len(recs))
+    return metrics, {"probes.jsonl": [{"id": r["id"], "images": r["images"], "answer": int(r["answer"]),
+                                       "prediction": p, "picked": c} for r, p, c in zip(asked, preds, picked)]}
+
+
+def nlvr2_task(ctx: EvalContext, path: str):
+    recs = ctx.read(path, need_answer=True)
+    preds = ctx.replies(recs)
+    answers = [ev.answer_bool(r["answer"]) for r in recs]
+    parsed = [ev.parse_bool(p) for p in preds]
+    return ev.score_binary(parsed, answers), {
+        "nlvr2.jsonl": [{"id": r["id"], "answer": a, "prediction": p, "parsed": b}
+                        for r, a, p, b in zip(recs, answers, preds, parsed)]}
+
+
+def mc_task(ctx: EvalContext, path: str):
+    recs = ctx.read(path, need_answer=True)
+    preds = ctx.replies(recs)
+    parsed = [ev.parse_option(p, len(r.get("choices") or "ABCDEFGHIJ"), r.get("choices"))
+              for r, p in zip(recs, preds)]
+    return ev.score_mc(parsed, [str(r["answer"]) for r in recs]), {
+        "mc.jsonl": [{"id": r["id"], "answer": r["answer"], "prediction": p, "parsed": c}
+                     for r, p, c in zip(recs, preds, parsed)]}
+
+
+def text_task(ctx: EvalContext, path: str):
+    recs = ctx.read(path)
+    if any(r["images"] for r in recs):
+        raise EvalInputError(f"--text {path} must hold text-only records (no images)")
+    model = ctx.loss(recs, None)
+    with base_model(ctx.vlm, ctx.cfg, ctx.args.model, ctx.device) as base_vlm:
+        base = ctx.loss(recs, None, vlm=base_vlm)
+    return {"perplexity": model["perplexity"], "base_perplexity": base["perplexity"],
+            "ratio": model["perplexity"] / base["perplexity"], "tokens": model["tokens"],
+            "samples": model["samples"]}, {}
+
+
+def _per_position(metrics: dict) -> str:
+    return ", ".join(f"{k}: {v['accuracy']:.2f}" for k, v in metrics["per_position"].items())
+
+
+@dataclass(frozen=True)
+class Task:
+    """One evaluation set. `run(ctx, flag value)` -> (its eval.json entry, {file in --out: JSONL rows
+    or text}); `summary(entry)` is its line in the printed table, after `label`."""
+    run: Callable[[EvalContext, Any], tuple[dict, dict]]
+    label: str
+    summary: Callable[[dict], str]
+
+
+TASKS = {   # run, and summarised, in this order
+    "loss": Task(loss_task, "held-out loss / ppl", lambda m: f"{m['loss']:.4f} / {m['perplexity']:.3f}"),
+    "captions": Task(captions_task, "caption exact match",
+                     lambda m: f"{m['accuracy']:.3f} (BLEU-4 {m['bleu_4']:.3f}, CIDEr {m['cider']:.3f})"),
+    "describe": Task(describe_task, "describe-in-order exact",
+                     lambda m: f"{m['accuracy']:.3f} (per image {_per_position(m)})"),
+    "probes": Task(probes_task, "which-image accuracy",
+                   lambda m: f"{m['accuracy']:.3f} (per position {_per_position(m)}; last-image rate "
+                             f"{m['last_image_rate']:.2f} vs chance {m['last_image_chance']:.2f})"),
+    "nlvr2": Task(nlvr2_task, "NLVR2 true/false", lambda m: f"{m['accuracy']:.3f}"),
+    "mc": Task(mc_task, "multiple choice", lambda m: f"{m['accuracy']:.3f}"),
+    "text": Task(text_task, "text ppl (base)",
+                 lambda m: f"{m['perplexity']:.3f} ({m['base_perplexity']:.3f}, x{m['ratio']:.3f})"),
+}
+SETS = tuple(TASKS)
+
+
+def write_report(path: Path, content: list[dict] | str) -> None:
+    """A task's file: JSONL rows (one object a line) or text."""
+    if isinstance(content, str):
+        path.write_text(content)
+        return
+    with open(path, "w") as f:
+        for row in content:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def run(args, env: DistEnv) -> dict:
+    """Every task whose flag is given, in TASKS order; rank 0 writes the reports and eval.json."""
+    ctx = EvalContext(args, env)
+    results: dict = {"model": str(args.model), "world_size": env.world_size}
+    out = Path(args.out)
+    main = env.rank == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    for name, task in TASKS.items():
+        value = getattr(args, name)
+        if not value:
+            continue
+        results[name], reports = task.run(ctx, value)
         if main:
-            with open(out / name, "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-    if args.loss:
-        recs = [r for path in args.loss for r in _read(path, args.limit)]
-        part = ev.loss_sums(vlm, tokenizer, cfg.template, cfg.num_media_tokens, ev.shard(recs, rank, world),
-                            feats.lookup, feats.shape, args.batch_size, args.max_seq_len)
-        results["loss"] = ev.merge_loss(ev.gather(part))
-
-    if args.captions:
-        recs = _read(args.captions, args.limit)
-        preds = replies(recs)
-        refs = [r["conversations"][-1]["content"] for r in recs]
-        metrics = ev.caption_metrics({r["id"]: p for r, p in zip(recs, preds)},
-                                     {r["id"]: [ref] for r, ref in zip(recs, refs)})
-        rows = [{"id": r["id"], "images": r["images"], "reference": ref, "prediction": p,
-                 "exact": ev.normalize_text(p) == ev.normalize_text(ref)} for r, p, ref in zip(recs, preds, refs)]
-        write_jsonl("captions.jsonl", rows)
-        if main:
-            (out / "captions.md").write_text(
-                f"# Caption report\n\nmodel `{args.model}`, {len(rows)} images; exact match "
-                f"{metrics['accuracy']:.3f}, BLEU-4 {metrics['bleu_4']:.3f}, CIDEr {metrics['cider']:.3f}\n\n"
-                + caption_markdown(rows))
-        results["captions"] = metrics
-
-    if args.describe:
-        recs = _read(args.describe, args.limit)
-        preds = replies(recs)
-        refs = [r["conversations"][-1]["content"] for r in recs]
-        results["describe"] = ev.score_ordered_descriptions(preds, refs)
-        write_jsonl("describe.jsonl", [{"id": r["id"], "reference": ref, "prediction": p}
-                                       for r, p, ref in zip(recs, preds, refs)])
-
-    if args.probes:
-        recs = _read(args.probes, args.limit, need_answer=True)
-        asked = recs if args.no_permute else ev.rotated_probes(recs)
-        preds = replies(asked)
-        picked = [ev.parse_image_choice(p, len(r["images"])) for r, p in zip(asked, preds)]
-        results["probes"] = dict(ev.score_choices(picked, [int(r["answer"]) for r in asked],
-                                                  [len(r["images"]) for r in asked]),
-                                 permuted=not args.no_permute, records=len(recs))
-        write_jsonl("probes.jsonl", [{"id": r["id"], "images": r["images"], "answer": int(r["answer"]),
-                                      "prediction": p, "picked": c}
-                                     for r, p, c in zip(asked, preds, picked)])
-
-    if args.nlvr2:
-        recs = _read(args.nlvr2, args.limit, need_answer=True)
-        preds = replies(recs)
-        answers = [ev.answer_bool(r["answer"]) for r in recs]
-        parsed = [ev.parse_bool(p) for p in preds]
-        results["nlvr2"] = ev.score_binary(parsed, answers)
-        write_jsonl("nlvr2.jsonl", [{"id": r["id"], "answer": a, "prediction": p, "parsed": b}
-                                    for r, a, p, b in zip(recs, answers, preds, parsed)])
-
-    if args.mc:
-        recs = _read(args.mc, args.limit, need_answer=True)
-        preds = replies(recs)
-        parsed = [ev.parse_option(p, len(r.get("choices") or "ABCDEFGHIJ"), r.get("choices"))
-                  for r, p in zip(recs, preds)]
-        results["mc"] = ev.score_mc(parsed, [str(r["answer"]) for r in recs])
-        write_jsonl("mc.jsonl", [{"id": r["id"], "answer": r["answer"], "prediction": p, "parsed": c}
-                                 for r, p, c in zip(recs, preds, parsed)])
-
-    if args.text:
-        recs = _read(args.text, args.limit)
-        if any(r["images"] for r in recs):
-            raise EvalInputError(f"--text {args.text} must hold text-only records (no images)")
-        mine = ev.shard(recs, rank, world)
-        model = ev.merge_loss(ev.gather(ev.loss_sums(vlm, tokenizer, cfg.template, cfg.num_media_tokens,
-                                                     mine, None, feats.shape,
-                                                     args.batch_size, args.max_seq_len)))
-        base_vlm = base_model(vlm, cfg, args.model, device)
-        with base_vlm as b:
-            base = ev.merge_loss(ev.gather(ev.loss_sums(b, tokenizer, cfg.template, cfg.num_media_tokens,
-                                                        mine, None, feats.shape,
-                                                        args.batch_size, args.max_seq_len)))
-        results["text"] = {"perplexity": model["perplexity"], "base_perplexity": base["perplexity"],
-                           "ratio": model["perplexity"] / base["perplexity"], "tokens": model["tokens"],
-                           "samples": model["samples"]}
-
+            for file_name, content in reports.items():
+                write_report(out / file_name, content)
     if main:
         (out / "eval.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return results
@@ -288,28 +347,7 @@ class base_model:
 
 
 def summary_table(results: dict) -> str:
-    rows = []
-    if "loss" in results:
-        rows.append(("held-out loss / ppl", f"{results['loss']['loss']:.4f} / {results['loss']['perplexity']:.3f}"))
-    if "captions" in results:
-        c = results["captions"]
-        rows.append(("caption exact match", f"{c['accuracy']:.3f} (BLEU-4 {c['bleu_4']:.3f}, CIDEr {c['cider']:.3f})"))
-    if "describe" in results:
-        d = results["describe"]
-        per = ", ".join(f"{k}: {v['accuracy']:.2f}" for k, v in d["per_position"].items())
-        rows.append(("describe-in-order exact", f"{d['accuracy']:.3f} (per image {per})"))
-    if "probes" in results:
-        pr = results["probes"]
-        per = ", ".join(f"{k}: {v['accuracy']:.2f}" for k, v in pr["per_position"].items())
-        rows.append(("which-image accuracy", f"{pr['accuracy']:.3f} (per position {per}; last-image rate "
-                     f"{pr['last_image_rate']:.2f} vs chance {pr['last_image_chance']:.2f})"))
-    if "nlvr2" in results:
-        rows.append(("NLVR2 true/false", f"{results['nlvr2']['accuracy']:.3f}"))
-    if "mc" in results:
-        rows.append(("multiple choice", f"{results['mc']['accuracy']:.3f}"))
-    if "text" in results:
-        t = results["text"]
-        rows.append(("text ppl (base)", f"{t['perplexity']:.3f} ({t['base_perplexity']:.3f}, x{t['ratio']:.3f})"))
+    rows = [(task.label, task.summary(results[name])) for name, task in TASKS.items() if name in results]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -321,9 +359,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results = run(args)
-    from vlm_dist.dist import barrier, is_main, shutdown
-    if is_main():
+    env = start_ranks()
+    results = run(args, env)
+    from vlm_dist.dist import barrier, shutdown
+    if env.rank == 0:
         print(summary_table(results), flush=True)
         print(f"wrote {Path(args.out) / 'eval.json'}", flush=True)
     barrier()    # no rank tears its gloo pairs down while another still uses them (that aborts it)

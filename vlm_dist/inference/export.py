@@ -7,6 +7,8 @@
 The merge output lies outside the export and its training run, and is new, empty or an
 earlier merge output: it is built beside, checked and swapped in, so a mistyped path
 never deletes a run (check_merge_target).
+Every export, the trainer's and the merge's, is published the same way: built in a
+temporary directory, checked (check_export), then renamed over the old one (publishing).
 
 An export directory (written by the trainer, vlm_dist.training.checkpoint.write_export):
 
@@ -29,12 +31,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from vlm_dist.config.schema import ADAPTER_MODES
 from vlm_dist.errors import UserError
+from vlm_dist.fileio import fsync_dir
 from vlm_dist.model.build import (CONNECTOR_CONFIG, CONNECTOR_FILE, build_vlm, load_connectors, load_llm,
                                   read_connector_config)
 from vlm_dist.model.vision import VisionTower, dtype_name, resolve_dtype
@@ -143,7 +148,7 @@ def _check_weights(model_dir: Path, stem: str) -> None:
 def check_export(export_dir: str | os.PathLike) -> ExportConfig:
     """Open every file the loaders will read; the first broken one is named in an ExportError.
 
-    Run on what is about to be published (checkpoint.publishing) and before loading, so a
+    Run on what is about to be published (publishing) and before loading, so a
     truncated or garbled file is named here, not deep inside safetensors, PEFT or transformers.
     Reads JSON files and safetensors headers only (cheap even for a merged 8B LLM).
     """
@@ -156,7 +161,7 @@ def check_export(export_dir: str | os.PathLike) -> ExportConfig:
                               f"{str(llm)!r} does not exist")
         _read_json(llm / "config.json")
         _check_weights(llm, "model")
-    elif cfg.llm_mode in ("lora", "qlora"):
+    elif cfg.llm_mode in ADAPTER_MODES:
         if not (d / ADAPTER_DIR / "adapter_config.json").exists():
             raise ExportError(f"{d}: llm_mode={cfg.llm_mode} but no {ADAPTER_DIR}/adapter_config.json")
         _read_json(d / ADAPTER_DIR / "adapter_config.json")
@@ -202,7 +207,7 @@ def load_llm_from_export(export_dir: str | os.PathLike, cfg: ExportConfig, dtype
     export_dir = Path(export_dir)
     if cfg.merged or cfg.llm_mode == "full":
         return load_llm(resolve_path(cfg.llm, export_dir), "frozen", dtype)
-    if cfg.llm_mode in ("lora", "qlora"):
+    if cfg.llm_mode in ADAPTER_MODES:
         return load_llm(resolve_path(cfg.llm, export_dir), "lora", dtype, adapter=str(export_dir / ADAPTER_DIR))
     if cfg.llm_mode == "frozen":
         return load_llm(resolve_path(cfg.llm, export_dir), "frozen", dtype)
@@ -267,6 +272,44 @@ def _patches_from_config(cfg: ExportConfig, export_dir) -> int:
     return side * side
 
 
+@contextmanager
+def publishing(out: Path):
+    """`with publishing(out) as tmp:` build an export in `tmp`; it then replaces `out` as one rename.
+
+    `tmp` is a new directory beside `out` (same filesystem). On leaving the block the export
+    in it is checked (every file opened: check_export); a failed build or check
+    removes `tmp` and leaves `out` as it was. Only an export (has vlm_config.json) or an empty
+    directory is ever replaced, and only after the new one is in place; anything else at `out`
+    is refused before any work, and left untouched.
+    """
+    if out.is_symlink() or (out.exists() and not (out.is_dir() and _is_export_or_empty(out))):
+        raise ExportError(f"{out} exists and is not an export (no {EXPORT_CONFIG}); refusing to replace "
+                          f"it. Move it away or choose another output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.{os.urandom(4).hex()}")   # a fresh name: nothing is cleared for it
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_export(tmp)
+        for f in tmp.rglob("*"):    # on disk before the rename makes them visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # ours and unpublished
+        raise
+    old = tmp.with_name(tmp.name + ".old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_export_or_empty(path: Path) -> bool:
+    return (path / EXPORT_CONFIG).is_file() or not any(path.iterdir())
+
+
 def merge_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  save_dtype: str | torch.dtype | None = None) -> Path:
     """Write a standalone export: the LLM with LoRA merged in (+ tokenizer), connector, config.
@@ -274,12 +317,10 @@ def merge_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike,
     The merge runs in float32 and the result is saved in `save_dtype` (default: the
     base LLM's own dtype). A frozen-mode export gets a copy of its base LLM, so the
     output never depends on the base path. Built beside `out_dir`, checked, then swapped
-    in (checkpoint.publishing); `out_dir` must be new, empty or an earlier merge output,
+    in (publishing); `out_dir` must be new, empty or an earlier merge output,
     and lie outside the export and its training run (check_merge_target).
     """
     from transformers import AutoConfig
-
-    from vlm_dist.training.checkpoint import publishing
 
     export_dir, out = Path(export_dir), Path(out_dir)
     cfg = check_export(export_dir)

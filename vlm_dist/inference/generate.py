@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from vlm_dist.contract.prompt import PromptEncoder
+from vlm_dist.model.vlm import unwrap_llm
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -38,16 +39,21 @@ class GenerationSettings:
 
 
 class SeededSampling:
-    """Temperature + top-p sampling from a private torch.Generator, as a transformers logits processor.
+    """Temperature + top-k + top-p sampling from a private torch.Generator, as a transformers logits processor.
 
     Transformers samples from torch's global RNG, so seeding it there would reseed the caller's
     training or evaluation. This draws the token itself and leaves only it finite, so greedy
-    decoding (do_sample=False) emits exactly the sampled token.
+    decoding (do_sample=False) emits exactly the sampled token. `top_k` is the LLM's own
+    generation_config.top_k (Qwen3 ships 20; transformers' default 50), as transformers' sampling applies it.
     """
 
-    def __init__(self, temperature: float, top_p: float, seed: int | None, device: torch.device):
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-        self.warp = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
+    def __init__(self, temperature: float, top_p: float, seed: int | None, device: torch.device,
+                 top_k: int | None = None):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+        warpers = [TemperatureLogitsWarper(temperature)]
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        self.warp = LogitsProcessorList(warpers + [TopPLogitsWarper(top_p)])
         self.rng = torch.Generator(device=device)
         if seed is None:
             self.rng.seed()
@@ -114,8 +120,9 @@ class Generator:
         sampling = None
         if settings.do_sample:
             from transformers import LogitsProcessorList
+            top_k = unwrap_llm(self.vlm.llm).generation_config.top_k   # as transformers' sampling applied it
             sampling = LogitsProcessorList([SeededSampling(settings.temperature, settings.top_p, settings.seed,
-                                                           self.device)])
+                                                           self.device, top_k=top_k)])
         out = self.vlm.generate(torch.tensor([ids], device=self.device), media,
                                 max_new_tokens=settings.max_new_tokens, do_sample=False,
                                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
