@@ -29,6 +29,8 @@ setup(
             "vlm-convert=vlm_dist.convert.cli:main",
             "vlm-generate=vlm_dist.inference.generate_cli:main",
             "vlm-eval=vlm_dist.inference.eval_cli:main",
+            "vlm-train=vlm_dist.training.loop:main",
+            "vlm-benchmark=vlm_dist.benchmark.cli:main",
         ]
     },
 )

@@ -1,8 +1,8 @@
-"""launch/benchmark.py on the tiny CPU configuration: the report has its fields and its arithmetic adds up.
+"""The benchmark (launch/benchmark.py, vlm_dist.benchmark) on the tiny CPU configuration: the report has
+its fields and its arithmetic adds up.
 
     python -m pytest tests/test_benchmark.py -q
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,16 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from vlm_dist.benchmark import cli as bench
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "benchmark.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module          # its dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +78,6 @@ def small_configs(tmp_path_factory):
 def test_full_size_path_on_random_weights(tmp_path, small_configs):
     """Random-weight checkpoints from config.json, Qwen3's real special-token ids (vocabulary 151,936),
     training's model build and step, with a plain-torch engine."""
-    bench = load_benchmark()
     out = tmp_path / "bench.json"
     assert bench.main(["--engine", "torch", "--steps", "1", "--warmup", "0", "--work-dir", str(tmp_path / "w"),
                        "--out", str(out), "--data.max_seq_len=256", "--train.micro_batch_size=1",
@@ -99,7 +92,6 @@ def test_full_size_path_on_random_weights(tmp_path, small_configs):
 
 
 def test_cache_builder_mode(tmp_path, small_configs, capsys):
-    bench = load_benchmark()
     out = tmp_path / "cache.json"
     assert bench.main(["--mode", "cache", "--engine", "torch", "--steps", "1", "--warmup", "1",
                        "--cache-batch", "2", "--work-dir", str(tmp_path / "w"), "--out", str(out),
@@ -120,7 +112,6 @@ def test_lengths_from_a_records_file(tmp_path, work_dir, tiny_models):
          "conversations": [{"role": "user", "content": "<image>" * (1 + i % 2) + "\nWhat is shown?"},
                            {"role": "assistant", "content": "A red circle on the left. " * (1 + i % 3)}]}
         for i in range(6)])
-    bench = load_benchmark()
     out = tmp_path / "bench.json"
     assert bench.main(["--tiny", "--engine", "torch", "--steps", "1", "--warmup", "0", "--work-dir", str(work_dir),
                        "--records", str(records), "--tokenizer", tiny_models["tokenizer"], "--out", str(out),
@@ -132,7 +123,6 @@ def test_lengths_from_a_records_file(tmp_path, work_dir, tiny_models):
 
 def test_bad_flags_are_named(tmp_path):
     from vlm_dist.config import ConfigError
-    bench = load_benchmark()
     with pytest.raises(ConfigError, match="llm_mode"):
         bench.main(["--tiny", "--engine", "torch", "--model.llm_mode=lorra", "--work-dir", str(tmp_path)])
     with pytest.raises(SystemExit):

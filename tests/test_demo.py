@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from vlm_dist.contract.media import IMAGE, block_ids
+from vlm_dist.contract.prompt import IGNORE, PromptEncoder
+from vlm_dist.contract.records import read_records
+from vlm_dist.demo import run as demo
+from vlm_dist.demo.data import DemoDataConfig, generate
+from vlm_dist.testing.tiny import (build_tiny_models, build_tiny_siglip, pretrain_tiny_llm, pretrain_tiny_siglip,
+                                   siglip_zero_shot)
 
-from launch import demo  # noqa: E402
-from launch.demo_data import DemoDataConfig, generate  # noqa: E402
-from vlm_dist.contract.media import IMAGE, block_ids  # noqa: E402
-from vlm_dist.contract.prompt import IGNORE, PromptEncoder  # noqa: E402
-from vlm_dist.contract.records import read_records  # noqa: E402
-from vlm_dist.testing.tiny import (build_tiny_models, build_tiny_siglip, pretrain_tiny_llm,  # noqa: E402
-                           pretrain_tiny_siglip, siglip_zero_shot)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@
 """
 import hashlib
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,9 +11,7 @@ import pytest
 
 from vlm_dist.contract.images import load_image
 from vlm_dist.contract.records import read_records
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-import demo_data as dd  # noqa: E402
+from vlm_dist.demo import data as dd
 
 SCALE = 0.1
 

@@ -1,7 +1,9 @@
 """Records + feature cache -> the run's training samples, with every drop counted and listed.
 
-    train_set, eval_set, report = load_training_set(cfg.data.records, tokenizer_path, template, num_tokens,
-                                                    max_seq_len, truncate, cache, seed, eval_fraction=0.01)
+    train_set, eval_set, report = load_training_set(
+        cfg.data.records, tokenizer_path=cfg.model.llm, template=cfg.data.template, num_tokens=64,
+        max_seq_len=cfg.data.max_seq_len, truncate=cfg.data.truncate, cache=FeatureCache(cfg.data.cache),
+        seed=cfg.data.seed, eval_fraction=0.01)      # eval_set is None when eval_fraction is 0
 
 Each records file is tokenized once (vlm_dist.data.lengths, cached on disk), the
 eval fraction is held out among the distinct usable records, the mixture is drawn

@@ -1,6 +1,6 @@
 """The demo's evaluation and report: before/after accuracies, results.json, report.md, two PNGs.
 
-Used by launch/demo.py; evaluation itself is `vlm-eval` (vlm_dist/eval_cli.py).
+Used by vlm_dist.demo.run; evaluation itself is `vlm-eval` (vlm_dist.inference.eval_cli).
 """
 from __future__ import annotations
 

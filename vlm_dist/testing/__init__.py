@@ -1,0 +1,1 @@
+"""Tiny stand-in models built locally (tiny.py), for the tests and the demo."""

@@ -1,0 +1,266 @@
+"""The benchmark's measurements: training steps (throughput, FLOPs) and the cache builder's forward.
+
+The training measurement runs what training runs: vlm_dist.training.loop's build_model
+and train_step, vlm_dist.training.optim's AdamW, vlm_dist.training.ds_config's DeepSpeed
+config, the LengthGroupedSampler's micro-batches and vlm_dist.data.loader's DataLoader,
+on the synthetic workload of vlm_dist.benchmark.workload. FLOPs are counted by
+vlm_dist.training.flops from the samples that ran in the timed window.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from vlm_dist.benchmark.workload import FeatureBank, model_paths, plan_samples
+from vlm_dist.config.schema import ADAPTER_MODES
+from vlm_dist.contract.prompt import IGNORE
+from vlm_dist.training import flops as F
+from vlm_dist.training.loop import build_model, train_step
+
+LLAVA_PRETRAIN_SAMPLES = 558_128
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in the training dtype (what "100%" realistically means here)."""
+    n, iters = (8192, 20) if device.type == "cuda" else (512, 3)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - t)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- the training benchmark
+
+class TorchEngine:
+    """The slice of DeepSpeed's engine that train_step uses, over plain torch (--engine torch):
+    the baseline that shows what DeepSpeed costs or saves."""
+
+    def __init__(self, module, optimizer, accum: int, max_grad_norm: float, device: torch.device):
+        self.module, self.optimizer, self.accum, self.max_grad_norm = module.to(device), optimizer, accum, max_grad_norm
+        self.device, self.micro = device, 0
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def __call__(self, **batch):
+        return self.module(**batch)
+
+    def backward(self, loss):
+        (loss / self.accum).backward()      # DeepSpeed averages over accumulation steps the same way
+
+    def step(self):
+        self.micro += 1
+        if self.micro % self.accum:
+            return
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def run_train(cfg, args, device) -> dict:
+    from vlm_dist import dist
+    from vlm_dist.data.loader import build_loader
+    from vlm_dist.training.ds_config import build_ds_config
+    from vlm_dist.training.optim import build_optimizer
+
+    world, rank = dist.world_size(), dist.rank()
+    m, d, t = cfg.model, cfg.data, cfg.train
+    llm_dir, vision_dir, tokenizer = model_paths(args)
+    from transformers import AutoConfig
+    vcfg = AutoConfig.from_pretrained(vision_dir)
+    vcfg = getattr(vcfg, "vision_config", vcfg)
+    feature_shape = (F.num_patches(vcfg), vcfg.hidden_size)
+    m.llm, m.init_from = llm_dir, None           # random weights; a fresh connector
+    vlm = build_model(cfg, tokenizer, feature_shape, dist.is_main())
+
+    if args.engine == "torch":
+        if world > 1:
+            raise ValueError("--engine torch runs one process; use the deepspeed engine for several ranks")
+        engine = TorchEngine(vlm, build_optimizer(vlm, cfg), t.grad_accum, t.max_grad_norm, device)
+        zero_stage = None
+    else:
+        ds_config = build_ds_config(args.deepspeed, cfg, world)
+        engine = dist.ds_initialize(vlm, None, ds_config, optimizer=build_optimizer(vlm, cfg, ds_config))[0]
+        zero_stage = ds_config["zero_optimization"]["stage"]
+    vlm.train()
+
+    image_tokens = vlm.num_tokens["image"]
+    n_micro = (args.warmup + args.steps) * t.grad_accum
+    samples, micro, pad_id, lengths = plan_samples(cfg, args, tokenizer, image_tokens, n_micro, world, rank)
+    workers = min(d.num_workers, 1) if device.type == "cpu" else d.num_workers
+    loader = build_loader(micro, samples, FeatureBank(feature_shape, getattr(torch, m.dtype)), pad_id=pad_id,
+                          max_seq_len=d.max_seq_len, feature_shape=feature_shape, num_workers=workers,
+                          pin_memory=device.type == "cuda")
+
+    # -- warm up, then time whole optimizer steps; host syncs only at the window's ends
+    it = iter(loader)
+    for _ in range(args.warmup):
+        train_step(engine, [next(it) for _ in range(t.grad_accum)], world)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dist.barrier()
+    tokens = capacity = 0
+    wait = 0.0
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        batches = []
+        for _ in range(t.grad_accum):
+            w0 = time.perf_counter()
+            batches.append(next(it))
+            wait += time.perf_counter() - w0
+        train_step(engine, batches, world)
+        tokens += sum(b["num_tokens"] for b in batches)
+        capacity += sum(b["input_ids"].numel() for b in batches)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    del it
+
+    # FLOPs of exactly the samples that ran in the timed window (filler rows carry no work worth counting)
+    timed = [samples[i] for mb in micro[args.warmup * t.grad_accum:] for i in mb.indices]
+    shapes = [F.SampleShape(len(s), sum(1 for x in s.labels[1:] if x != IGNORE), len(s.image_keys)) for s in timed]
+    assert sum(s.length for s in shapes) == tokens, "timed tokens and planned samples disagree"
+    llm_config = vlm.llm.get_base_model().config if hasattr(vlm.llm, "get_base_model") else vlm.llm.config
+    fl = F.step_flops(llm_config, vcfg, vlm.connectors["image"].config, shapes, m.llm_mode,
+                      F.LoraShape(cfg.lora.r, tuple(cfg.lora.target_modules)), m.gradient_checkpointing)
+
+    # one rank's view -> the job's: sums over ranks, the slowest rank's time
+    elapsed = dist.all_reduce_max(elapsed)
+    wait = dist.all_reduce_max(wait)
+    tokens_all, samples_all = dist.all_reduce_sum(tokens), dist.all_reduce_sum(len(shapes))
+    flops_all, hw_all = dist.all_reduce_sum(fl.total), dist.all_reduce_sum(fl.hardware)
+    capacity_all = dist.all_reduce_sum(capacity)
+    return dict(
+        tokens_per_s_per_gpu=tokens_all / world / elapsed,
+        samples_per_s_per_gpu=samples_all / world / elapsed,
+        samples_per_s=samples_all / elapsed,
+        step_time_s=elapsed / args.steps,
+        flops_per_step=flops_all / world / args.steps,                  # per GPU
+        hardware_flops_per_step=hw_all / world / args.steps,
+        flops_per_token=flops_all / tokens_all,
+        flops_breakdown_per_token={k: v / max(fl.tokens, 1) for k, v in asdict(fl).items() if k in F.COMPONENTS},
+        tokens_per_step=tokens_all / world / args.steps,
+        samples_per_step=samples_all / world / args.steps,
+        supervised_fraction=fl.supervised / max(fl.tokens, 1),
+        images_per_sample=fl.images / max(fl.samples, 1),
+        mean_sample_tokens=fl.tokens / max(fl.samples, 1),
+        loader_stall_pct=100 * wait / elapsed,
+        packing_efficiency=tokens_all / capacity_all,
+        gpu_hours_558k=LLAVA_PRETRAIN_SAMPLES / (samples_all / world / elapsed) / 3600,
+        setup=dict(engine=args.engine, zero_stage=zero_stage, llm_mode=m.llm_mode, pack=d.pack,
+                   max_seq_len=d.max_seq_len, micro_batch_size=t.micro_batch_size,
+                   micro_batch_tokens=t.micro_batch_tokens, grad_accum=t.grad_accum,
+                   gradient_checkpointing=m.gradient_checkpointing, attn_implementation=m.attn_implementation,
+                   dtype=m.dtype, template=d.template, lengths=lengths, connector=vlm.connectors["image"].config,
+                   lora_r=cfg.lora.r if m.llm_mode in ADAPTER_MODES else None, image_tokens=image_tokens,
+                   num_workers=workers, world_size=world, warmup_steps=args.warmup, timed_steps=args.steps),
+    )
+
+
+# ----------------------------------------------------------------------------- the cache builder
+
+def run_cache(args, device) -> dict:
+    """Images/s of the frozen SigLIP forward (what `vlm-cache build` spends its GPU time on)."""
+    from PIL import Image
+
+    from vlm_dist.model.vision import VisionTower
+
+    _, vision_dir, _ = model_paths(args, need_llm=False)
+    tower = VisionTower.from_pretrained(vision_dir, feature_layer=args.feature_layer, dtype=torch.bfloat16,
+                                        device=device)
+    side = tower.image_size
+    batch = args.cache_batch or (256 if device.type == "cuda" else 4)
+    pixels = torch.randn(batch, 3, side, side)
+    if device.type == "cuda":
+        pixels = pixels.pin_memory()
+    for _ in range(args.warmup):
+        tower(pixels)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        tower(pixels)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    images_per_s = batch * args.steps / elapsed
+    flops = F.vision_flops_per_image(tower.model.config, args.feature_layer) * batch * args.steps
+
+    # CPU preprocessing (resize + normalise) of LLaVA-Pretrain-sized photos, one process
+    rgb = [Image.fromarray((torch.rand(375, 500, 3) * 255).byte().numpy()) for _ in range(4 if args.tiny else 32)]
+    t0 = time.perf_counter()
+    tower.preprocess(rgb)
+    preprocess_per_s = len(rgb) / (time.perf_counter() - t0)
+    return dict(
+        images_per_s=images_per_s,
+        step_time_s=elapsed / args.steps,
+        flops_per_step=flops / args.steps,
+        hours_558k=LLAVA_PRETRAIN_SAMPLES / images_per_s / 3600,
+        preprocess_images_per_s_per_cpu_process=preprocess_per_s,
+        setup=dict(batch=batch, image_size=side, patches=tower.num_patches, feature_layer=args.feature_layer,
+                   layers_run=tower.layer_index, warmup_steps=args.warmup, timed_steps=args.steps),
+    )
+
+
+# ----------------------------------------------------------------------------- report
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    import deepspeed
+    import transformers
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               host=platform.node(), python=platform.python_version(), torch=torch.__version__,
+               transformers=transformers.__version__, deepspeed=deepspeed.__version__,
+               cpu=cpu_name(), cpu_count=os.cpu_count(), device=device.type)
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   gpu_memory_gb=torch.cuda.get_device_properties(device).total_memory / 2 ** 30)
+        try:
+            import flash_attn
+            env["flash_attn"] = flash_attn.__version__
+        except ImportError:
+            env["flash_attn"] = None
+    return env
+
+
+def add_utilisation(result: dict, device: torch.device, dtype: torch.dtype) -> None:
+    """MFU against the data-sheet peak and against the measured matmul peak; peak memory."""
+    from vlm_dist import dist
+    spec = F.spec_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    measured = measure_matmul_peak(device, dtype)
+    measured = dist.all_reduce_sum(measured) / dist.world_size()
+    flops, seconds = result["flops_per_step"], result["step_time_s"]
+    result.update(peak_flops_spec=spec, peak_flops_measured=measured,
+                  mfu=F.mfu(flops, seconds, spec) if spec else None,
+                  mfu_measured=F.mfu(flops, seconds, measured))
+    if "hardware_flops_per_step" in result:
+        result["hfu_measured"] = F.mfu(result["hardware_flops_per_step"], seconds, measured)
+    if device.type == "cuda":
+        result["peak_memory_gb"] = dist.all_reduce_max(torch.cuda.max_memory_allocated(device) / 2 ** 30)
+    else:   # ru_maxrss is KiB on Linux: the whole process, model build included
+        result["peak_memory_gb"] = dist.all_reduce_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    result["peak_memory_kind"] = "cuda max_memory_allocated" if device.type == "cuda" else "host max RSS"
