@@ -1,10 +1,10 @@
 """Packing and collate: row packing, shifted targets at boundaries, positions, media order,
-fillers, the DataLoader wiring, and a packed row's loss equal to each sample's loss alone."""
+fillers, the DataLoader wiring, the samples' boundaries and image slots (a packed row's loss
+equal to each sample's loss alone is in test_attention.py)."""
 from dataclasses import dataclass, field
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vlm_dist.data import IGNORE, MicroBatch, build_loader, collate, pack_rows
 
@@ -55,6 +55,19 @@ def test_targets_shift_within_each_sample_and_stop_at_boundaries():
     assert int(batch["num_supervised"]) == 5
     assert batch["supervised_index"].tolist() == [1, 2, 4, 5, 8]
     assert batch["sample_ids"] == [["a", "b"], ["c"]]
+    # the boundaries the attention backend gets: a, b, row 0's pad tail, c, row 1's pad tail
+    assert batch["cu_seqlens"].dtype == torch.int32
+    assert batch["cu_seqlens"].tolist() == [0, 4, 7, 8, 10, 16]
+    assert batch["max_seqlen"] == 6 and isinstance(batch["max_seqlen"], int)
+
+
+def test_image_slots_are_flat_positions_in_slot_order():
+    pad = 99
+    a = sample("a", [1, pad, pad, 2, pad, pad], images=["k1", "k2"])
+    b = sample("b", [3, pad, pad], images=["k3"])
+    batch = collate([[a], [b]], lookup_of("k1", "k2", "k3"), 0, 8, feature_shape=(P, D), image_pad_id=pad)
+    assert batch["media"]["image"]["slots"].tolist() == [1, 2, 4, 5, 9, 10]  # row 1 starts at 8
+    assert "slots" not in collate([[a]], lookup_of("k1", "k2"), 0, 8)["media"]["image"]
 
 
 def test_width_rounds_to_multiple_of_8_but_not_past_max_seq_len():
@@ -120,60 +133,3 @@ def test_loader_with_workers_yields_collated_micro_batches_in_order():
         for key in ("input_ids", "targets", "position_ids"):
             assert torch.equal(batch[key], want[key])
         assert torch.equal(batch["media"]["image"]["features"], want["media"]["image"]["features"])
-
-
-# ---- a packed row's loss equals each sample's loss alone, through a tiny Qwen3 -------------
-
-def per_token_loss(model, batch, image_pad):
-    """The VLM's path in miniature: embed, overwrite image slots with features, run the body
-    with position ids, attention_mask=None, use_cache=False, then lm_head and CE on targets."""
-    ids = batch["input_ids"]
-    emb = model.model.embed_tokens(ids)
-    slots = ids == image_pad
-    feats = batch["media"]["image"]["features"]
-    if feats.shape[0]:
-        emb = emb.clone()
-        emb[slots] = feats.reshape(-1, feats.shape[-1]).to(emb.dtype)
-    hidden = model.model(inputs_embeds=emb, position_ids=batch["position_ids"], attention_mask=None,
-                         use_cache=False).last_hidden_state
-    logits = model.lm_head(hidden)
-    return F.cross_entropy(logits.transpose(1, 2), batch["targets"], ignore_index=IGNORE,
-                           reduction="none")  # (R, L), 0 where ignored
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_equals_unpacked(tiny_models, attn):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["llm"], attn_implementation=attn,
-                                                 dtype=torch.float32).eval()
-    hidden = model.config.hidden_size
-    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
-    start, end = tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|vision_end|>")
-    g = torch.Generator().manual_seed(0)
-
-    def make(sid, n_text, n_images, supervised_from):
-        block = [start] + [image_pad] * P + [end]
-        ids = sum([block] * n_images, []) + torch.randint(0, 300, (n_text,), generator=g).tolist()
-        s = sample(sid, ids, supervised_from=supervised_from, images=[f"{sid}{k}" for k in range(n_images)])
-        s.labels = [IGNORE if t in (start, image_pad, end) else l for t, l in zip(ids, s.labels)]
-        return s
-
-    samples = [make("a", 9, 1, 3), make("b", 5, 0, 1), make("c", 7, 2, 4), make("d", 12, 0, 0),
-               make("e", 3, 1, 2)]
-    feats = {f"{s.id}{k}": torch.randn(P, hidden, generator=g) for s in samples for k in range(len(s.image_keys))}
-    rows = [[samples[0], samples[1], samples[2]], [samples[3], samples[4]]]
-    with torch.no_grad():
-        packed = per_token_loss(model, collate(rows, feats.__getitem__, tok.pad_token_id, 64,
-                                               feature_shape=(P, hidden)), image_pad)
-        for r, row in enumerate(rows):
-            t = 0
-            for s in row:
-                alone = collate([[s]], feats.__getitem__, tok.pad_token_id, 64, feature_shape=(P, hidden),
-                                pad_to_multiple=1)
-                ref = per_token_loss(model, alone, image_pad)[0]
-                n = len(s.input_ids)
-                assert ref.abs().sum() > 0
-                torch.testing.assert_close(packed[r, t:t + n], ref, atol=1e-5, rtol=1e-5,
-                                           msg=f"{attn}: sample {s.id} packed in row {r} differs")
-                t += n

@@ -18,13 +18,17 @@ decreasing). `collate` turns the rows of one micro-batch into tensors:
     num_tokens    int           real tokens (padding and filler rows excluded)
     num_supervised  long scalar (targets != -100).sum()
     supervised_index  (S,) long flat positions in targets.reshape(-1) where != -100
+    cu_seqlens    (S'+1,) int32 offsets of every sample, and of every row's padding tail
+                                (its own segment), in the flattened (R * L) token stream
+    max_seqlen    int           the longest segment (a Python int: no host sync on the GPU)
+    media["image"]["slots"]  (M * N,) long  flat positions of the image pad tokens, in slot
+                                order; only when collate is given image_pad_id
 
-The model computes CE(logits[r, t], targets[r, t]) with no further shift. Because
-position ids restart per sample, transformers 5 builds a block-diagonal causal mask
-(`find_packed_sequence_indices`) when called with attention_mask=None AND
-use_cache=False: Qwen3's config has use_cache=True, and with a cache object the
-packed-sequence detection is skipped and samples attend to each other silently.
-Flash-attention varlen reads the same position ids.
+The model computes CE(logits[r, t], targets[r, t]) with no further shift. Samples of a
+row must not attend to each other: the model hands cu_seqlens to the attention backend
+explicitly (vlm_dist/model/attention.py) rather than letting transformers guess packing
+from position ids, which its flash path does only at batch size 1. The image slots let
+the splice use index_copy (backward: a gather, no sync) instead of masked_scatter.
 
     python -m pytest tests/test_pack.py -q
 """
@@ -87,12 +91,13 @@ def _round_up(n: int, multiple: int) -> int:
 def collate(samples: Sequence[Sequence[PackableSample]], features_lookup: Callable[[str], torch.Tensor],
             pad_id: int, max_seq_len: int, *, feature_shape: tuple[int, int] | None = None,
             feature_dtype: torch.dtype | None = None, filler_rows: Sequence[int] = (),
-            pad_to_multiple: int = 8, pin_memory: bool = False) -> dict:
+            pad_to_multiple: int = 8, pin_memory: bool = False, image_pad_id: int | None = None) -> dict:
     """Collate rows of samples (`samples[r]` = the samples of row r, left to right).
 
     features_lookup(key) -> (P, D) tensor. feature_shape=(P, D) is needed only to
     shape an image-less batch's empty features (and is checked against every
     feature when given). Rows listed in filler_rows get no supervision.
+    image_pad_id: the <|image_pad|> token id; when given, the image slots are listed.
     """
     if not samples or any(len(row) == 0 for row in samples):
         raise ValueError(f"collate needs at least one row and no empty row; got row sizes "
@@ -112,6 +117,7 @@ def collate(samples: Sequence[Sequence[PackableSample]], features_lookup: Callab
     features: list[torch.Tensor] = []
     sample_ids: list[list[str]] = []
     num_tokens = 0
+    seg_lens: list[int] = []  # samples and padding tails, row-major: the varlen boundaries
     for r, row in enumerate(samples):
         t = 0
         for s in row:
@@ -138,8 +144,11 @@ def collate(samples: Sequence[Sequence[PackableSample]], features_lookup: Callab
                                      f"{tuple(feat.shape)}, expected {tuple(feature_shape)}")
                 features.append(feat)
             counts[r] += len(s.image_keys)
+            seg_lens.append(n)
             t += n
         position_ids[r, t:] = torch.arange(width - t)
+        if t < width:
+            seg_lens.append(width - t)
         sample_ids.append([s.id for s in row])
 
     if features:
@@ -154,6 +163,8 @@ def collate(samples: Sequence[Sequence[PackableSample]], features_lookup: Callab
         "targets": targets,
         "position_ids": position_ids,
         "media": {"image": {"features": feats, "counts": counts}},
+        "cu_seqlens": torch.tensor([0] + seg_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32),
+        "max_seqlen": max(seg_lens),
         "sample_ids": sample_ids,
         "filler_rows": sorted(fillers),
         "num_tokens": num_tokens,
@@ -162,6 +173,8 @@ def collate(samples: Sequence[Sequence[PackableSample]], features_lookup: Callab
         # gather hidden states at supervised positions without a host-device sync
         "supervised_index": (targets.reshape(-1) != IGNORE).nonzero().squeeze(1),
     }
+    if image_pad_id is not None:
+        batch["media"]["image"]["slots"] = (input_ids.reshape(-1) == image_pad_id).nonzero().squeeze(1)
     return pin(batch) if pin_memory else batch
 
 

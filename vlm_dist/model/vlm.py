@@ -3,9 +3,13 @@
 Forward, for a batch from the collator (see vlm_dist/data/pack.py):
 
     embeds = embed_tokens(input_ids)                               # (R, L, H)
-    embeds[input_ids == <|image_pad|>] = connector(features)       # k-th image -> k-th block
-    hidden = llm.model(inputs_embeds=embeds, position_ids=...)     # packed rows: mask from position ids
+    embeds.flat[slots] = connector(features)                       # k-th image -> k-th block
+    hidden = llm.model(inputs_embeds=embeds, position_ids=...,     # packed rows: the samples'
+                       **packed_attention_inputs(cu_seqlens))      # boundaries, explicitly
     loss_sum = CE(lm_head(hidden[supervised]), targets[supervised])
+
+The splice is an index_copy at slot positions the loader computed (its backward is
+a gather; masked_scatter's backward syncs with the host).
 
 Logits exist only at supervised positions and are computed in checkpointed
 chunks, so a 4K-token row never materialises a (tokens x 151,936) tensor.
@@ -20,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlm_dist.contract.media import MEDIA_KINDS
+from vlm_dist.model.attention import packed_attention_inputs
 from vlm_dist.model.connector import Connector
 from vlm_dist.contract.prompt import IGNORE
 
@@ -82,17 +87,25 @@ class VisionLanguageModel(nn.Module):
                 embeds = embeds + connector(dummy).sum().to(embeds.dtype) * 0
                 continue
             tokens = connector(item["features"].to(_param_dtype(connector)))      # (M, N, H)
-            slots = (input_ids == self.pad_ids[name]).unsqueeze(-1)                # (R, L, 1)
-            embeds = embeds.masked_scatter(slots, tokens.to(embeds.dtype))
+            slots = item.get("slots")  # (M * N,) flat positions, from the loader
+            if slots is None:  # generation, or a caller without them: find them here (syncs)
+                slots = (input_ids.reshape(-1) == self.pad_ids[name]).nonzero().squeeze(1)
+            flat = embeds.reshape(-1, embeds.shape[-1])                            # (R * L, H)
+            embeds = flat.index_copy(0, slots, tokens.reshape(-1, tokens.shape[-1]).to(embeds.dtype)
+                                     ).view_as(embeds)
         return embeds
 
     # -- training -----------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
                 media: dict | None = None, sample_ids=None, supervised_index: torch.Tensor | None = None,
-                validate: bool = True, num_ce_chunks: int | None = None, **_unused) -> dict:
+                validate: bool = True, num_ce_chunks: int | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, **_unused) -> dict:
         """Summed next-token loss over supervised positions, and their count.
 
         `targets` are already shifted (targets[r, t] is the token after t), IGNORE elsewhere.
+        `cu_seqlens`/`max_seqlen` (from the collator): the samples' boundaries in the flattened
+        rows; attention stays within each sample. Without them (one sample per row) the backend
+        runs plain causal attention.
         `supervised_index` (flat indices of targets != IGNORE) lets the caller skip a sync.
         `num_ce_chunks`: run the lm_head this many times (empty chunks included). Under ZeRO-3
         each call gathers the lm_head on every rank, so the caller passes the same number on
@@ -100,8 +113,13 @@ class VisionLanguageModel(nn.Module):
         """
         embeds = self.embed(input_ids, media, sample_ids, validate)
         base = unwrap_llm(self.llm)
-        hidden = base.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=None,
-                            use_cache=False).last_hidden_state                    # (R, L, H)
+        if cu_seqlens is not None:
+            attention = packed_attention_inputs(base.config, cu_seqlens, max_seqlen,
+                                                tuple(input_ids.shape), embeds.dtype)
+        else:
+            attention = {"attention_mask": None}
+        hidden = base.model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False,
+                            **attention).last_hidden_state                        # (R, L, H)
         flat_targets = targets.reshape(-1)
         if supervised_index is None:
             supervised_index = (flat_targets != IGNORE).nonzero().squeeze(1)
