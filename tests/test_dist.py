@@ -342,8 +342,10 @@ def test_torchrun_two_nodes_on_loopback(tmp_path):
 
 
 @pytest.mark.usefixtures("deepspeed_cpu_ops_built")
-def test_signal_on_one_rank_stops_both_at_the_same_step(tmp_path):
-    procs = _start_two_ranks(tmp_path, "--steps", "1000", "--step-s", "0.05")
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_signal_on_one_rank_stops_both_at_the_same_step(tmp_path, check_every):
+    # with check_every > 1 the ranks talk only at every check_every-th step, and still agree
+    procs = _start_two_ranks(tmp_path, "--steps", "1000", "--step-s", "0.05", "--check-every", str(check_every))
     _wait_for(procs[0][1], "step 3\n", procs)
     pid1 = int(re.search(r"rank 1/2 pid (\d+)", procs[1][1].read_text()).group(1))
     os.kill(pid1, signal.SIGUSR1)
@@ -351,7 +353,7 @@ def test_signal_on_one_rank_stops_both_at_the_same_step(tmp_path):
     assert (rc0, rc1) == (dist.REQUEUE_EXIT_CODE, dist.REQUEUE_EXIT_CODE), out0[-2000:] + out1[-2000:]
     step0 = re.search(r"rank 0: stopped at step (\d+)", out0).group(1)
     step1 = re.search(r"rank 1: stopped at step (\d+)", out1).group(1)
-    assert step0 == step1
+    assert step0 == step1 and int(step0) % check_every == 0
     assert "signal on rank 1 (SIGUSR1)" in out0
 
 

@@ -234,10 +234,56 @@ def test_global_num_supervised_is_known_without_communication():
                                                     rows_per_micro=2, seed=1)
         stream = BatchStream(sampler, samples, feats.__getitem__, pad_id=0, max_seq_len=64,
                              feature_shape=(4, 3), num_workers=0, pin_memory=False, max_epochs=1)
-        per_rank.append([(int(b["num_supervised"]), b["global_num_supervised"]) for b in stream])
+        per_rank.append([(int(b["num_supervised"]), b["global_num_supervised"], b["max_num_supervised"])
+                         for b in stream])
     assert len(per_rank[0]) == len(per_rank[1]) > 0
-    for (n0, g0), (n1, g1) in zip(*per_rank):
+    for (n0, g0, m0), (n1, g1, m1) in zip(*per_rank):
         assert g0 == g1 == n0 + n1
+        assert m0 == m1 == max(n0, n1)   # every rank runs the same lm_head chunks, no all-reduce
+
+
+def test_device_copy_runs_one_batch_ahead_and_the_position_names_the_next_batch_to_train():
+    """The CUDA path's order (vlm_dist.data.loader._one_ahead): batch k+1's copy is queued before
+    batch k is handed out, yet the saved position counts only batches handed out."""
+    from vlm_dist.data.loader import _one_ahead
+
+    lengths, _ = random_data(40, seed=9, lo=4, hi=40)
+    samples = [Sample(i, n, 0) for i, n in enumerate(lengths)]
+    s, stream = stream_for(samples, lengths, [0] * 40, 0, max_epochs=2)
+    events, positions = [], []
+
+    def start(item):
+        batch, position = item
+        events.append(("copy", batch["epoch"], batch["step"]))
+        return item
+
+    def finish(item):
+        batch, position = item
+        s.set_position(*position)
+        events.append(("hand out", batch["epoch"], batch["step"]))
+        return batch
+
+    for batch in _one_ahead(stream._planned(), start, finish):
+        positions.append(((batch["epoch"], batch["step"]), (s.epoch, s.step)))
+    keys = [(e, st) for e in range(2) for st in range(s.steps_per_epoch(e))]
+    want = [("copy", *keys[0])]
+    for k, key in enumerate(keys):
+        want += ([("copy", *keys[k + 1])] if k + 1 < len(keys) else []) + [("hand out", *key)]
+    assert events == want
+    # resuming from the state saved after batch k trains batch k+1 next, although k+1 was fetched
+    assert [p for _, p in positions] == [(e, st + 1) for e, st in keys]
+
+
+def test_on_the_cpu_batches_stay_on_the_host_as_without_a_device():
+    lengths, _ = random_data(30, seed=10, lo=4, hi=40)
+    samples = [Sample(i, n, 0) for i, n in enumerate(lengths)]
+    _, plain = stream_for(samples, lengths, [0] * 30, 1, max_epochs=1)
+    s, on_cpu = stream_for(samples, lengths, [0] * 30, 1, max_epochs=1, device="cpu")
+    got, want = list(on_cpu), list(plain)
+    assert len(got) == len(want) == s.steps_per_epoch(0)
+    for a, b in zip(got, want):
+        assert a["input_ids"].device.type == "cpu" and torch.equal(a["input_ids"], b["input_ids"])
+    assert (s.epoch, s.step) == (1, 0)
 
 
 # ---- epochs and gradient accumulation ----------------------------------------------------

@@ -384,15 +384,26 @@ def _launcher_watch(launch, starter_pid: int) -> None:
 class Preemption:
     """SIGUSR1/SIGTERM set a flag; should_stop() makes all ranks agree at a step boundary.
 
-    should_stop() is also the per-step health check: a gloo monitored barrier that names
-    the ranks which did not reach it within the collective timeout. With stall_timeout_s,
-    a rank that goes that long between two should_stop() calls (a checkpoint save counts)
-    prints its stack and exits with STALL_EXIT_CODE.
+    The ranks talk at every `check_every`-th should_stop() call only: a gloo monitored barrier
+    (the health check, naming the ranks which did not reach it within the collective timeout)
+    and an all-reduce of the flag. Both are CPU collectives that hold every rank's host until the
+    slowest arrives, so a check per step would make the host stop queueing GPU work each step.
+    A signal is acted on within check_every steps: at 10 steps of a few seconds, well inside
+    Slurm's `--signal=B:USR1@600` warning (the save must fit in what is left). Between checks a
+    hung rank still ends the job: the others block in the step's own collectives (gradient
+    reduction), which fail after the collective timeout, only without naming the rank; the next
+    check names it when the others are not already stuck in one. With stall_timeout_s, a rank
+    that goes that long between two should_stop() calls (a checkpoint save counts) prints its
+    stack and exits with STALL_EXIT_CODE; that watch runs on every call, not only on checks.
     """
 
-    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM), stall_timeout_s: float | None = None):
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM), stall_timeout_s: float | None = None,
+                 check_every: int = 1):
+        if check_every < 1:
+            raise ValueError(f"Preemption: check_every must be >= 1, got {check_every}")
         self.signal_name: str | None = None
         self.stall_timeout_s = stall_timeout_s
+        self.check_every = check_every
         self._beat = threading.Event()
         self._checks = 0
         for s in signals:
@@ -403,13 +414,16 @@ class Preemption:
         print(f"rank {rank()}: got {self.signal_name}, will stop at the next step boundary", flush=True)
 
     def should_stop(self) -> bool:
-        """True on every rank once any rank got a signal. Call it on all ranks, once per step."""
+        """True on every rank, at the same call, once any rank got a signal (at the next call that
+        is a multiple of check_every). Call it on all ranks, once per step."""
         self._checks += 1
         if self.stall_timeout_s and self._checks == 1:
             threading.Thread(target=self._watch, daemon=True, name="stall-watchdog").start()
         self._beat.set()
         if not tdist.is_initialized() or world_size() == 1:
             return self.signal_name is not None
+        if self._checks % self.check_every:
+            return False
         try:
             tdist.monitored_barrier(group=_MONITOR, timeout=timedelta(seconds=_TIMEOUT_S), wait_all_ranks=True)
             flag = torch.tensor([int(self.signal_name is not None)])
@@ -445,7 +459,7 @@ def _selftest(args: argparse.Namespace) -> int:
           flush=True)
     if total != want:
         raise DistError(f"rank {env.rank}: all-reduce sum {total} != {want}")
-    stop = Preemption(stall_timeout_s=args.stall_timeout_s)
+    stop = Preemption(stall_timeout_s=args.stall_timeout_s, check_every=args.check_every)
     for step in range(1, args.steps + 1):
         if env.rank == args.hang_rank and step == args.fault_step:
             print(f"rank {env.rank}: hanging at step {step} (--hang-rank)", flush=True)
@@ -471,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=0, help="step loop length after the all-reduce")
     p.add_argument("--step-s", type=float, default=0.1, help="seconds of fake work per step")
     p.add_argument("--stall-timeout-s", type=float, default=None)
+    p.add_argument("--check-every", type=int, default=1, help="steps between the ranks' preemption checks")
     p.add_argument("--hang-rank", type=int, default=-1, help="this rank sleeps forever at --fault-step")
     p.add_argument("--crash-rank", type=int, default=-1, help="this rank raises at --fault-step")
     p.add_argument("--fault-step", type=int, default=2)

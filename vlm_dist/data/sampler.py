@@ -32,6 +32,10 @@ capacity) alone, identically on every rank:
 So every rank has the same number of micro-batches per epoch, and the union of all
 ranks' non-filler rows in an epoch is exactly a permutation of the dataset.
 
+With target counts (`from_samples`), each micro-batch also carries every rank's target
+count for its step (`MicroBatch.step_supervised`): the global loss denominator and the
+lm_head chunk count that all ranks must agree on are read from the plan, with no collective.
+
 Resume: the state is (epoch, step); `micro_batches(epoch)[step:]` are exactly the
 batches an uninterrupted run would have seen next, computed without touching any
 skipped sample (planning 558K samples takes 1-2 s on one CPU core, once per epoch).
@@ -43,7 +47,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -66,9 +70,14 @@ class SamplerStateError(UserError, ValueError):
 @dataclass(frozen=True)
 class MicroBatch:
     """One rank's micro-batch: dataset indices per row; filler rows hold one duplicate to
-    be collated with no supervision."""
+    be collated with no supervision.
+
+    step_supervised: the targets of this micro-step on every rank (index = rank), known from
+    the global plan when the sampler has target counts; the trainer's loss denominator and
+    lm_head chunk count come from it instead of from collectives."""
     rows: tuple[tuple[int, ...], ...]
     filler_rows: tuple[int, ...] = ()
+    step_supervised: tuple[int, ...] | None = None
 
     @property
     def indices(self) -> list[int]:
@@ -165,6 +174,8 @@ class LengthGroupedSampler:
         steps = self._whole_optimizer_steps(self._fix_tail(self._steps(rng)))
         steps = [steps[i] for i in rng.permutation(len(steps))]
         plan = [self._assign(step) for step in steps]
+        if self.num_targets is not None:
+            plan = [self._with_supervision(step) for step in plan]
         self._cache = (epoch, plan)
         return plan
 
@@ -187,7 +198,12 @@ class LengthGroupedSampler:
         if self.num_targets is None:
             raise ValueError("global_num_supervised needs the sampler built with num_targets "
                              "(LengthGroupedSampler.from_samples does it)")
-        return sum(self.num_targets[i] for mb in self.plan(epoch)[step] for i in mb.indices)
+        return sum(self.plan(epoch)[step][self.rank].step_supervised)
+
+    def _with_supervision(self, step: list[MicroBatch]) -> list[MicroBatch]:
+        """The step's micro-batches, each carrying every rank's target count (one shared tuple)."""
+        counts = tuple(sum(self.num_targets[i] for i in mb.indices) for mb in step)
+        return [replace(mb, step_supervised=counts) for mb in step]
 
     def _chunk_size(self) -> int:
         """Samples per mega-chunk: about mega_chunk_steps steps' worth."""

@@ -14,6 +14,8 @@ imports `build_model` and `train_step` from here.
 Loss: the mean over every supervised token of the global batch (all micro-batches,
 all ranks): each micro-batch's summed loss is scaled by world x accum / global count,
 which DeepSpeed's gradient averaging and accumulation turn back into exactly that mean.
+The global count (and the lm_head chunk count all ranks share) is read from the sampler's
+global plan, so a step has no collective of ours and no host sync (tests/test_step_syncs.py).
 """
 from __future__ import annotations
 
@@ -80,16 +82,22 @@ def make_sampler(cfg: Config, samples, env, seed: int, grad_accum: int = 1):
         samples.lengths, samples.modalities,
         world_size=env.world_size, rank=env.rank, max_seq_len=cfg.data.max_seq_len,
         rows_per_micro=cfg.train.micro_batch_size, packing=cfg.data.pack,
-        max_tokens_per_micro=cfg.train.micro_batch_tokens, seed=seed, grad_accum=grad_accum)
+        max_tokens_per_micro=cfg.train.micro_batch_tokens, seed=seed, grad_accum=grad_accum,
+        num_targets=samples.num_targets)   # the plan then carries the global counts train_step needs
 
 
-def build_model(cfg: Config, tokenizer, feature_shape, is_main: bool):
-    from vlm_dist.model.build import build_vlm, load_connectors, load_llm, set_trainable, trainable_table
+def build_model(cfg: Config, tokenizer, feature_shape, is_main: bool, llm_weights: dict | None = None):
+    from vlm_dist.model.build import (build_vlm, load_connectors, load_llm, resolve_kernels, set_trainable,
+                                      trainable_table)
 
     dtype = getattr(torch, cfg.model.dtype)
     adapter = init_adapter(cfg.model.init_from, cfg.model.llm_mode)   # an export that lost its adapter: error
     llm = load_llm(cfg.model.llm, cfg.model.llm_mode, dtype, cfg.model.attn_implementation, lora=cfg.lora,
-                   adapter=adapter, gradient_checkpointing=cfg.model.gradient_checkpointing)
+                   adapter=adapter, gradient_checkpointing=cfg.model.gradient_checkpointing, weights=llm_weights,
+                   checkpoint_fraction=cfg.model.checkpoint_fraction, kernels=cfg.model.kernels)
+    if is_main:
+        kernels, why = resolve_kernels(cfg.model.kernels)
+        print(f"kernels: {kernels} ({why})", flush=True)
     num_patches, vision_dim = feature_shape
     connector = dict(kind=cfg.model.connector, depth=cfg.model.resampler_depth,
                      heads=cfg.model.resampler_heads, use_layernorm=cfg.model.use_layernorm)
@@ -109,21 +117,33 @@ def to_device(batch: dict, device) -> dict:
     out = dict(batch)
     for k in ("input_ids", "position_ids", "targets"):
         out[k] = batch[k].to(device, non_blocking=True)
-    out["supervised_index"] = batch["supervised_index"].to(device, non_blocking=True)  # built in the worker
-    out["media"] = {name: {"features": m["features"].to(device, non_blocking=True), "counts": m["counts"]}
+    # built in the worker, so the step needs no host sync: supervised positions, the samples'
+    # boundaries (max_seqlen stays a Python int) and the image slots of the splice
+    for k in ("supervised_index", "cu_seqlens"):
+        out[k] = batch[k].to(device, non_blocking=True)
+    out["media"] = {name: {k: (v if k == "counts" else v.to(device, non_blocking=True)) for k, v in m.items()}
                     for name, m in batch["media"].items()}
     return out
 
 
+def plan_counts(b: dict) -> tuple[int, int]:
+    """(targets of this micro-step over all ranks, lm_head chunks every rank runs), as python ints
+    from the sampler's global plan (vlm_dist.data.sampler): no collective and no host sync."""
+    if "global_num_supervised" not in b:
+        raise ValueError("batch has no global_num_supervised: build its sampler with target counts "
+                         "(LengthGroupedSampler.from_samples, or num_targets=...)")
+    # the same chunk count on every rank: under ZeRO-3 each lm_head call gathers it on all ranks
+    return b["global_num_supervised"], ce_chunks(b["max_num_supervised"])
+
+
 def train_step(engine, batches: list[dict], world: int) -> tuple[torch.Tensor, int]:
-    """One optimizer step over `batches` (this rank's micro-batches). Returns summed loss and count."""
-    local = sum(int(b["num_supervised"]) for b in batches)
-    global_count = dist.all_reduce_sum(local)
+    """One optimizer step over `batches` (this rank's micro-batches). Returns summed loss and the
+    global supervised count (all micro-batches, all ranks)."""
+    global_count = sum(plan_counts(b)[0] for b in batches)
     scale = world * len(batches) / max(global_count, 1)
     loss_sum = torch.zeros((), device=engine.device)
     for b in batches:
-        chunks = dist.all_reduce_max(ce_chunks(int(b["num_supervised"])))  # same lm_head calls on all ranks
-        out = engine(**to_device(b, engine.device), validate=False, num_ce_chunks=chunks)
+        out = engine(**to_device(b, engine.device), validate=False, num_ce_chunks=plan_counts(b)[1])
         engine.backward(out["loss_sum"] * scale)
         engine.step()
         loss_sum += out["loss_sum"].detach()
@@ -135,13 +155,12 @@ def evaluate(engine, stream) -> float:
     engine.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=engine.device), 0
     for b in stream:
-        chunks = dist.all_reduce_max(ce_chunks(int(b["num_supervised"])))
+        global_count, chunks = plan_counts(b)
         out = engine(**to_device(b, engine.device), validate=False, num_ce_chunks=chunks)
         total += out["loss_sum"].double()
-        count += int(b["num_supervised"])
+        count += global_count        # already over all ranks
     engine.train()
     total = dist.all_reduce_sum(total)
-    count = dist.all_reduce_sum(count)
     return (total / max(count, 1)).item()
 
 
@@ -193,7 +212,8 @@ def train(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, overrides)
     check_run_inputs(cfg)
     env = dist.init_distributed()
-    stop = dist.Preemption()  # right away: a SIGUSR1 before the first step must not kill the rank
+    # right away: a SIGUSR1 before the first step must not kill the rank
+    stop = dist.Preemption(check_every=cfg.train.preempt_check_every)
     out_dir = Path(cfg.train.output_dir)
     # resume target first: a missing explicit checkpoint fails on every rank before any work
     resume_dir = resolve_resume(cfg.checkpoint.resume, out_dir / "checkpoints", env.world_size)
@@ -246,7 +266,8 @@ def train(argv: list[str] | None = None) -> int:
 
     loader_args = dict(pad_id=tokenizer.pad_token_id, max_seq_len=cfg.data.max_seq_len,
                        feature_shape=feature_shape, num_workers=cfg.data.num_workers,
-                       pin_memory=torch.cuda.is_available())
+                       pin_memory=torch.cuda.is_available(), image_pad_id=vlm.pad_ids["image"],
+                       device=engine.device, move=to_device)   # on CUDA: copied a batch ahead, side stream
     stream = iter(BatchStream(sampler, samples, cache.__getitem__, **loader_args))
     eval_stream = None
     if eval_samples:
