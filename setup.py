@@ -22,7 +22,11 @@ setup(
         "pycocoevalcap>=1.2",   # BLEU and CIDEr for vlm-eval's caption report (pure-Python parts only)
         "pytest>=8",
     ],
-    extras_require={"mpi": ["mpi4py>=3.1"]},
+    extras_require={
+        "mpi": ["mpi4py>=3.1"],
+        # fused RMSNorm/RoPE/SwiGLU for Qwen3 (Triton; --model.kernels=auto picks it up on CUDA)
+        "gpu": ["liger-kernel>=0.8"],
+    },
     entry_points={
         "console_scripts": [
             "vlm-cache=vlm_dist.cache.cli:main",

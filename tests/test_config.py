@@ -35,7 +35,7 @@ def test_stage_defaults_follow_the_seeds():
     assert 0.02 <= s1.train.warmup_ratio <= 0.05
     s2 = load_config(STAGES / "stage2_sft.yaml")
     assert s2.model.llm_mode == "lora" and s2.data.template == "chatml"
-    assert (s2.lora.r, s2.lora.alpha, s2.lora.dropout) == (128, 256, 0.05)
+    assert (s2.lora.r, s2.lora.alpha, s2.lora.dropout) == (128, 256, 0.0)   # seed 003's 0.05 costs memory
     assert (s2.train.lr_connector, s2.train.lr_adapters) == (2e-5, 2e-4)
     assert s2.model.init_from == "runs/stage1_align/export"
     s3 = load_config(STAGES / "stage3_multi.yaml")
@@ -131,6 +131,12 @@ def test_wrong_type_names_the_flag(tmp_path):
     (["--data.eval_fraction=1"], r"--data\.eval_fraction"),
     (["--checkpoint.keep_last=0"], r"--checkpoint\.keep_last=0"),
     (["--train.max_steps=1", "--train.max_steps=2"], "given twice"),
+    (["--model.gradient_checkpointing=true", "--model.checkpoint_fraction=0"],
+     r"--model\.checkpoint_fraction=0\.0: must be in \(0, 1\]"),
+    (["--model.gradient_checkpointing=true", "--model.checkpoint_fraction=1.5"], r"--model\.checkpoint_fraction=1\.5"),
+    (["--model.gradient_checkpointing=false", "--model.checkpoint_fraction=0.5"],
+     r"--model\.checkpoint_fraction=0\.5 needs --model\.gradient_checkpointing=true"),
+    (["--model.kernels=triton"], r"--model\.kernels=triton: must be one of"),
 ])
 def test_invalid_combinations(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -278,3 +284,18 @@ def test_allow_changed_naming_an_unknown_key_is_an_error_naming_it(key, hint):
     with pytest.raises(ConfigError, match=f"--checkpoint.allow_changed: '{key}' is not a config key") as e:
         load_config(None, [f"--checkpoint.allow_changed=train.seed,{key}"])
     assert hint in str(e.value)
+
+
+def test_stage_recipes_fit_the_hardware():
+    """The shipped recipes: LoRA without dropout (each dropped input is one more saved activation),
+    a fraction of the layers recomputing in the LoRA stages, fused kernels picked up where they run,
+    and ZeRO-2 (not ZeRO-3) named by every stage's launch line."""
+    for stage in ("stage2_sft", "stage3_multi"):
+        cfg = load_config(STAGES / f"{stage}.yaml")
+        assert cfg.lora.dropout == 0.0, stage
+        assert cfg.model.gradient_checkpointing and 0 < cfg.model.checkpoint_fraction < 1, stage
+    for stage in ("stage1_align", "stage2_sft", "stage3_multi"):
+        assert load_config(STAGES / f"{stage}.yaml").model.kernels == "auto", stage
+        launch_lines = [l for l in (STAGES / f"{stage}.yaml").read_text().splitlines() if "--deepspeed" in l]
+        assert launch_lines and all("ds_configs/zero2.json" in l for l in launch_lines), stage
+    assert Config().lora.dropout == 0.0 and Config().model.checkpoint_fraction == 1.0

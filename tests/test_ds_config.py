@@ -119,3 +119,39 @@ def test_a_non_finite_step_is_skipped_by_config_never_by_a_default(cfg):
         build_ds_config({"bf16": {"check_grad_overflow": False}}, cfg, 1)
     with pytest.raises(ConfigError, match="zero_optimization.compute_grad_norm=false"):
         build_ds_config({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, cfg, 1)
+
+
+def test_zero2_reduces_the_connector_in_one_bucket_without_a_device_sync():
+    """Stages 0-3 run on zero2.json. DeepSpeed's ZeRO-2 with overlap_comm synchronises the device at the
+    end of every backward; without it the reduce-scatter runs on the compute stream. Stage 1's whole
+    trainable set (the connector, whose gradients arrive last) fits one bucket: one reduce per micro-batch."""
+    import torch
+
+    from vlm_dist.model.connector import Connector
+
+    zero = load_ds_json(DS / "zero2.json")["zero_optimization"]
+    assert zero["stage"] == 2 and zero["overlap_comm"] is False
+    m = load_config(None).model   # stage 1
+    vision = json.loads((DS.parent / "launch" / "model_configs" / "siglip-so400m-patch14-384.json").read_text())
+    llm = json.loads((DS.parent / "launch" / "model_configs" / "qwen3-8b-base.json").read_text())
+    with torch.device("meta"):
+        conn = Connector(vision_dim=vision["vision_config"]["hidden_size"], llm_dim=llm["hidden_size"],
+                         kind=m.connector, num_latents=m.num_latents, depth=m.resampler_depth,
+                         heads=m.resampler_heads, use_layernorm=m.use_layernorm)
+    assert sum(p.numel() for p in conn.parameters()) <= zero["reduce_bucket_size"]
+
+
+def test_every_shipped_json_is_explained_in_the_readme_and_accepted_by_deepspeed(cfg):
+    """The reasons for each setting live in ds_configs/README.md because DeepSpeed refuses unknown keys
+    (a "_comment" in zero_optimization is a validation error)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    readme = (DS / "README.md").read_text()
+    shipped = sorted(DS.glob("*.json"))
+    assert shipped
+    for path in shipped:
+        assert f"`{path.name}`" in readme, f"{path.name} is not described in ds_configs/README.md"
+        DeepSpeedConfig(build_ds_config(path, cfg, world_size=1))
+    with pytest.raises(ValidationError, match="_comment"):
+        DeepSpeedConfig(build_ds_config({"zero_optimization": {"stage": 2, "_comment": "why"}}, cfg, 1))

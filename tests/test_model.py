@@ -66,6 +66,20 @@ def test_swapping_images_swaps_exactly_their_blocks(tiny_models, tokenizer):
     torch.testing.assert_close(e1[blk2], tokens[1])
 
 
+def test_splice_by_index_equals_masked_scatter(tiny_models, tokenizer):
+    """The splice writes connector tokens with index_copy at the loader's slot positions (backward:
+    a gather, no host sync); it equals the masked_scatter it replaced, with or without given slots."""
+    vlm = make_vlm(tiny_models, tokenizer)
+    b = batch_for(tokenizer, two_image_record(), torch.randn(2, P, DV))
+    ids, pad = b["input_ids"], tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    tokens = vlm.connectors["image"](b["media"]["image"]["features"])
+    want = vlm.llm.get_input_embeddings()(ids).masked_scatter((ids == pad).unsqueeze(-1), tokens)
+    slots = (ids.reshape(-1) == pad).nonzero().squeeze(1)
+    with_slots = {"image": dict(b["media"]["image"], slots=slots)}
+    assert torch.equal(vlm.embed(ids, b["media"]), want)
+    assert torch.equal(vlm.embed(ids, with_slots), want)
+
+
 def test_slot_image_mismatch_names_the_sample(tiny_models, tokenizer):
     vlm = make_vlm(tiny_models, tokenizer)
     b = batch_for(tokenizer, two_image_record(), torch.randn(2, P, DV))
@@ -169,3 +183,95 @@ def test_lm_head_runs_the_requested_number_of_chunks(tiny_models, tokenizer):
     torch.testing.assert_close(vlm(**b, num_ce_chunks=3)["loss_sum"], ref)  # extra chunks are empty
     assert len(calls) == 3
     hook.remove()
+
+
+# -- selective activation checkpointing and fused kernels ---------------------------------------
+def test_checkpoint_fraction_recomputes_that_share_of_layers_with_the_same_gradients(tiny_models, tmp_path):
+    """--model.checkpoint_fraction=0.5: exactly every other decoder layer runs its forward again in
+    backward, and the gradients equal those of a run that keeps every activation."""
+    from transformers import AutoConfig
+
+    from vlm_dist.model.build import checkpointed_layers
+    from vlm_dist.testing.tiny import build_tiny_qwen3
+
+    vocab = AutoConfig.from_pretrained(tiny_models["llm"]).vocab_size
+    build_tiny_qwen3(tmp_path / "llm4", vocab, num_layers=4)
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads, counts = {}, {}
+    for checkpointing in (False, True):
+        llm = load_llm(str(tmp_path / "llm4"), "full", dtype=torch.float32,
+                       gradient_checkpointing=checkpointing, checkpoint_fraction=0.5)
+        llm.train()
+        layers = llm.model.layers
+        calls = [0] * len(layers)
+        for i, layer in enumerate(layers):   # attention runs inside the layer's (re)computed forward
+            layer.self_attn.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+        llm(input_ids=ids, labels=ids).loss.backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in llm.named_parameters()}
+        counts[checkpointing] = calls
+    assert counts[False] == [1, 1, 1, 1]
+    assert counts[True] == [2, 1, 2, 1] and checkpointed_layers(4, 0.5) == [0, 2]
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-6, msg=name)
+    assert checkpointed_layers(36, 1.0) == list(range(36)) and checkpointed_layers(36, 0.25) == list(range(0, 36, 4))
+    assert len(checkpointed_layers(36, 0.75)) == 27 and checkpointed_layers(3, 0.01) == [0]
+
+
+def test_kernels_auto_is_none_without_cuda_and_liger_is_refused_naming_the_flag(tiny_models, monkeypatch):
+    from vlm_dist.config import ConfigError
+    from vlm_dist.model.build import resolve_kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kernels, why = resolve_kernels("auto")
+    assert kernels == "none" and "no CUDA" in why
+    assert resolve_kernels("none")[0] == "none"
+    llm = load_llm(tiny_models["llm"], "frozen", dtype=torch.float32, kernels="auto")
+    assert type(llm.model.layers[0].mlp).__name__ == "Qwen3MLP"   # untouched
+    with pytest.raises(ConfigError, match=r"--model\.kernels=liger needs a CUDA GPU"):
+        load_llm(tiny_models["llm"], "frozen", dtype=torch.float32, kernels="liger")
+
+
+def test_kernels_liger_patches_the_qwen3_instance_before_peft_wraps_it(tiny_models, monkeypatch):
+    """With CUDA and liger-kernel present (both faked here), --model.kernels=liger hands the plain
+    Qwen3ForCausalLM to Liger's Qwen3 patch (RMSNorm, RoPE, SwiGLU; its losses off), then PEFT wraps it."""
+    import sys
+    import types
+
+    import peft
+
+    from vlm_dist.config import ConfigError, LoraConfig
+    from vlm_dist.model.build import resolve_kernels
+
+    events = []
+
+    def apply_liger_kernel_to_qwen3(**kwargs):
+        events.append(("liger", type(kwargs.pop("model")).__name__, kwargs))
+
+    real_get_peft_model = peft.get_peft_model
+
+    def get_peft_model(model, *args, **kwargs):
+        events.append(("peft", type(model).__name__))
+        return real_get_peft_model(model, *args, **kwargs)
+
+    fake = types.ModuleType("liger_kernel")
+    fake.transformers = types.ModuleType("liger_kernel.transformers")
+    fake.transformers.apply_liger_kernel_to_qwen3 = apply_liger_kernel_to_qwen3
+    monkeypatch.setitem(sys.modules, "liger_kernel", fake)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake.transformers)
+    monkeypatch.setattr(peft, "get_peft_model", get_peft_model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    assert resolve_kernels("auto")[0] == "liger"
+    llm = load_llm(tiny_models["llm"], "lora", dtype=torch.float32, lora=LoraConfig(r=4, alpha=8),
+                   kernels="liger")
+    assert events == [
+        ("liger", "Qwen3ForCausalLM", dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                           fused_linear_cross_entropy=False)),
+        ("peft", "Qwen3ForCausalLM")]
+    assert type(llm).__name__.startswith("Peft")
+    # a model Liger's Qwen3 patch does not cover is refused, naming the flag
+    from vlm_dist.model.build import apply_kernels
+    llm.get_base_model().config.model_type = "llama"
+    with pytest.raises(ConfigError, match=r"--model\.kernels=liger patches Qwen3 models.*--model\.kernels=none"):
+        apply_kernels(llm.get_base_model(), "liger", "some/llama")

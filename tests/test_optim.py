@@ -110,6 +110,33 @@ def test_build_optimizer_is_adamw_over_the_groups(tiny_models):
     assert type(opt) is torch.optim.AdamW
     assert [g["name"] for g in opt.param_groups] == ["connector/decay", "connector/no_decay", "adapters/decay"]
     assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-6 for g in opt.param_groups)
+    assert all(g["fused"] for g in opt.param_groups)   # one kernel per step (CUDA and CPU)
+
+
+def test_the_fused_step_is_adamw(tiny_models):
+    """The fused kernel applies the same update as torch's unfused AdamW, per group."""
+    cfg = load_config(STAGES / "stage2_sft.yaml", ["--train.weight_decay=0.1"])
+    vlm = tiny_vlm(tiny_models, "lora")
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) for p in params]
+    start = [p.detach().clone() for p in params]
+    results = []
+    for fused in (True, False):
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+        opt = build_optimizer(vlm, cfg)
+        if not fused:
+            opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "fused"} for g in opt.param_groups])
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for a, b, s in zip(*results, start):
+        assert not torch.equal(a, s)                       # the step moved the weights
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_schedule_shape():
@@ -209,7 +236,8 @@ DS_SCRIPT = textwrap.dedent("""
             engine.backward(engine(torch.randn(1, 8)))
             engine.step()
         out[stage] = {"lrs": lrs, "wd": [g["weight_decay"] for g in engine.optimizer.param_groups],
-                      "clip": engine.gradient_clipping()}
+                      "clip": engine.gradient_clipping(),
+                      "fused": [g["fused"] for g in engine.optimizer.optimizer.param_groups]}
     print("RESULT " + json.dumps(out))
 """)
 
@@ -227,5 +255,6 @@ def test_deepspeed_takes_the_optimizer_schedule_and_clipping(tmp_path):
     for stage, r in result.items():
         assert r["clip"] == 0.7, stage
         assert r["wd"] == [0.01, 0.0], stage   # connector/decay, connector/no_decay
+        assert r["fused"] == [True, True], stage   # DeepSpeed steps the fused AdamW on its partitions
         for step, lrs in enumerate(r["lrs"]):
             assert lrs == pytest.approx([1e-4 * f(step)] * 2), (stage, step)

@@ -30,6 +30,11 @@ def validate_config(cfg: Config) -> None:
     else:
         need(m.num_latents is None, f"--model.num_latents={m.num_latents} is meaningless with "
              "--model.connector=mlp (one token per patch): set --model.num_latents=null")
+    need(0.0 < m.checkpoint_fraction <= 1.0,
+         f"--model.checkpoint_fraction={m.checkpoint_fraction}: must be in (0, 1] (1: every decoder layer recomputes)")
+    need(m.checkpoint_fraction == 1.0 or m.gradient_checkpointing,
+         f"--model.checkpoint_fraction={m.checkpoint_fraction} needs --model.gradient_checkpointing=true "
+         "(without it no layer recomputes)")
     # lora
     if m.llm_mode in ADAPTER_MODES:
         need(lo.r is not None and lo.r >= 1,
@@ -87,6 +92,7 @@ def validate_config(cfg: Config) -> None:
     need(t.log_every >= 1, f"--train.log_every={t.log_every}: must be >= 1")
     need(t.eval_every >= 0, f"--train.eval_every={t.eval_every}: must be >= 0 (0: only at the end)")
     need(t.nan_patience >= 1, f"--train.nan_patience={t.nan_patience}: must be >= 1")
+    need(t.preempt_check_every >= 1, f"--train.preempt_check_every={t.preempt_check_every}: must be >= 1")
     # checkpoint
     need(c.every >= 0, f"--checkpoint.every={c.every}: must be >= 0 (0: only at the end)")
     need(c.keep_last >= 1, f"--checkpoint.keep_last={c.keep_last}: must be >= 1")

@@ -52,12 +52,17 @@ class ModelConfig:
     """LayerNorm on the vision features before the resampler (trainable; on by default)."""
     llm_mode: Literal[LLM_MODES] = "frozen"
     """How the LLM trains: frozen, lora (PEFT adapters), qlora (4-bit NF4 base + adapters) or full."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "sdpa"
-    """Attention backend passed to transformers (packing needs one that honours per-sample position ids)."""
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                 "flex_attention"] = "sdpa"
+    """Attention backend; packed samples reach it as explicit boundaries (vlm_dist/model/attention.py). varlen: torch's varlen flash kernel (CUDA; fastest); auto: varlen on CUDA, sdpa elsewhere; sdpa/eager: dense mask (CPU)."""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Weights and compute dtype; also sets DeepSpeed's bf16/fp16 section."""
     gradient_checkpointing: bool = False
     """Recompute LLM activations in backward (less memory, ~30% more compute)."""
+    checkpoint_fraction: float = 1.0
+    """With gradient_checkpointing: the fraction of decoder layers that recompute, spread evenly (0.5: every other)."""
+    kernels: Literal["auto", "liger", "none"] = "auto"
+    """Fused Qwen3 kernels (RMSNorm, RoPE, SwiGLU): liger (liger-kernel, CUDA; pip install .[gpu]); auto: liger when CUDA and liger-kernel are there, else none."""
     init_from: Optional[str] = None
     """A previous stage's export directory (connector.safetensors, adapter/) to start from; null: fresh connector."""
 
@@ -68,8 +73,8 @@ class LoraConfig:
     """LoRA rank (128: LLaVA-1.5's LoRA recipe, scripts/v1_5/finetune_lora.sh)."""
     alpha: Optional[int] = 256
     """LoRA alpha; the update is scaled by alpha / r (256 in LLaVA-1.5's LoRA recipe)."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input (0.05, LLaVA-1.5's default)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input (0: a nonzero rate keeps a dropped copy of each adapted input for backward; LLaVA-1.5: 0.05)."""
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     """LLM linear layers that get adapters (default: every attention and MLP projection)."""
 
@@ -148,6 +153,8 @@ class TrainConfig:
     """Steps between held-out eval losses (0: only at the end)."""
     nan_patience: int = 5
     """Non-finite losses in a row before the run saves and exits non-zero (each such step is skipped)."""
+    preempt_check_every: int = 10
+    """Steps between the ranks' preemption and health check (a CPU barrier + all-reduce): a signal is acted on, and a hung rank named, within this many steps (plus the collective timeout)."""
 
 
 @dataclass

@@ -8,17 +8,20 @@ LLM modes:
 - full:   every LLM weight trains.
 
 `set_trainable` is the one place that decides the trainable set;
-`trainable_table` prints it at start.
+`trainable_table` prints it at start. `load_llm` also applies --model.kernels (Liger's fused
+Qwen3 kernels, before PEFT) and checkpoints --model.checkpoint_fraction of the decoder layers.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vlm_dist.config.schema import ADAPTER_MODES, LLM_MODES, LoraConfig
+from vlm_dist.config.schema import ADAPTER_MODES, LLM_MODES, ConfigError, LoraConfig
+from vlm_dist.model.attention import hf_name, resolve
 from vlm_dist.model.connector import Connector
 from vlm_dist.model.vlm import VisionLanguageModel, media_pad_ids, unwrap_llm
 
@@ -27,23 +30,36 @@ CONNECTOR_FILE, CONNECTOR_CONFIG = "connector.safetensors", "connector_config.js
 
 def load_llm(name_or_path: str, mode: str = "frozen", dtype: torch.dtype = torch.bfloat16,
              attn_implementation: str = "sdpa", lora: LoraConfig | None = None,
-             adapter: str | None = None, gradient_checkpointing: bool = False) -> nn.Module:
+             adapter: str | None = None, gradient_checkpointing: bool = False,
+             weights: dict[str, torch.Tensor] | None = None, checkpoint_fraction: float = 1.0,
+             kernels: str = "none") -> nn.Module:
     """Qwen3 causal LM in the given mode; `lora` is the run config's section (defaults: LoraConfig());
-    `adapter` resumes LoRA weights from a PEFT directory."""
-    from transformers import AutoModelForCausalLM
+    `adapter` resumes LoRA weights from a PEFT directory. `weights` (the benchmark's random weights,
+    already on their device) replace the checkpoint files: `name_or_path` then needs only config.json.
+    `checkpoint_fraction` of the decoder layers recompute with `gradient_checkpointing`; `kernels`
+    is --model.kernels (auto, liger, none; see resolve_kernels)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
 
     if mode not in LLM_MODES:
         raise ValueError(f"model.llm_mode must be one of {LLM_MODES}, got {mode!r}")
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    impl = resolve(attn_implementation, "cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = dict(dtype=dtype, attn_implementation=hf_name(impl))
     if mode == "qlora":
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
-    llm = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if weights is None:
+        llm = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    else:   # the Auto class needs a path; the model's own class takes a config and a state dict
+        config = AutoConfig.from_pretrained(name_or_path)
+        llm = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+            None, config=config, state_dict=weights, device_map={"": next(iter(weights.values())).device},
+            **kwargs)   # device_map: the weights stay on the device they were made on
     llm.config.use_cache = False
+    apply_kernels(llm, resolve_kernels(kernels)[0], name_or_path)   # before PEFT: see apply_kernels
     if gradient_checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(llm, checkpoint_fraction)
     if mode in ADAPTER_MODES:
         from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model
         if adapter is not None:
@@ -54,6 +70,73 @@ def load_llm(name_or_path: str, mode: str = "frozen", dtype: torch.dtype = torch
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                 target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM"))
     return llm
+
+
+def resolve_kernels(kernels: str) -> tuple[str, str]:
+    """--model.kernels -> ("liger" | "none", why), for load_llm and the start-up log.
+
+    auto picks liger when CUDA is there and liger-kernel imports (Triton kernels: GPU only), else none;
+    an explicit liger that cannot run is a ConfigError rather than a silent fallback.
+    """
+    if kernels == "none":
+        return "none", "--model.kernels=none"
+    if kernels not in ("auto", "liger"):
+        raise ConfigError(f"--model.kernels={kernels}: must be auto, liger or none")
+    if not torch.cuda.is_available():
+        if kernels == "liger":
+            raise ConfigError("--model.kernels=liger needs a CUDA GPU (Liger's kernels are Triton): "
+                              "use --model.kernels=none or auto")
+        return "none", "--model.kernels=auto: no CUDA"
+    try:
+        importlib.import_module("liger_kernel.transformers")   # needs triton; fails without it
+    except ImportError as e:
+        if kernels == "liger":
+            raise ConfigError(f"--model.kernels=liger needs liger-kernel ({e}): pip install '.[gpu]', "
+                              "or use --model.kernels=none") from e
+        return "none", f"--model.kernels=auto: liger-kernel does not import ({e})"
+    return "liger", f"--model.kernels={kernels}"
+
+
+def apply_kernels(llm: nn.Module, kernels: str, name_or_path: str = "") -> None:
+    """Swap Liger's fused RMSNorm, RoPE and SwiGLU into a loaded Qwen3 (kernels="liger"; "none": nothing).
+
+    On the instance and before PEFT wraps it: Liger finds the decoder layers through the model's
+    base_model_prefix, which a PeftModel hides, and its SwiGLU forward calls the same gate/up/down
+    Linear children that LoRA then wraps. Liger's cross-entropy stays off: the loss is vlm.py's,
+    computed at supervised positions only. Note Liger also patches transformers' qwen3 module
+    (RoPE function, RMSNorm/MLP classes) for Qwen3 models built later in this process.
+    """
+    if kernels == "none":
+        return
+    model_type = llm.config.model_type
+    if model_type != "qwen3":
+        raise ConfigError(f"--model.kernels=liger patches Qwen3 models; {name_or_path or 'the LLM'} is "
+                          f"{model_type!r}: use --model.kernels=none")
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+    apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=llm)
+
+
+def checkpointed_layers(num_layers: int, fraction: float) -> list[int]:
+    """Indices of the decoder layers that recompute: round(fraction x num_layers) of them (at least
+    one), spread evenly from layer 0 (0.5 -> 0, 2, 4, ...), as transformers' every_n_layers does."""
+    k = min(num_layers, max(1, round(fraction * num_layers)))
+    return sorted({j * num_layers // k for j in range(k)})
+
+
+def enable_checkpointing(llm: nn.Module, fraction: float = 1.0) -> None:
+    """Activation checkpointing on checkpointed_layers(…, fraction) of the decoder layers.
+
+    transformers turns it on for every GradientCheckpointingLayer; the flag is per layer, so the
+    layers left out keep their activations (memory spent where it buys speed).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in llm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = set(checkpointed_layers(len(layers), fraction))
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in keep
 
 
 def build_vlm(llm: nn.Module, tokenizer, vision_dim: int, num_patches: int,
