@@ -404,3 +404,34 @@ def test_an_image_list_with_bad_bytes_or_missing_is_named_by_file_and_line(tmp_p
         collect_references(BuildConfig(out=str(tmp_path / "c"), image_lists=[str(bad)]))
     with pytest.raises(RecordError, match=r"nope.txt: cannot read"):
         collect_references(BuildConfig(out=str(tmp_path / "c"), image_lists=[str(tmp_path / "nope.txt")]))
+
+
+# -- open shards --------------------------------------------------------------------------------
+def test_more_shards_than_the_old_bound_are_read_without_reopening(tmp_path):
+    """Uniform access over 20 shards (how length-grouped batches draw): all stay mapped by default;
+    the old fixed bound of 16 re-opened shards over and over."""
+    from vlm_dist.benchmark.measure import write_random_cache
+    keys = write_random_cache(tmp_path / "c", num_images=40, shard_size=2, feature_shape=(4, 8))
+    order = keys * 3
+    np.random.default_rng(0).shuffle(order)
+    cache = check_cache_for_training(tmp_path / "c", {"feature_shape": [4, 8], "dtype": "bfloat16"})
+    assert len(cache.manifest["shards"]) == 20 and cache.max_open_shards == 20
+    first = {k: cache[k].clone() for k in keys}
+    assert all(torch.equal(cache[k], first[k]) for k in order)
+    assert cache.shard_opens == 20                              # each shard mapped once
+    bounded = FeatureCache(tmp_path / "c", max_open_shards=16)
+    for k in order:
+        bounded[k]
+    assert bounded.shard_opens > 20                             # re-opened again and again
+
+
+def test_open_shard_budget_follows_the_descriptor_limit(monkeypatch):
+    from vlm_dist.cache import reader
+    limits = {"now": (1024, 1024)}
+    monkeypatch.setattr(reader.resource, "getrlimit", lambda _: limits["now"])
+    monkeypatch.setattr(reader.resource, "setrlimit", lambda _, v: limits.update(now=v))
+    assert reader.open_shard_budget(545) == 512                 # a hard limit of 1024: half of it
+    assert reader.open_shard_budget(100) == 100
+    limits["now"] = (1024, 1 << 20)
+    assert reader.open_shard_budget(545) == 545                 # the soft limit is raised to fit
+    assert limits["now"] == (545 + reader.FD_HEADROOM, 1 << 20)

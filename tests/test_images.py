@@ -170,3 +170,28 @@ def test_only_regular_files_up_to_the_byte_cap_are_read(tree):
     with pytest.raises(ImageError, match=f"too large: {size} bytes, over the limit of {size - 1}"):
         read_under(tree, "a.png", max_bytes=size - 1)
     assert len(read_under(tree, "a.png", max_bytes=size)) == size
+
+
+def _photo(w: int, h: int) -> Image.Image:
+    rng = np.random.default_rng(0)
+    coarse = Image.fromarray(rng.integers(0, 256, (h // 40, w // 40, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    return Image.blend(coarse, Image.effect_mandelbrot((w, h), (-2, -1.5, 1, 1.5), 60).convert("RGB"), 0.5)
+
+
+def test_jpeg_draft_decodes_large_photos_small_and_the_resize_stays_close():
+    """draft_to=2x the encoder's side: the DCT-scaled decode keeps both sides >= draft_to, and
+    after the encoder's bicubic resize the pixels stay within a few levels of a full decode."""
+    data = encode(_photo(1600, 1200), "JPEG", quality=90)
+    full, drafted = load_image(data), load_image(data, draft_to=256)
+    assert full.size == (1600, 1200) and drafted.size == (400, 300)          # 1/4 scale, >= 256
+    a = np.asarray(full.resize((128, 128), Image.BICUBIC), dtype=np.int16)
+    b = np.asarray(drafted.resize((128, 128), Image.BICUBIC), dtype=np.int16)
+    diff = np.abs(a - b)
+    assert diff.max() <= 4 and diff.mean() <= 0.5
+
+
+def test_jpeg_draft_leaves_small_jpegs_and_other_formats_alone():
+    small = encode(_photo(500, 375), "JPEG", quality=90)                     # under 2 x draft_to
+    assert np.array_equal(np.asarray(load_image(small, draft_to=256)), np.asarray(load_image(small)))
+    png = encode(_photo(1600, 1200), "PNG")
+    assert load_image(png, draft_to=256).size == (1600, 1200)

@@ -111,3 +111,18 @@ def test_only_rank0_loads_the_tower_for_the_fingerprint(tiny_models, monkeypatch
     sent[:] = [(None, ValueError("vision model 'x' has model_type 'bert'"))]
     with pytest.raises(ValueError, match="model_type 'bert'"):
         dist.compute_on_rank0(lambda: 1 / 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uint8_pixels_normalised_on_the_device_equal_the_processor(tiny_models, dtype):
+    """The cache builder sends resized 8-bit pixels and normalises in forward: bit for bit the
+    processor's own float pixels, so cached and online features stay equal."""
+    tower = VisionTower.from_pretrained(tiny_models["vision"], dtype=dtype)
+    photo = Image.fromarray(torch.randint(0, 256, (45, 61, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    images = IMAGES + [photo]
+    u8 = tower.pixels_uint8(images)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 3, 32, 32)
+    want = tower.preprocess(images)
+    assert torch.equal(tower.pixel_table[u8.to(torch.int32) + tower.channel_offset], want)
+    assert torch.equal(tower(u8), tower(want))

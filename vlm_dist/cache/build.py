@@ -212,6 +212,15 @@ class ShardContents:
     failed: dict[str, str] = field(default_factory=dict)         # key -> why it was not encoded
     written: dict[str, list[int]] = field(default_factory=dict)  # shard file -> [bytes, mtime_ns]
 
+    def add(self, j: int, side: dict, shard_keys: list[str]) -> None:
+        """Shard j, as its sidecar (or ShardWriter.finish) describes it, holding `shard_keys`."""
+        self.entries.append({"file": shard_name(j), "rows": side["rows"], "bytes": side["bytes"],
+                             "sha256": side["sha256"]})
+        self.written[shard_name(j)] = [side["bytes"], side["mtime_ns"]]
+        self.keys += shard_keys
+        self.shard += [j] * len(shard_keys)
+        self.row += range(len(shard_keys))
+
 
 def read_shards(out: Path, num_files: int) -> ShardContents:
     """Every shard's keys, checked against its sidecar; the keys of all shards must be sorted."""
@@ -227,12 +236,7 @@ def read_shards(out: Path, num_files: int) -> ShardContents:
         if len(shard_keys) != side["rows"]:
             raise BuildError(f"{shard_name(j)} has {len(shard_keys)} rows, its sidecar says "
                              f"{side['rows']}: delete both and re-run the build")
-        s.entries.append({"file": shard_name(j), "rows": side["rows"], "bytes": side["bytes"],
-                          "sha256": side["sha256"]})
-        s.written[shard_name(j)] = [side["bytes"], side["mtime_ns"]]
-        s.keys += shard_keys
-        s.shard += [j] * len(shard_keys)
-        s.row += range(len(shard_keys))
+        s.add(j, side, shard_keys)
         s.failed.update((f["key"], f["reason"]) for f in side["failures"])
     if s.keys != sorted(s.keys):
         raise BuildError(f"{out}: shard keys are not in sorted order; the shards come from "
@@ -404,7 +408,8 @@ def build(cfg: BuildConfig) -> dict:
 def format_summary(s: dict) -> str:
     lines = [f"[vlm-cache] this process: {s['images']} images in {s['encode_seconds']}s "
              f"({s['images_per_second']} img/s, {s['input_wait_seconds']}s of it waiting for "
-             f"decoded input): {s['encoded']} encoded, {s['failed']} failed, "
+             f"decoded input, {s['output_wait_seconds']}s for the writer): "
+             f"{s['encoded']} encoded, {s['failed']} failed, "
              f"{s['bytes'] / 1e9:.3f} GB written"]
     if "manifest" in s:
         c = s["manifest"]

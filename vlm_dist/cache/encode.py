@@ -1,11 +1,16 @@
 """Encode planned shards: decode in DataLoader workers, SigLIP on the device, write in a thread.
 
 Used by vlm_dist.cache.build (`vlm-cache build`). Images are read,
-checked against their key, decoded and preprocessed in worker processes; the
+checked against their key, decoded and resized to 8-bit pixels in worker
+processes (normalised on the device: 4x fewer bytes to pin and copy); the
 main loop only moves pinned batches to the device (non-blocking) and runs the
-forward; a background thread copies features to the host and streams them
-into the shard, so the device never waits for the disk. Batches never cross
-a shard, so a shard's bytes do not depend on which process built it.
+forward, then starts the features' copy into pinned host memory without
+waiting for it. A writer thread streams them into the shard; the SHA-256 runs
+on a hashing thread of the shard's own beside the writes (and beside the next
+shard's, so hashing is no single-core cap), and a finished shard's fsync, sidecar
+and rename run on a finishing thread (in shard order) while the next shard is
+written, so neither the device nor the next shard waits for the disk. Batches
+never cross a shard, so a shard's bytes do not depend on which process built it.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import hashlib
 import queue
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +32,7 @@ from vlm_dist.cache.writer import (ShardWriter, disk_full_is_an_error, sidecar_p
                                  write_json_atomic)
 from vlm_dist.cache.reader import shard_name
 from vlm_dist.contract.images import ImageError, load_image, read_under
-from vlm_dist.model.vision import VisionTower, dtype_name
+from vlm_dist.model.vision import VisionTower, dtype_name, resize_uint8
 
 
 class _DecodeDataset(Dataset):
@@ -50,15 +57,14 @@ class _DecodeDataset(Dataset):
             return i, None, "file changed since the build was planned (its SHA-256 differs)"
         try:
             img = load_image(data, max_pixels=self.max_pixels, name=ref)
+            if not self.naflex:      # 8-bit, resized: the tower normalises on the device
+                return i, resize_uint8(self.processor, [img]), None
             out = self.processor(images=[img], return_tensors="pt")
         except ImageError as e:
             return i, None, e.reason
         except (ValueError, OSError) as e:           # the image processor rejecting an image
             return i, None, f"preprocessing failed: {type(e).__name__}: {e}"
-        if self.naflex:
-            return i, {k: out[k] for k in ("pixel_values", "pixel_attention_mask",
-                                           "spatial_shapes")}, None
-        return i, out["pixel_values"], None
+        return i, {k: out[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}, None
 
 
 def _collate(items):
@@ -74,16 +80,36 @@ def _collate(items):
     return [i for i, _ in ok], pixels, failed
 
 
+def _copy_to_host(feats: torch.Tensor | None):
+    """Start moving (B, P, D) features to the host: (tensor, CUDA event or None).
+
+    On CUDA the copy goes into pinned memory without blocking (the writer waits for the
+    event before reading it); the caching host allocator reuses pinned blocks once freed.
+    """
+    if feats is None or feats.device.type != "cuda":
+        return feats, None
+    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+    host.copy_(feats, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(feats.device))
+    return host, done
+
+
 def _to_storage(feats: torch.Tensor) -> np.ndarray:
     """(B, P, D) features -> (B, P*D) numpy in the storage dtype (bf16 as raw uint16 bits)."""
-    feats = feats.to("cpu")
+    feats = feats.to("cpu")                    # a no-op for what _copy_to_host already moved
     if feats.dtype == torch.bfloat16:
         feats = feats.view(torch.uint16)
     return feats.reshape(feats.shape[0], -1).numpy()
 
 
+# Finished shards whose fsync/publish may be pending at once before the writer waits: each
+# holds only dirty page cache, and publishing stays in shard order (one finishing thread).
+MAX_FINISHING = 2
+
+
 class _WriterThread(threading.Thread):
-    """Moves features to the host and writes shards while the device encodes the next batch."""
+    """Writes shards while the device encodes the next batch; finishes them on another thread."""
 
     def __init__(self, out: Path, dtype: str, feature_shape):
         super().__init__(daemon=True)
@@ -91,32 +117,54 @@ class _WriterThread(threading.Thread):
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: Exception | None = None
         self.bytes = 0
+        self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-publish")
+        self.finishing: deque = deque()        # futures of shards being finished, oldest first
 
     def run(self):
         writer, failures = None, []
         try:
             while (item := self.queue.get()) is not None:
-                j, keys, feats, failed, last = item
+                j, keys, (feats, copied), failed, last = item
                 with disk_full_is_an_error(self.out / shard_name(j)):
                     if writer is None:
                         writer, failures = ShardWriter(self.out / shard_name(j), self.dtype,
-                                                       self.feature_shape), []
+                                                       self.feature_shape, hash_in_background=True), []
                     if keys:
+                        if copied is not None:
+                            copied.synchronize()          # the device->host copy has landed
                         writer.write(keys, _to_storage(feats))
                     failures.extend(failed)
                     if last:
-                        info = writer.finish()
-                        info["failures"] = sorted(failures, key=lambda f: f["key"])
-                        write_json_atomic(sidecar_path(self.out, j), info)
-                        writer.publish()                    # the commit point of the shard
-                        self.bytes += info["bytes"]
+                        writer.close()
+                        self.finishing.append(self.finisher.submit(self._finish, j, writer, failures))
                         writer = None
+                        while len(self.finishing) > MAX_FINISHING:
+                            self.bytes += self.finishing.popleft().result()
+            while self.finishing:
+                self.bytes += self.finishing.popleft().result()
         except Exception as e:         # re-raised in the main thread by put()/join_checked()
             self.error = e
             if writer is not None:
                 writer.abort()
+            for future in self.finishing:      # earlier shards still publish; a later error is theirs
+                future.exception()
             while self.queue.get() is not None:         # drain so the producer never blocks
                 pass
+        finally:
+            self.finisher.shutdown()
+
+    def _finish(self, j: int, writer: ShardWriter, failures: list[dict]) -> int:
+        """fsync shard j, write its sidecar, rename it into place; return its bytes."""
+        with disk_full_is_an_error(self.out / shard_name(j)):
+            try:
+                info = writer.finish()
+                info["failures"] = sorted(failures, key=lambda f: f["key"])
+                write_json_atomic(sidecar_path(self.out, j), info)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.publish()                    # the commit point of the shard
+        return info["bytes"]
 
     def put(self, item):
         if self.error is not None:
@@ -129,13 +177,14 @@ class _WriterThread(threading.Thread):
         if self.error is not None:
             raise self.error
 
-
 def encode_shards(cfg: BuildConfig, tower: VisionTower, plan: Plan, shard_ids: list[int],
                   out: Path, show_progress: bool) -> dict:
-    """Encode the given shards; return {"images", "encoded", "failed", "bytes", "input_wait_seconds"}.
+    """Encode the given shards; return {"images", "encoded", "failed", "bytes",
+    "input_wait_seconds", "output_wait_seconds"}.
 
-    input_wait_seconds is how long the device loop waited for decoded batches:
-    near zero means the encoder, not JPEG decoding, sets the pace.
+    input_wait_seconds is how long the device loop waited for decoded batches,
+    output_wait_seconds how long it waited to hand features to the writer: both
+    near zero mean the encoder, not JPEG decoding nor the disk, sets the pace.
     """
     items, batches = [], []          # batches: (index list, shard, last batch of the shard)
     for j in shard_ids:
@@ -145,7 +194,7 @@ def encode_shards(cfg: BuildConfig, tower: VisionTower, plan: Plan, shard_ids: l
         chunks = [idx[s:s + cfg.batch_size] for s in range(0, len(idx), cfg.batch_size)]
         batches += [(c, j, n == len(chunks) - 1) for n, c in enumerate(chunks)]
     stats = {"images": len(items), "encoded": 0, "failed": 0, "bytes": 0,
-             "input_wait_seconds": 0.0}
+             "input_wait_seconds": 0.0, "output_wait_seconds": 0.0}
     if not items:
         return stats
     on_cuda = tower.device.type == "cuda"
@@ -164,8 +213,10 @@ def encode_shards(cfg: BuildConfig, tower: VisionTower, plan: Plan, shard_ids: l
             ok, pixels, failed = next(batch_iter)
             stats["input_wait_seconds"] += time.monotonic() - t_wait    # decode-bound if large
             feats = tower(pixels, pool=cfg.pool) if ok else None      # (B, P, D) on the device
-            writer.put((j, [items[i][1] for i in ok], feats,
+            t_out = time.monotonic()
+            writer.put((j, [items[i][1] for i in ok], _copy_to_host(feats),
                         [{"key": items[i][1], "reason": r} for i, r in failed], last))
+            stats["output_wait_seconds"] += time.monotonic() - t_out    # writer-bound if large
             stats["encoded"] += len(ok)
             stats["failed"] += len(failed)
             bar.update(len(ok) + len(failed))
@@ -175,4 +226,5 @@ def encode_shards(cfg: BuildConfig, tower: VisionTower, plan: Plan, shard_ids: l
         writer.join_checked()
     stats["bytes"] = writer.bytes
     stats["input_wait_seconds"] = round(stats["input_wait_seconds"], 3)
+    stats["output_wait_seconds"] = round(stats["output_wait_seconds"], 3)
     return stats

@@ -20,15 +20,21 @@ Layout of a cache directory (written by `vlm-cache build`, see preprocess/):
                                 Slurm stage templates run one first).
 
 Tensors returned point into the memory-mapped shard: treat them as
-read-only (stacking them into a batch copies). The reader keeps at most
-`max_open_shards` shards mapped and re-opens them after a fork, so one
-instance can be handed to DataLoader workers.
+read-only (stacking them into a batch copies). The reader re-opens shards
+after a fork, so one instance can be handed to DataLoader workers. By default
+it keeps every shard mapped: length-grouped batches draw samples uniformly
+over the data set, so nearly every shard is touched every step, and a bound
+below the shard count re-opens a shard on nearly every lookup. A mapped shard
+costs address space and one file descriptor, not memory (the page cache holds
+what was read either way); `open_shard_budget` sizes the bound from the
+process's descriptor limit.
 """
 from __future__ import annotations
 
 import bisect
 import json
 import os
+import resource
 import time
 import warnings
 from collections import OrderedDict
@@ -39,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from vlm_dist.dist import print0
 from vlm_dist.errors import UserError
 from vlm_dist.fileio import sha256_file, write_json_atomic
 
@@ -124,17 +131,51 @@ class _Shard:
         return np.frombuffer(values.buffers()[1], dtype=self.storage_dtype, count=n, offset=offset)
 
 
+# Descriptors left to everything else (sockets, pipes, NCCL, the DataLoader's queues) when
+# the shard maps are sized from RLIMIT_NOFILE.
+FD_HEADROOM = 1024
+
+
+def open_shard_budget(num_shards: int) -> int:
+    """How many shards one process may keep mapped: all of them when the descriptor limit
+    allows, raising the soft limit towards the hard one if that is what it takes (each mapped
+    shard holds one descriptor); else what the limit leaves after FD_HEADROOM."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = num_shards + FD_HEADROOM
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new_soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+            soft = new_soft
+        except (ValueError, OSError):
+            pass             # keep the soft limit; the bound below follows it
+    if soft == resource.RLIM_INFINITY:
+        return max(1, num_shards)
+    return max(1, min(num_shards, soft - min(FD_HEADROOM, soft // 2)))
+
+
 class FeatureCache:
     """Random access to cached features by image key, safe in forked DataLoader workers."""
 
-    def __init__(self, cache_dir: str | os.PathLike, max_open_shards: int = 16):
+    def __init__(self, cache_dir: str | os.PathLike, max_open_shards: int | None = None):
+        """`max_open_shards`: shards kept mapped at once (LRU); None sizes it from the data
+        and the descriptor limit (`open_shard_budget`)."""
         self.cache_dir = Path(cache_dir)
         self.manifest = read_manifest(cache_dir)
         self.fingerprint = self.manifest["fingerprint"]
         self.dtype = self.fingerprint["dtype"]
         self.feature_shape = tuple(self.manifest["feature_shape"])
         _, self._np_dtype, self._torch_dtype = STORAGE[self.dtype]
+        if max_open_shards is None:
+            max_open_shards = open_shard_budget(len(self.manifest["shards"]))
+            n = len(self.manifest["shards"])
+            print0(f"[feature-cache] {cache_dir}: {n} shards, up to {max_open_shards} kept mapped "
+                   "per process" + ("" if max_open_shards >= n else " (the descriptor limit, "
+                                   "ulimit -n, allows no more: lookups will re-open shards)"))
+        if max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be at least 1, got {max_open_shards}")
         self.max_open_shards = max_open_shards
+        self.shard_opens = 0     # how often a shard was mapped: the LRU's misses
         self._reset()
 
     def _reset(self):
@@ -196,6 +237,7 @@ class FeatureCache:
                 raise CacheError(f"cannot open shard {path}: {e}; run `vlm-cache verify "
                                  f"{self.cache_dir}`") from e
             self._open[index] = shard
+            self.shard_opens += 1
             while len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)    # outstanding tensors keep their mapping alive
         else:
@@ -366,7 +408,7 @@ def fingerprint_differences(cached: dict, expected: dict) -> list[str]:
 
 
 def check_cache_for_training(cache_dir: str | os.PathLike, expected_fingerprint: dict,
-                             max_open_shards: int = 16, full: bool = False) -> FeatureCache:
+                             max_open_shards: int | None = None, full: bool = False) -> FeatureCache:
     """Open a cache for training, or raise CacheError saying what is wrong and what to do.
 
     Refuses a cache built with another encoder (weights, layer, dtype, pooling,

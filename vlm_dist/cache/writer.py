@@ -3,8 +3,9 @@
 Every file the builder publishes is written under a temporary name, fsynced,
 renamed into place and its directory fsynced (vlm_dist.fileio): after a crash a file is either
 complete or absent. `ShardWriter` streams record batches into one Arrow IPC
-shard and hashes the bytes as they are written, so finishing a shard never
-re-reads it. A full disk is a `BuildError` naming the file and the free space.
+shard and hashes the bytes as they are written (on a hashing thread when given
+one), so finishing a shard never re-reads it. A full disk is a `BuildError`
+naming the file and the free space.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import os
 import shutil
 import socket
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,16 +78,52 @@ def write_table_atomic(path: Path, table: pa.Table) -> None:
     write_bytes_atomic(path, sink.getvalue().to_pybytes())
 
 
-class _HashingFile:
-    """A write-only file object that hashes and counts what passes through it."""
+# Bytes a shard's hashing may lag behind its writes before the writer waits for it (the queued
+# buffers are the feature batches themselves, pinned memory on CUDA).
+MAX_HASH_LAG = 512 << 20
 
-    def __init__(self, f):
+
+class _HashingFile:
+    """A write-only file object that hashes and counts what passes through it.
+
+    With `hasher` (a one-thread executor of this file's own: updates must run in order) the
+    SHA-256 runs beside the writes, and beside the next shard's: hashlib releases the GIL, and
+    the queued job keeps Arrow's immutable buffer alive.
+    """
+
+    def __init__(self, f, hasher: ThreadPoolExecutor | None = None):
         self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self.hasher = hasher
+        self.pending: deque = deque()          # (future, bytes) of queued updates, oldest first
+        self.lag = 0
 
     def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
+        n = len(data)
+        if self.hasher is None:
+            self.sha.update(data)
+        else:
+            self.pending.append((self.hasher.submit(self.sha.update, data), n))
+            self.lag += n
+            while self.lag > MAX_HASH_LAG:
+                self._wait_oldest()
+        self.size += n
         return self.f.write(data)
+
+    def _wait_oldest(self):
+        future, n = self.pending.popleft()
+        future.result()
+        self.lag -= n
+
+    def hexdigest(self) -> str:
+        while self.pending:
+            self._wait_oldest()
+        if self.hasher is not None:
+            self.hasher.shutdown()
+        return self.sha.hexdigest()
+
+    def cancel(self) -> None:
+        if self.hasher is not None:
+            self.hasher.shutdown(wait=False, cancel_futures=True)
 
     def flush(self):
         self.f.flush()
@@ -110,15 +149,24 @@ class _HashingFile:
 
 
 class ShardWriter:
-    """Stream (keys, features) batches into one shard; `finish()` then `publish()` it."""
+    """Stream (keys, features) batches into one shard; `close()`, `finish()`, then `publish()` it.
 
-    def __init__(self, path: Path, dtype: str, feature_shape: tuple[int, int]):
+    `close()` ends the Arrow stream; `finish()` (which closes first if needed) waits for the hash
+    and fsyncs, so a caller may hand a closed writer to another thread to finish while it
+    starts the next shard. `hash_in_background`: the SHA-256 on a thread of the shard's own
+    (else inline, in `write`).
+    """
+
+    def __init__(self, path: Path, dtype: str, feature_shape: tuple[int, int],
+                 hash_in_background: bool = False):
         self.path, self.tmp = path, fileio.tmp_name(path)
         self.schema = shard_schema(dtype, feature_shape)
         self.width = feature_shape[0] * feature_shape[1]
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.tmp, "wb")
-        self.hashing = _HashingFile(self.file)
+        self.hashing = _HashingFile(self.file, ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
+                                    if hash_in_background else None)
+        self.closed = False
         try:
             self.writer = pa.ipc.new_file(self.hashing, self.schema)   # writes the header
         except BaseException:
@@ -135,14 +183,21 @@ class ShardWriter:
         self.writer.write_batch(batch)
         self.rows += len(keys)
 
+    def close(self) -> None:
+        """Write the Arrow footer and hand the bytes to the OS: no more batches."""
+        if not self.closed:
+            self.writer.close()
+            self.file.flush()
+            self.closed = True
+
     def finish(self) -> dict:
         """Close and fsync the temporary file; return {"rows", "bytes", "sha256", "mtime_ns"}."""
-        self.writer.close()
-        self.file.flush()
+        self.close()
+        sha256 = self.hashing.hexdigest()
         os.fsync(self.file.fileno())
         self.file.close()
         # rename keeps the mtime: finalize stamps the shard as it was written, not as it is then
-        return {"rows": self.rows, "bytes": self.hashing.size, "sha256": self.hashing.sha.hexdigest(),
+        return {"rows": self.rows, "bytes": self.hashing.size, "sha256": sha256,
                 "mtime_ns": os.stat(self.tmp).st_mtime_ns}
 
     def publish(self) -> None:
@@ -150,6 +205,7 @@ class ShardWriter:
         fileio.publish(self.tmp, self.path)
 
     def abort(self) -> None:
+        self.hashing.cancel()
         if not self.file.closed:
             self.file.close()
         self.tmp.unlink(missing_ok=True)
