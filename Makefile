@@ -2,10 +2,14 @@
 #   make demo   - install, then train and evaluate the embedded demo end to end
 #   make test   - install, bring up a local Slurm and ssh to localhost for pdsh (as root, if possible),
 #                 run the test suite
+# And on a lent GPU machine (no network; no install: it runs from the checkout):
+#   make gpu-check - the one-shot GPU matrix (launch/gpu_check.py), wheels from $(WHEELS)
+#                    (made beforehand where pip works: bash launch/gpu_wheels.sh), JSON under benchmarks/
 PY ?= python3
 TORCH ?= torch==2.13.0
+WHEELS ?= .whl
 
-.PHONY: install demo test slurm ssh
+.PHONY: install demo test slurm ssh gpu-check
 
 install:
 	$(PY) -m pip install -q "$(TORCH)"
@@ -24,3 +28,6 @@ ssh:
 
 test: install slurm ssh
 	$(PY) -m pytest tests -q -ra --durations=15
+
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PY) launch/gpu_check.py --wheels $(WHEELS) --out benchmarks

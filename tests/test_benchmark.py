@@ -88,7 +88,11 @@ def test_full_size_path_on_random_weights(tmp_path, small_configs):
     assert r["tokens_per_s_per_gpu"] > 0
     # lm_head at supervised positions: 4 x 32 x 151,936 per supervised token, the biggest part here
     assert r["flops_breakdown_per_token"]["lm_head"] == pytest.approx(4 * 32 * 151_936 * r["supervised_fraction"])
-    assert (tmp_path / "w" / "llm-random" / "BUILT").exists()
+    # the LLM's random weights were made in memory: only its config.json went to disk, and the
+    # vision tower (training reads cached features) needed no weights either
+    assert sorted(p.name for p in (tmp_path / "w" / "llm-config").iterdir()) == ["config.json"]
+    assert sorted(p.name for p in (tmp_path / "w" / "vision-config").iterdir()) == ["config.json"]
+    assert not list((tmp_path / "w").rglob("*.safetensors"))
 
 
 def test_cache_builder_mode(tmp_path, small_configs, capsys):
@@ -100,7 +104,8 @@ def test_cache_builder_mode(tmp_path, small_configs, capsys):
     assert r["images_per_s"] > 0 and r["hours_558k"] == pytest.approx(558_128 / r["images_per_s"] / 3600)
     assert r["setup"]["patches"] == 16 and r["setup"]["layers_run"] == 1    # feature layer -2 of 2
     assert r["mfu_measured"] == pytest.approx(r["flops_per_step"] / r["step_time_s"] / r["peak_flops_measured"])
-    assert not (tmp_path / "w" / "llm-random").exists()                     # the cache builder needs no LLM
+    assert not (tmp_path / "w" / "llm-config").exists()                     # the cache builder needs no LLM
+    assert (tmp_path / "w" / "vision-random" / "model.safetensors").exists()  # VisionTower loads from disk
     assert "images/s" in capsys.readouterr().out
 
 
@@ -129,3 +134,50 @@ def test_bad_flags_are_named(tmp_path):
         bench.parse_args(["--stepz", "3"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--records", "x.jsonl"])     # lengths from records need their tokenizer
+
+
+def test_full_size_llm_is_built_from_its_config_without_a_checkpoint(tmp_path):
+    """The full-size LLM's weights are made from config.json (meta-device shapes, random values made
+    where they will live) and handed to from_pretrained as they are: every key of the model, norm gains
+    1, linears N(0, initializer_range), and the loaded model holds those very tensors (no copy)."""
+    import torch
+    from transformers import AutoConfig
+
+    from vlm_dist.benchmark.workload import random_llm_weights
+    from vlm_dist.model.build import load_llm
+
+    llm = json.loads((REPO / "launch" / "model_configs" / "qwen3-8b-base.json").read_text())
+    llm.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16)
+    (tmp_path / "config.json").write_text(json.dumps(llm))
+    weights = random_llm_weights(AutoConfig.from_pretrained(tmp_path), torch.bfloat16, torch.device("cpu"))
+    assert weights["model.norm.weight"].eq(1).all() and weights["lm_head.weight"].shape == (151_936, 64)
+    assert weights["model.layers.1.mlp.up_proj.weight"].float().std().item() == pytest.approx(0.02, rel=0.05)
+    model = load_llm(str(tmp_path), "frozen", torch.bfloat16, "sdpa", weights=weights)
+    state = model.state_dict()
+    assert set(state) == set(weights)
+    assert all(state[k].data_ptr() == w.data_ptr() for k, w in weights.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]       # nothing was written
+
+
+def test_cache_pipeline_with_a_stand_in_encoder_writes_every_image(tmp_path):
+    """The builder's pipeline (decode, 8-bit pixels, writer, SHA-256, fsync) around a free encoder."""
+    from vlm_dist.benchmark.measure import measure_cache_pipeline
+    r = measure_cache_pipeline(tmp_path, num_images=6, shard_size=4, batch_size=2, workers=0, image_size=8,
+                               photo_size=(40, 30), feature_shape=(4, 8))
+    s = r["setup"]
+    assert s["encoded"] == 6 and s["failed"] == 0
+    assert s["bytes"] > 6 * 4 * 8 * 2                       # bf16 features of every image, plus Arrow framing
+    assert r["images_per_s"] == pytest.approx(6 / r["seconds"])
+    assert r["input_wait_seconds"] >= 0 and r["output_wait_seconds"] >= 0
+    assert not (tmp_path / "cache-pipeline").exists()       # the timed cache is removed
+
+
+def test_loader_over_a_cache_on_disk(tmp_path):
+    from vlm_dist.benchmark.measure import measure_loader, write_random_cache
+    from vlm_dist.cache.reader import verify_cache
+    keys = write_random_cache(tmp_path / "c", num_images=24, shard_size=4, feature_shape=(4, 8))
+    assert len(keys) == 24 and verify_cache(tmp_path / "c") == []
+    r = measure_loader(tmp_path / "c", batches=3, micro_batch_size=2, num_workers=0)
+    assert r["setup"]["shards"] == 6 and r["setup"]["max_open_shards"] == 6
+    assert r["samples_per_s"] == pytest.approx(r["batches_per_s"] * 2)   # one image per sample, full rows

@@ -8,8 +8,9 @@
     vlm-benchmark ...                                                # the same, as an installed command
 
 Builds Qwen3-8B-Base and SigLIP-so400m-patch14-384 at full size from the configs in
-launch/model_configs/ with random weights (written once to --work-dir; nothing is
-downloaded), then runs what training runs: vlm_dist.training.loop's build_model and train_step,
+launch/model_configs/ with random weights made directly on the GPU (the model is laid out on
+the meta device; nothing is downloaded, and only the cache builder's SigLIP weights are written,
+once, to --work-dir), then runs what training runs: vlm_dist.training.loop's build_model and train_step,
 vlm_dist.training.optim's AdamW, vlm_dist.training.ds_config's DeepSpeed config, the LengthGroupedSampler's
 packed (or padded) micro-batches and vlm_dist.data.loader's DataLoader. Only the samples
 are synthetic: token ids with the layout of real ones (image blocks, prompt, supervised
@@ -41,10 +42,28 @@ from pathlib import Path
 
 import torch
 
-from vlm_dist.benchmark.measure import add_utilisation, environment, run_cache, run_train
-from vlm_dist.config import DEFAULT_CONFIG
-from vlm_dist.config import REPO_ROOT
+from vlm_dist.benchmark.measure import (add_utilisation, environment, measure_cache_pipeline, measure_loader,
+                                        run_cache, run_train, write_random_cache)
+from vlm_dist.config import DEFAULT_CONFIG, REPO_ROOT
 from vlm_dist.training.flops import MODEL_CONFIGS
+
+
+def _loader_over_disk(work: Path) -> dict:
+    """Training's loader over a random so400m-shaped cache (1024 images in 64 shards, 1.7 GB) written to
+    disk first, so its reads are real I/O."""
+    import shutil
+    import tempfile
+
+    work.mkdir(parents=True, exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))   # ours alone, removed after
+    try:
+        write_random_cache(cache, num_images=1024, shard_size=16)
+        return measure_loader(cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+HOST_MODES = {"cache-pipeline": measure_cache_pipeline, "loader": _loader_over_disk}
 
 
 def table(result: dict) -> str:
@@ -80,7 +99,10 @@ def parse_args(argv: list[str]):
                     "Also takes the run config's --section.key=value overrides (see launch/train.py --help).",
         epilog="example: python launch/benchmark.py --config launch/configs/stage3_multi.yaml "
                "--model.llm_mode=qlora --data.max_seq_len=4096 --out bench.json")
-    ap.add_argument("--mode", choices=("train", "cache"), default="train")
+    ap.add_argument("--mode", choices=("train", "cache", "cache-pipeline", "loader"), default="train",
+                    help="train; cache: the cache builder with SigLIP; cache-pipeline: the builder's decode/"
+                         "write/hash/fsync path with a stand-in encoder (is the writer the limit?); loader: "
+                         "training's BatchStream over a random cache on disk in --work-dir")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG),
                     help="stage config (YAML) whose model/data/train sections the benchmark runs")
     ap.add_argument("--deepspeed", default=str(REPO_ROOT / "ds_configs" / "zero2.json"),
@@ -100,7 +122,7 @@ def parse_args(argv: list[str]):
     ap.add_argument("--feature-layer", type=int, default=-2, help="--mode cache: SigLIP layer the cache keeps")
     ap.add_argument("--cache-batch", type=int, default=None, help="--mode cache: images per forward")
     ap.add_argument("--work-dir", default=os.path.expanduser("~/.cache/vlm_dist/bench"),
-                    help="where the random-weight checkpoints are written once")
+                    help="where the models' config.json files (and the cache builder's random SigLIP) are written")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None, help="label of this run in the table and JSON")
     ap.add_argument("--out", default=None, help="write the report here as JSON")
@@ -114,11 +136,13 @@ def parse_args(argv: list[str]):
     return args, overrides
 
 
-def main(argv: list[str] | None = None) -> int:
+def prepare(argv: list[str]):
+    """Flags -> (args, run config, device), with the process group up where the run needs one: the
+    set-up that the benchmark and the packed-vs-alone check (vlm_dist.benchmark.correctness) share."""
     from vlm_dist import dist
     from vlm_dist.config import load_config
 
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(argv)
     on_cpu = not torch.cuda.is_available()
     default_models = (Path(args.llm_config) == MODEL_CONFIGS / "qwen3-8b-base.json"
                       and Path(args.vision_config) == MODEL_CONFIGS / "siglip-so400m-patch14-384.json")
@@ -140,11 +164,26 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_distributed()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
-    if device.type == "cpu" and cfg.model.attn_implementation not in ("sdpa", "eager"):
+    if device.type == "cpu" and cfg.model.attn_implementation not in ("sdpa", "eager", "auto", "varlen"):
         raise ValueError(f"--model.attn_implementation={cfg.model.attn_implementation} cannot train on the CPU "
-                         "(no backward there); use sdpa or eager for the CPU pipeline check")
+                         "(no backward there); use sdpa, eager, auto or varlen (its CPU reference) for the CPU "
+                         "pipeline check")
     torch.manual_seed(args.seed)
+    return args, cfg, device
 
+
+def main(argv: list[str] | None = None) -> int:
+    from vlm_dist import dist
+
+    args, cfg, device = prepare(sys.argv[1:] if argv is None else argv)
+    if args.mode in HOST_MODES:   # no model, no FLOPs: the host side of the pipeline only
+        result = HOST_MODES[args.mode](Path(args.work_dir) / args.mode)
+        result.update(name=args.name or args.mode, mode=args.mode, environment=environment(device))
+        if dist.is_main():
+            print(json.dumps(result, indent=1))
+            if args.out:
+                Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     if args.mode == "cache":
         result = run_cache(args, device)
         name = args.name or "cache builder (SigLIP forward)"

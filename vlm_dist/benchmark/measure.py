@@ -1,4 +1,5 @@
-"""The benchmark's measurements: training steps (throughput, FLOPs) and the cache builder's forward.
+"""The benchmark's measurements: training steps (throughput, FLOPs), the cache builder's forward,
+its pipeline around a stand-in encoder, and the training loader over a cache on disk.
 
 The training measurement runs what training runs: vlm_dist.training.loop's build_model
 and train_step, vlm_dist.training.optim's AdamW, vlm_dist.training.ds_config's DeepSpeed
@@ -9,12 +10,14 @@ vlm_dist.training.flops from the samples that ran in the timed window.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -82,13 +85,15 @@ def run_train(cfg, args, device) -> dict:
 
     world, rank = dist.world_size(), dist.rank()
     m, d, t = cfg.model, cfg.data, cfg.train
-    llm_dir, vision_dir, tokenizer = model_paths(args)
+    models = model_paths(args, device)
+    tokenizer = models.tokenizer
     from transformers import AutoConfig
-    vcfg = AutoConfig.from_pretrained(vision_dir)
+    vcfg = AutoConfig.from_pretrained(models.vision)
     vcfg = getattr(vcfg, "vision_config", vcfg)
     feature_shape = (F.num_patches(vcfg), vcfg.hidden_size)
-    m.llm, m.init_from = llm_dir, None           # random weights; a fresh connector
-    vlm = build_model(cfg, tokenizer, feature_shape, dist.is_main())
+    m.llm, m.init_from = models.llm, None           # random weights; a fresh connector
+    vlm = build_model(cfg, tokenizer, feature_shape, dist.is_main(), llm_weights=models.llm_weights)
+    del models
 
     if args.engine == "torch":
         if world > 1:
@@ -107,7 +112,7 @@ def run_train(cfg, args, device) -> dict:
     workers = min(d.num_workers, 1) if device.type == "cpu" else d.num_workers
     loader = build_loader(micro, samples, FeatureBank(feature_shape, getattr(torch, m.dtype)), pad_id=pad_id,
                           max_seq_len=d.max_seq_len, feature_shape=feature_shape, num_workers=workers,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda", image_pad_id=vlm.pad_ids["image"])
 
     # -- warm up, then time whole optimizer steps; host syncs only at the window's ends
     it = iter(loader)
@@ -182,7 +187,7 @@ def run_cache(args, device) -> dict:
 
     from vlm_dist.model.vision import VisionTower
 
-    _, vision_dir, _ = model_paths(args, need_llm=False)
+    vision_dir = model_paths(args, device, need_llm=False, need_vision_weights=True).vision
     tower = VisionTower.from_pretrained(vision_dir, feature_layer=args.feature_layer, dtype=torch.bfloat16,
                                         device=device)
     side = tower.image_size
@@ -230,11 +235,16 @@ def cpu_name() -> str:
 
 
 def environment(device: torch.device) -> dict:
-    import deepspeed
+    import importlib.metadata
+
     import transformers
+    try:   # the cache builder and --engine torch run without DeepSpeed installed
+        ds_version = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        ds_version = None
     env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                host=platform.node(), python=platform.python_version(), torch=torch.__version__,
-               transformers=transformers.__version__, deepspeed=deepspeed.__version__,
+               transformers=transformers.__version__, deepspeed=ds_version,
                cpu=cpu_name(), cpu_count=os.cpu_count(), device=device.type)
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
@@ -264,3 +274,177 @@ def add_utilisation(result: dict, device: torch.device, dtype: torch.dtype) -> N
     else:   # ru_maxrss is KiB on Linux: the whole process, model build included
         result["peak_memory_gb"] = dist.all_reduce_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     result["peak_memory_kind"] = "cuda max_memory_allocated" if device.type == "cuda" else "host max RSS"
+
+
+# ----------------------------------------------------------------------------- the cache pipeline and loader, on disk
+
+SO400M_FEATURES = (729, 1152)      # (patches, dim) of siglip-so400m-patch14-384's penultimate layer
+
+
+class _StandInSiglip(torch.nn.Module):
+    """In place of the SigLIP encoder: the config of the real one, random features at once.
+
+    VisionTower runs around it as usual (normalising 8-bit pixels on the device included); its
+    output is slices of one random bank, so what is timed is everything but the model.
+    """
+
+    def __init__(self, image_size: int, feature_shape: tuple[int, int], max_batch: int):
+        from transformers import SiglipVisionConfig
+        super().__init__()
+        patches, dim = feature_shape
+        side = math.isqrt(patches)
+        self.config = SiglipVisionConfig(image_size=image_size, patch_size=image_size // side,
+                                         hidden_size=dim, num_hidden_layers=1)
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)   # gives the tower a device
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("bank", torch.randn(max_batch, patches, dim, generator=g).to(torch.bfloat16))
+
+    def forward(self, pixel_values, output_hidden_states=True):
+        feats = self.bank[:pixel_values.shape[0]]
+        return SimpleNamespace(hidden_states=(feats, feats))
+
+
+def stand_in_tower(image_size: int = 384, feature_shape: tuple[int, int] = SO400M_FEATURES,
+                   max_batch: int = 256, device: str | torch.device = "cpu"):
+    """A VisionTower with the real preprocessing (SigLIP's processor at `image_size`) around
+    _StandInSiglip: the cache builder's pipeline at full data size, without the model's cost."""
+    from transformers import SiglipImageProcessor
+
+    from vlm_dist.model.vision import VisionTower
+    processor = SiglipImageProcessor(size={"height": image_size, "width": image_size}, resample=3,
+                                     image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    model = _StandInSiglip(image_size, feature_shape, max_batch)
+    return VisionTower(model, processor, "stand-in", -2, 1, torch.bfloat16, "stand-in").to(device)
+
+
+def write_photos(folder: Path, n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> list[str]:
+    """n distinct JPEGs of a LLaVA-Pretrain-like size (smooth content, quality 90); their names."""
+    from PIL import Image, ImageDraw
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    bases = []
+    for b in range(8):
+        small = (torch.rand(3, size[1] // 16, size[0] // 16, generator=g) * 255).byte()
+        img = Image.fromarray(small.permute(1, 2, 0).numpy()).resize(size, Image.BICUBIC)
+        bases.append(Image.blend(img, Image.effect_mandelbrot(size, (-2, -1.5, 1, 1.5), 10 + b).convert("RGB"), 0.4))
+    names = []
+    for i in range(n):
+        img = bases[i % len(bases)].copy()
+        ImageDraw.Draw(img).text((8, 8), f"{i:08d}", fill=(255, 255, 255))   # a unique file, a unique key
+        names.append(f"{i:08d}.jpg")
+        img.save(folder / names[-1], quality=90)
+    return names
+
+
+def measure_cache_pipeline(work_dir: str | os.PathLike, num_images: int = 1024, shard_size: int = 256,
+                           batch_size: int = 32, workers: int = 2, image_size: int = 384,
+                           photo_size: tuple[int, int] = (500, 375),
+                           feature_shape: tuple[int, int] = SO400M_FEATURES, encode=None) -> dict:
+    """Images/s of `vlm-cache build`'s encode step (decode workers, 8-bit pixels, the writer thread,
+    SHA-256, Arrow, fsync, publish) with a stand-in encoder that costs nothing (`stand_in_tower`).
+
+    A small `image_size` (e.g. 32) makes decoding cheap too, leaving the writer as the only work:
+    its ceiling. `encode` is the encode_shards to time (default vlm_dist.cache.encode's; another
+    version of it to compare). input/output_wait_seconds say which side the device loop waited for.
+    """
+    import shutil
+
+    from vlm_dist.cache import encode as E
+    from vlm_dist.cache.build import make_plan
+    from vlm_dist.cache.plan import BuildConfig
+
+    work = Path(work_dir)
+    photos = work / f"photos-{photo_size[0]}x{photo_size[1]}-{num_images}"
+    if not (photos / "list.txt").exists():
+        names = write_photos(photos, num_images, photo_size)
+        (photos / "list.txt").write_text("\n".join(names) + "\n")
+    out = work / "cache-pipeline"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = BuildConfig(out=str(out), image_lists=[str(photos / "list.txt")], image_root=str(photos),
+                      batch_size=batch_size, workers=workers, shard_size=shard_size, progress=False)
+    tower = stand_in_tower(image_size, feature_shape, max_batch=batch_size)
+    plan = make_plan(cfg, tower.fingerprint(pool=1), threads=max(4, workers))
+    start = time.perf_counter()
+    stats = (encode or E.encode_shards)(cfg, tower, plan, list(range(plan.num_shard_files)), out, False)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return dict(images_per_s=stats["encoded"] / elapsed, seconds=elapsed, mb_per_s=stats["bytes"] / elapsed / 1e6,
+                input_wait_seconds=stats["input_wait_seconds"],
+                output_wait_seconds=stats.get("output_wait_seconds"),
+                setup=dict(images=num_images, shard_size=shard_size, batch_size=batch_size, workers=workers,
+                           image_size=image_size, photo_size=list(photo_size), feature_shape=list(feature_shape),
+                           encoded=stats["encoded"], failed=stats["failed"], bytes=stats["bytes"]))
+
+
+def write_random_cache(out: str | os.PathLike, num_images: int, shard_size: int,
+                       feature_shape: tuple[int, int] = SO400M_FEATURES, dtype: str = "bfloat16") -> list[str]:
+    """A finished, verified feature cache of random features on disk (what `vlm-cache build`
+    writes: shards, keys.arrow, index.arrow, manifest); returns its keys. Reference i is `img-i`."""
+    import hashlib
+
+    from vlm_dist.cache.build import ShardContents, publish_index
+    from vlm_dist.cache.reader import FORMAT, STORAGE, shard_name
+    from vlm_dist.cache.writer import ShardWriter
+
+    out = Path(out)
+    refs = [f"img-{i}" for i in range(num_images)]
+    key_of = {r: hashlib.sha256(r.encode()).hexdigest() for r in refs}
+    keys = sorted(key_of.values())
+    np_dtype = STORAGE[dtype][1]
+    g = torch.Generator().manual_seed(0)
+    width = feature_shape[0] * feature_shape[1]
+    shards = ShardContents()
+    for j, s in enumerate(range(0, num_images, shard_size)):
+        chunk = keys[s:s + shard_size]
+        writer = ShardWriter(out / shard_name(j), dtype, feature_shape)
+        for b in range(0, len(chunk), 64):
+            bits = torch.randint(0, 1 << 14, (len(chunk[b:b + 64]), width), generator=g, dtype=torch.int32)
+            writer.write(chunk[b:b + 64], bits.numpy().astype(np_dtype))
+        shards.add(j, writer.finish(), chunk)
+        writer.publish()
+    fingerprint = {"model": "random", "dtype": dtype, "pool": 1, "feature_shape": list(feature_shape)}
+    info = {"format": FORMAT, "fingerprint": fingerprint, "shard_size": shard_size, "num_records": num_images,
+            "num_references": num_images, "num_unique_references": num_images, "num_keys": num_images,
+            "sources": {"records": [], "image_lists": [], "image_root": str(out)}}
+    publish_index(out, info, shards, [{"ref": r, "key": key_of[r]} for r in sorted(refs)], [],
+                  {"failed_images": 0, "unreadable_files": 0, "records_with_failed_images": 0})
+    return keys
+
+
+def measure_loader(cache_dir: str | os.PathLike, batches: int = 50, max_open_shards: int | None = None,
+                   micro_batch_size: int = 16, num_workers: int = 2, seed: int = 0) -> dict:
+    """Samples/s of training's BatchStream over a cache on disk (stage-1 shaped samples, one image
+    each, every cached image once, planned by the LengthGroupedSampler): the loader alone, on the host.
+    `max_open_shards` as FeatureCache takes it (None: sized from the data)."""
+    import random
+
+    from vlm_dist.cache.reader import FeatureCache
+    from vlm_dist.contract.prompt import EncodedSample
+    from vlm_dist.data.loader import BatchStream
+    from vlm_dist.data.sampler import LengthGroupedSampler
+    from vlm_dist.benchmark.workload import builtin_shapes
+
+    cache = FeatureCache(cache_dir, max_open_shards=max_open_shards)
+    keys = cache.keys()
+    image_tokens = cache.feature_shape[0]
+    rng = random.Random(seed)
+    samples = []
+    for i, (key, s) in enumerate(zip(keys, builtin_shapes("stage1", len(keys), rng))):
+        ids = [1] * image_tokens + [rng.randrange(2, 1000) for _ in range(s.prompt + s.answer)]
+        labels = [IGNORE] * (len(ids) - s.answer) + ids[len(ids) - s.answer:]
+        samples.append(EncodedSample(f"s{i}", ids, labels, {"image": [key]}))
+    max_seq_len = image_tokens + 256
+    sampler = LengthGroupedSampler.from_samples(samples, world_size=1, rank=0, max_seq_len=max_seq_len,
+                                                rows_per_micro=micro_batch_size, packing=False, seed=seed)
+    stream = iter(BatchStream(sampler, samples, cache.__getitem__, pad_id=0, max_seq_len=max_seq_len,
+                              feature_shape=cache.feature_shape, num_workers=num_workers, pin_memory=False))
+    next(stream)                                # workers started, first batch in
+    n = 0
+    start = time.perf_counter()
+    for _ in range(batches):
+        n += next(stream)["media"]["image"]["features"].shape[0]      # one image per sample
+    elapsed = time.perf_counter() - start
+    return dict(samples_per_s=n / elapsed, batches_per_s=batches / elapsed,
+                setup=dict(shards=len(cache.manifest["shards"]), images=len(keys),
+                           max_open_shards=cache.max_open_shards, micro_batch_size=micro_batch_size,
+                           num_workers=num_workers, batches=batches, feature_shape=list(cache.feature_shape)))

@@ -131,56 +131,111 @@ class FeatureBank:
 
 # ----------------------------------------------------------------------------- models
 
-def random_checkpoint(config_json: Path, out_dir: Path, kind: str) -> Path:
-    """Write a random-weight checkpoint for `config_json` once (idempotent); return its directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, SiglipImageProcessor, SiglipVisionModel
+def init_random_(name: str, w: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
+    """The cheap stand-in for a model's own init: norm gains 1, biases 0, everything else N(0, std)."""
+    module, _, kind = name.rpartition(".")
+    if kind == "weight" and "norm" in module.rpartition(".")[2]:   # RMSNorm/LayerNorm: norm, q_norm, layer_norm1
+        return w.fill_(1)
+    if name.endswith(".bias"):
+        return w.zero_()
+    return w.normal_(0.0, std, generator=g)
+
+
+def random_llm_weights(config, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights for every persistent tensor of the causal LM `config` describes, made directly on
+    `device`. The model is built on the meta device for its names and shapes only (no memory); the
+    weights then go through from_pretrained(state_dict=...) like a checkpoint's, so QLoRA is quantised
+    by transformers as it would be from disk, and no 16 GB checkpoint is written and read back."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shapes = AutoModelForCausalLM.from_config(config).state_dict()
+    g = torch.Generator(device).manual_seed(seed)
+    return {name: init_random_(name, torch.empty(t.shape, dtype=dtype, device=device), config.initializer_range, g)
+            for name, t in shapes.items()}
+
+
+def random_vision_checkpoint(config_json: Path, out_dir: Path, device: torch.device) -> Path:
+    """A random-weight SigLIP tower for `config_json` (~0.8 GB for so400m), written once (idempotent): the
+    cache builder loads it through VisionTower.from_pretrained as it loads a real one. Built on the meta
+    device, then materialised on `device` (to_empty) and initialised there: seconds, not CPU minutes."""
+    from transformers import AutoConfig, SiglipImageProcessor, SiglipVisionModel
 
     done = out_dir / "BUILT"
     if done.exists():
         return out_dir
-    config = AutoConfig.from_pretrained(str(config_json))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):     # random init on the GPU takes seconds, on the CPU minutes
-        if kind == "llm":
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        else:
-            model = SiglipVisionModel._from_config(config.vision_config, dtype=torch.bfloat16)
+    vc = AutoConfig.from_pretrained(str(config_json)).vision_config
+    with torch.device("meta"):
+        model = SiglipVisionModel._from_config(vc, dtype=torch.bfloat16)
+    model.to_empty(device=device)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            init_random_(name, p, vc.hidden_size ** -0.5, g)
+    # (its one buffer, position_ids, is not persistent: from_pretrained rebuilds it)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    if kind == "vision":
-        vc = config.vision_config
-        SiglipImageProcessor(size={"height": vc.image_size, "width": vc.image_size}, resample=3,
-                             image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(str(out_dir))
+    SiglipImageProcessor(size={"height": vc.image_size, "width": vc.image_size}, resample=3,
+                         image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(str(out_dir))
     del model
-    if device == "cuda":
+    if device.type == "cuda":
         torch.cuda.empty_cache()
     done.write_text(str(config_json))
     return out_dir
 
 
-def model_paths(args, need_llm: bool = True) -> tuple[str | None, str, object]:
-    """(llm dir, vision dir, tokenizer) for the tiny or the full-size run. The first process on each
-    node writes the checkpoints; the others wait for it, then find them built."""
+@dataclass
+class Models:
+    """What a benchmark run loads: the LLM directory (for the full-size run, config.json only) and,
+    for the full-size run, its random weights already on the device; the vision directory (config.json,
+    and weights only where the run needs the tower); the tokenizer."""
+    llm: str | None
+    vision: str
+    tokenizer: object
+    llm_weights: dict | None = None
+
+
+def model_paths(args, device: torch.device, need_llm: bool = True, need_vision_weights: bool = False) -> Models:
+    """The tiny or the full-size models. The first process on each node writes what goes to disk (the
+    tiny models; the full-size configs; the vision tower's weights if needed); the others wait for it.
+    Each process makes the full-size LLM's random weights on its own device."""
     from vlm_dist import dist
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        _build_models(args, need_llm)
+        _write_models(args, device, need_llm, need_vision_weights)
     dist.barrier()
-    return _build_models(args, need_llm)
+    models = _write_models(args, device, need_llm, need_vision_weights)
+    if need_llm and not args.tiny:
+        from transformers import AutoConfig
+        models.llm_weights = random_llm_weights(AutoConfig.from_pretrained(models.llm), torch.bfloat16, device,
+                                                args.seed)
+    return models
 
 
-def _build_models(args, need_llm: bool) -> tuple[str | None, str, object]:
+def _write_models(args, device: torch.device, need_llm: bool, need_vision_weights: bool) -> Models:
     work = Path(args.work_dir)
     if args.tiny:
         from transformers import AutoTokenizer
 
         from vlm_dist.testing.tiny import build_tiny_models
         paths = build_tiny_models(work / "tiny")
-        return paths["llm"], paths["vision"], AutoTokenizer.from_pretrained(paths["tokenizer"])
-    vision = random_checkpoint(Path(args.vision_config), work / (Path(args.vision_config).stem + "-random"),
-                               "vision")
-    llm = random_checkpoint(Path(args.llm_config), work / (Path(args.llm_config).stem + "-random"), "llm") \
-        if need_llm else None
-    return (str(llm) if llm else None), str(vision), Qwen3SpecialIds()
+        return Models(paths["llm"], paths["vision"], AutoTokenizer.from_pretrained(paths["tokenizer"]))
+    vision_config = Path(args.vision_config)
+    if need_vision_weights:
+        vision = random_vision_checkpoint(vision_config, work / (vision_config.stem + "-random"), device)
+    else:   # training reads features from the cache: only the tower's config (patches, width) is needed
+        vision = _config_only(vision_config, work / (vision_config.stem + "-config"))
+    llm = _config_only(Path(args.llm_config), work / (Path(args.llm_config).stem + "-config")) if need_llm else None
+    return Models(str(llm) if llm else None, str(vision), Qwen3SpecialIds())
+
+
+def _config_only(config_json: Path, out_dir: Path) -> Path:
+    """A model directory holding just config.json (written atomically, so a reader never sees half)."""
+    from vlm_dist.fileio import write_text_atomic
+    target = out_dir / "config.json"
+    text = config_json.read_text()
+    if not target.exists() or target.read_text() != text:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(target, text)
+    return out_dir
 
 
 def plan_samples(cfg, args, tokenizer, image_tokens: int, n_micro: int, world: int, rank: int):
