@@ -146,11 +146,14 @@ def test_a_backend_without_boundaries_is_refused_for_packed_rows(tiny_models, to
         vlm(**batch_of(data, data["rows"]))
 
 
-def test_auto_resolves_to_varlen_on_cuda_and_sdpa_elsewhere():
+def test_auto_resolves_to_varlen_on_cuda_and_sdpa_elsewhere(monkeypatch):
     assert attention.resolve("auto", "cuda") == "varlen"
     assert attention.resolve("auto", "cpu") == "sdpa"
     assert attention.resolve("flex_attention", "cuda") == "flex_attention"
     assert attention.hf_name("varlen") == attention.VARLEN and attention.hf_name("sdpa") == "sdpa"
+    # a torch without the varlen kernel: auto never picks the per-sample reference loop
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: (None, {}, False))
+    assert attention.resolve("auto", "cuda") == "sdpa"
 
 
 def test_boundaries_reach_attention_through_lora_and_gradient_checkpointing(tiny_models, tokenizer, data):

@@ -317,3 +317,25 @@ def test_a_fresh_run_never_overwrites_a_runs_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="step_00000003.*--resume auto"):
         resolve_resume(None, tmp_path)
     assert resolve_resume("auto", tmp_path).name == tag_for(3)
+
+
+def test_pruning_never_removes_the_checkpoint_just_published(tmp_path):
+    """An explicit resume from step 100 while step 200 (a first attempt) exists: saving step 110
+    with keep_last=1 prunes step 100, keeps 110 (just published) and leaves 200 alone."""
+    for step in (100, 200):
+        (tmp_path / tag_for(step)).mkdir()
+        publish(tmp_path, tmp_path / tag_for(step), {"step": step}, keep_last=5)
+    (tmp_path / tag_for(110)).mkdir()
+    publish(tmp_path, tmp_path / tag_for(110), {"step": 110}, keep_last=1)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [tag_for(110), tag_for(200)]
+    assert (tmp_path / "latest").read_text() == tag_for(110)
+
+
+@pytest.mark.parametrize("keep_last", [0, 1, 2, 3, 5])
+def test_keep_last_keeps_exactly_that_many_of_a_straight_run(tmp_path, keep_last):
+    for step in range(10, 50, 10):
+        (tmp_path / tag_for(step)).mkdir()
+        publish(tmp_path, tmp_path / tag_for(step), {"step": step}, keep_last=keep_last)
+    kept = [p.name for p in complete_checkpoints(tmp_path)]
+    want = [tag_for(s) for s in range(10, 50, 10)]
+    assert kept == (want if keep_last == 0 else want[-keep_last:])

@@ -192,14 +192,6 @@ class LengthGroupedSampler:
         length): after that many steps the stream stands at (epoch=epochs, step=0)."""
         return sum(self.steps_per_epoch(e) for e in range(epochs)) // self.grad_accum
 
-    def global_num_supervised(self, epoch: int, step: int) -> int:
-        """Targets (!= -100) in micro-step `step` summed over all ranks, known without any
-        communication: the denominator of a global-batch mean loss. Needs num_targets."""
-        if self.num_targets is None:
-            raise ValueError("global_num_supervised needs the sampler built with num_targets "
-                             "(LengthGroupedSampler.from_samples does it)")
-        return sum(self.plan(epoch)[step][self.rank].step_supervised)
-
     def _with_supervision(self, step: list[MicroBatch]) -> list[MicroBatch]:
         """The step's micro-batches, each carrying every rank's target count (one shared tuple)."""
         counts = tuple(sum(self.num_targets[i] for i in mb.indices) for mb in step)

@@ -274,12 +274,14 @@ def _patches_from_config(cfg: ExportConfig, export_dir) -> int:
 
 @contextmanager
 def publishing(out: Path):
-    """`with publishing(out) as tmp:` build an export in `tmp`; it then replaces `out` as one rename.
+    """`with publishing(out) as tmp:` build an export in `tmp`; it then replaces `out` by two renames
+    (the old export aside, the new one in; a crash between them leaves the old one beside `out`
+    as `.NAME.tmp.*.old`, nothing deleted).
 
     `tmp` is a new directory beside `out` (same filesystem). On leaving the block the export
     in it is checked (every file opened: check_export); a failed build or check
     removes `tmp` and leaves `out` as it was. Only an export (has vlm_config.json) or an empty
-    directory is ever replaced, and only after the new one is in place; anything else at `out`
+    directory is ever replaced, and deleted only after the new one is in place; anything else at `out`
     is refused before any work, and left untouched.
     """
     if out.is_symlink() or (out.exists() and not (out.is_dir() and _is_export_or_empty(out))):

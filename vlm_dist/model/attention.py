@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 
 
 def resolve(attn_implementation: str, device_type: str) -> str:
-    """The backend a run uses: "auto" -> varlen on CUDA, sdpa elsewhere; explicit choices pass through."""
+    """The backend a run uses: "auto" -> varlen on CUDA where torch has its varlen kernel, else sdpa
+    (the per-sample reference loop syncs in every layer: never chosen for you); explicit choices pass through."""
     if attn_implementation == "auto":
-        chosen = "varlen" if device_type == "cuda" else "sdpa"
+        chosen = "varlen" if device_type == "cuda" and _torch_varlen()[0] is not None else "sdpa"
         log.info("model.attn_implementation=auto -> %s on %s", chosen, device_type)
         return chosen
     return attn_implementation

@@ -44,7 +44,9 @@ def check_media_slots(input_ids: torch.Tensor, media: dict, pad_ids: dict[str, i
                       num_tokens: dict[str, int], sample_ids=None) -> None:
     """Raise SpliceError unless each row has exactly N slots per item of each kind.
 
-    Runs on CPU tensors (the loader calls it) so the training step needs no host sync.
+    Runs on CPU tensors: `embed(validate=True)` (inference, tests) moves them there. Training
+    passes validate=False, so its step needs no host sync: the loader worker finds each
+    image's slots, and `index_copy` refuses a total that does not match.
     """
     for name, pad in pad_ids.items():
         item = (media or {}).get(name)

@@ -251,11 +251,14 @@ def publish(root: Path, ckpt_dir: Path, info: dict, keep_last: int) -> None:
     if not _STEP_DIR.fullmatch(ckpt_dir.name):
         return
     fileio.write_text_atomic(root / LATEST, ckpt_dir.name)
-    done = complete_checkpoints(root)
-    for old in done[:-keep_last] if keep_last > 0 else []:
+    step = int(_STEP_DIR.fullmatch(ckpt_dir.name).group(1))
+    # only checkpoints older than this one are pruned: after an explicit resume from an older
+    # step, newer ones from the first attempt may stand beside it, and the save just published
+    # must never be what keep_last removes
+    older = [p for p in complete_checkpoints(root) if int(_STEP_DIR.fullmatch(p.name).group(1)) < step]
+    for old in older[:max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     # interrupted saves older than the one just published are garbage
-    step = int(_STEP_DIR.fullmatch(ckpt_dir.name).group(1))
     for p in _step_dirs(root):
         if not is_complete(p) and int(_STEP_DIR.fullmatch(p.name).group(1)) < step:
             shutil.rmtree(p, ignore_errors=True)

@@ -31,7 +31,7 @@ RECORD = "run.json"
 # Keys whose change leaves what the run computes unchanged (same samples, order, weights, updates).
 HARMLESS = frozenset({
     "train.log_every", "train.eval_every", "train.nan_patience", "data.num_workers",
-    "data.eval_records", "model.gradient_checkpointing",   # eval only; recomputation gives the same values
+    "model.gradient_checkpointing",   # recomputation gives the same values
     "model.checkpoint_fraction", "model.kernels",          # the same again; fused kernels: same function
     "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.export",
     "checkpoint.allow_changed",
