@@ -7,13 +7,14 @@
 #                    (made beforehand where pip works: bash launch/gpu_wheels.sh), JSON under benchmarks/
 PY ?= python3
 TORCH ?= torch==2.13.0
+TORCHVISION ?= torchvision==0.28.0
 WHEELS ?= .whl
 
-.PHONY: install demo test slurm ssh gpu-check
+.PHONY: install demo test slurm ssh browser gpu-check
 
 install:
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[mpi]" mpich
+	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)"
+	$(PY) -m pip install -q -e ".[mpi,serve,eval,test]" mpich "$(TORCH)" "$(TORCHVISION)"
 
 demo: install
 	$(PY) launch/demo.py --out demo_out
@@ -26,7 +27,11 @@ ssh:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then bash .ci/ssh_up.sh; \
 	else echo "not root or no apt-get: the pdsh launcher tests will be skipped"; fi
 
-test: install slurm ssh
+browser:
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then bash .ci/browser_up.sh; \
+	else echo "not root or no apt-get: the browser (UI) tests will be skipped"; fi
+
+test: install slurm ssh browser
 	$(PY) -m pytest tests -q -ra --durations=15
 
 gpu-check:

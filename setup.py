@@ -26,6 +26,13 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         # fused RMSNorm/RoPE/SwiGLU for Qwen3 (Triton; --model.kernels=auto picks it up on CUDA)
         "gpu": ["liger-kernel>=0.8"],
+        # vlm-serve (OpenAI-compatible API) and vlm-ui (Gradio upload chat, talks to vlm-serve)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40", "gradio>=5", "httpx>=0.27"],
+        # the lmms-eval model plugin (vlm_dist.inference.lmms). Next to a CPU torch, pin torchvision to
+        # the release matching it (0.28.x for torch 2.13) or pip pulls a CUDA torch (Makefile does).
+        "eval": ["lmms-eval>=0.7", "scikit-learn>=1.3"],
+        # what the test suite drives: the official openai client, a real browser through Selenium
+        "test": ["openai>=1.40", "selenium>=4.20"],
     },
     entry_points={
         "console_scripts": [
@@ -35,6 +42,11 @@ setup(
             "vlm-eval=vlm_dist.inference.eval_cli:main",
             "vlm-train=vlm_dist.training.loop:main",
             "vlm-benchmark=vlm_dist.benchmark.cli:main",
-        ]
+            "vlm-export=vlm_dist.inference.export_cli:main",
+            "vlm-serve=vlm_dist.serve.cli:main",
+            "vlm-ui=vlm_dist.serve.ui:main",
+        ],
+        # lmms-eval finds `--model vlm_dist` here (its registry_v2 reads this entry-point group)
+        "lmms_eval.models": ["vlm_dist=vlm_dist.inference.lmms:manifest"],
     },
 )

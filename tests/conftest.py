@@ -18,3 +18,28 @@ def tiny_models(tmp_path_factory):
 def tokenizer(tiny_models):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
+
+
+def real_photo_paths() -> list[str]:
+    """Real photographs that ship with installed dependencies (nothing is downloaded):
+    matplotlib's grace_hopper.jpg (512x600) and scikit-learn's china.jpg and flower.jpg (640x427;
+    scikit-learn comes with the [eval] extra)."""
+    from pathlib import Path
+
+    import matplotlib
+    paths = [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"]
+    try:
+        import sklearn.datasets
+        images = Path(sklearn.datasets.__file__).parent / "images"
+        paths += [images / "china.jpg", images / "flower.jpg"]
+    except ImportError:
+        pass
+    return [str(p) for p in paths if p.is_file()]
+
+
+@pytest.fixture(scope="session")
+def real_photos():
+    """At least two real photos (paths); fails loudly if the dependencies that carry them are missing."""
+    paths = real_photo_paths()
+    assert len(paths) >= 2, f"real photos not found (matplotlib + scikit-learn): {paths}"
+    return paths

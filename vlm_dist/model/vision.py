@@ -197,7 +197,20 @@ class VisionTower(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    # -- preprocessing and forward ---------------------------------------------------------------
+    # -- decoding, preprocessing and forward -----------------------------------------------------
+    draft_to: int | None = None
+    """JPEG draft size every decode for this tower uses (None: full decode); see `decode`."""
+
+    def decode(self, source, name: str | None = None, max_pixels: int | None = None):
+        """A file path or raw bytes -> upright RGB PIL image, decoded the way the cache decodes.
+
+        Every online path (vlm-generate, vlm-eval, vlm-serve, the lmms-eval model) decodes
+        through this, so served features equal cached ones; raises contract.images.ImageError.
+        """
+        from vlm_dist.contract.images import DEFAULT_MAX_PIXELS, load_image
+        return load_image(source, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, name=name,
+                          draft_to=self.draft_to)
+
     def preprocess(self, images: Sequence) -> torch.Tensor | dict[str, torch.Tensor]:
         """RGB PIL images -> the processor's pixel tensor (B, 3, H, W), float32 on the CPU.
 
