@@ -7,14 +7,19 @@
 #                    (made beforehand where pip works: bash launch/gpu_wheels.sh), JSON under benchmarks/
 PY ?= python3
 TORCH ?= torch==2.13.0
-TORCHVISION ?= torchvision==0.28.0
 WHEELS ?= .whl
 
 .PHONY: install demo test slurm ssh browser gpu-check
 
+# lmms-eval ([eval]) declares torchvision and timm. PyPI's Linux torchvision wheels are CUDA builds
+# (they link libc10_cuda): next to a CPU torch they fail to import, and transformers, which imports
+# torchvision when it is installed, then cannot load Qwen3 at all. On a CPU torch they are removed again
+# (neither lmms-eval's harness nor the vlm_dist model imports them); a CUDA torch keeps them.
 install:
-	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)"
-	$(PY) -m pip install -q -e ".[mpi,serve,eval,test]" mpich "$(TORCH)" "$(TORCHVISION)"
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[mpi,serve,eval,test]" mpich "$(TORCH)"
+	@if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+		$(PY) -m pip uninstall -y -q torchvision timm 2>/dev/null || true; fi
 
 demo: install
 	$(PY) launch/demo.py --out demo_out

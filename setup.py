@@ -28,8 +28,8 @@ setup(
         "gpu": ["liger-kernel>=0.8"],
         # vlm-serve (OpenAI-compatible API) and vlm-ui (Gradio upload chat, talks to vlm-serve)
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40", "gradio>=5", "httpx>=0.27"],
-        # the lmms-eval model plugin (vlm_dist.inference.lmms). Next to a CPU torch, pin torchvision to
-        # the release matching it (0.28.x for torch 2.13) or pip pulls a CUDA torch (Makefile does).
+        # the lmms-eval model plugin (vlm_dist.inference.lmms). It pulls torchvision: next to a CPU
+        # torch, PyPI's (CUDA) torchvision cannot import; `make install` removes it again (see Makefile)
         "eval": ["lmms-eval>=0.7", "scikit-learn>=1.3"],
         # what the test suite drives: the official openai client, a real browser through Selenium
         "test": ["openai>=1.40", "selenium>=4.20"],

@@ -43,3 +43,18 @@ def real_photos():
     paths = real_photo_paths()
     assert len(paths) >= 2, f"real photos not found (matplotlib + scikit-learn): {paths}"
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_models, tmp_path_factory):
+    """A LoRA + Perceiver-resampler export (4 tokens per image, chatml) of the tiny models."""
+    from vlm_dist.testing.tiny import build_tiny_export
+    return build_tiny_export(tmp_path_factory.mktemp("tiny_export") / "export", tiny_models)
+
+
+@pytest.fixture(scope="session")
+def tiny_export_mlp(tiny_models, tmp_path_factory):
+    """A LoRA + plain-MLP-connector export without LayerNorm (LLaVA's projector: 16 tokens per image)."""
+    from vlm_dist.testing.tiny import build_tiny_export
+    return build_tiny_export(tmp_path_factory.mktemp("tiny_export_mlp") / "export", tiny_models,
+                             connector="mlp", use_layernorm=False)

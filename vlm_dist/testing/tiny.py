@@ -257,3 +257,43 @@ def _pixels(vision_dir: str | os.PathLike, image_paths: list) -> torch.Tensor:
 
     processor = AutoImageProcessor.from_pretrained(str(vision_dir))
     return processor([Image.open(p).convert("RGB") for p in image_paths], return_tensors="pt")["pixel_values"]
+
+
+def build_tiny_export(out_dir: str | os.PathLike, models: dict[str, str], llm_mode: str = "lora",
+                      connector: str = "resampler", use_layernorm: bool = True, template: str = "chatml",
+                      num_latents: int = 4, seed: int = 0) -> str:
+    """A trained-looking export of the tiny models (non-zero LoRA and connector weights), written by the
+    trainer's own write_export: what vlm-generate, vlm-export, vlm-serve and the lmms-eval model load.
+
+    connector "resampler" gives `num_latents` tokens per image; "mlp" one per patch (16 for the
+    tiny SigLIP). Features are fp32, unpooled, from layer -2, as `vlm-cache build --dtype fp32` makes them.
+    """
+    from transformers import AutoTokenizer
+
+    from vlm_dist.config.schema import LoraConfig
+    from vlm_dist.model.build import build_vlm, load_llm, set_trainable
+    from vlm_dist.model.vision import VisionTower
+    from vlm_dist.training.checkpoint import write_export
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(models["tokenizer"])
+    tower = VisionTower.from_pretrained(models["vision"], feature_layer=-2, dtype=torch.float32)
+    num_patches, vision_dim = tower.feature_shape(1)
+    llm = load_llm(models["llm"], llm_mode if llm_mode != "qlora" else "lora", dtype=torch.float32,
+                   lora=LoraConfig(r=4, alpha=8, dropout=0.0))
+    spec = dict(kind=connector, use_layernorm=use_layernorm)
+    if connector == "resampler":
+        spec.update(num_latents=num_latents, depth=1, heads=4)
+    vlm = build_vlm(llm, tokenizer, vision_dim=vision_dim, num_patches=num_patches, connector=spec,
+                    dtype=torch.float32)
+    set_trainable(vlm, llm_mode)
+    with torch.no_grad():   # LoRA B starts at zero, a LayerNorm at identity: give them a real effect
+        for name, p in vlm.named_parameters():
+            if "lora_B" in name or ("connectors" in name and "norm" in name):
+                p.add_(torch.randn_like(p) * 0.3)
+    vlm.eval()
+    num_tokens = vlm.num_tokens["image"]
+    config = {"llm": models["llm"], "vision": models["vision"], "feature_layer": -2, "pool": 1,
+              "template": template, "num_media_tokens": num_tokens, "vision_dtype": "float32"}
+    write_export(vlm, out_dir, config, llm_mode, is_main=True, tokenizer=tokenizer)
+    return str(out_dir)
