@@ -50,6 +50,9 @@ def test_tiny_matrix_runs_every_row_and_records_the_failing_one(tmp_path):
     assert runs["cache builder"]["images_per_s"] > 0
     ok = runs["packed = alone sdpa"]
     assert ok["loss_rel_err"] <= 1e-4 and ok["grad_rel_err"] <= 1e-4 and ok["report"]["ok"] is True
+    learn = runs["learning lora"]
+    assert learn["loss_ratio"] > 1 and learn["loss_rel_err"] <= 1e-4             # fell; the export reloads
+    assert "adapter/adapter_model.safetensors" in learn["report"]["reload"]["export_files"]
 
     # the Markdown table: a header, a separator, one line per run, the failure's message in its line
     table = proc.stdout[proc.stdout.index("| run |"):].split("\n\n")[0].splitlines()

@@ -5,8 +5,9 @@ its own timeout, written as one JSON under benchmarks/ and printed as a Markdown
     python launch/gpu_check.py --wheels .whl --out benchmarks
     python launch/gpu_check.py --tiny --out /tmp/check      # the CPU pipeline check (tests run it)
 
-A row is a command line of vlm_dist.benchmark.cli (train or cache) or vlm_dist.benchmark.correctness
-(packed rows against each sample alone) plus the run config's own flags: the attention backend and
+A row is a command line of vlm_dist.benchmark.cli (train or cache), vlm_dist.benchmark.correctness
+(packed rows against each sample alone) or vlm_dist.benchmark.learning (memorise a small set, reload
+the export) plus the run config's own flags: the attention backend and
 the fused kernels are `--model.attn_implementation=...` / `--model.kernels=...` values, so a new
 backend is a new row, and a value the config rejects is recorded as "failed: <its message>" while the
 other rows run on. A row that needs a package the machine lacks (bitsandbytes for QLoRA, liger-kernel
@@ -37,7 +38,7 @@ OPTIONAL = {"deepspeed": "deepspeed", "bitsandbytes": "bitsandbytes", "liger_ker
 class Row:
     """One run of the matrix."""
     name: str
-    kind: str                  # "train" | "cache" (vlm_dist.benchmark.cli) or "correctness"
+    kind: str                  # "train" | "cache" (vlm_dist.benchmark.cli), "correctness" or "learning"
     stage: int | None          # 1: frozen LLM, connector only; 3: adapters on the LLM
     llm_mode: str | None
     attention: str | None      # --model.attn_implementation; None: the stage config's own
@@ -47,7 +48,8 @@ class Row:
     needs: tuple[str, ...] = ()   # import names the run cannot do without
 
     def command(self, tiny: bool, work_dir: Path, out: Path) -> list[str]:
-        module = "vlm_dist.benchmark.correctness" if self.kind == "correctness" else "vlm_dist.benchmark.cli"
+        module = {"correctness": "vlm_dist.benchmark.correctness",
+                  "learning": "vlm_dist.benchmark.learning"}.get(self.kind, "vlm_dist.benchmark.cli")
         cmd = [sys.executable, "-m", module, "--work-dir", str(work_dir), "--out", str(out), "--name", self.name]
         if self.kind == "cache":
             cmd += ["--mode", "cache"]
@@ -81,6 +83,13 @@ def gpu_matrix(attentions: tuple[str, ...], kernels: tuple[str | None, ...], tim
     for attn in attentions:
         rows.append(Row(f"packed = alone {attn} kernels={on or 'default'}", "correctness", 1, "frozen", attn, on,
                         ("--config", STAGE1, "--engine", "torch"), timeout_s, _kernel_needs(on)))
+    # does the real size learn: LoRA r=128 memorises 8 samples (loss / 5 in <= 60 steps) and its export
+    # reloads to the same loss; stage 1's connector alone moves the loss too (/ 2)
+    rows.append(Row("learning stage3 lora", "learning", 3, "lora", None, None,
+                    ("--config", STAGE3, "--model.llm_mode=lora", "--model.init_from=null", "--steps", "60"),
+                    timeout_s, ("deepspeed",)))
+    rows.append(Row("learning stage1", "learning", 1, "frozen", None, None,
+                    ("--config", STAGE1, "--steps", "60"), timeout_s, ("deepspeed",)))
     return rows
 
 
@@ -97,6 +106,11 @@ def tiny_matrix(timeout_s: float) -> list[Row]:
                                                               "--cache-batch", "2"), timeout_s),
         Row("packed = alone sdpa", "correctness", 1, "frozen", "sdpa", None, ("--config", STAGE1, "--engine", "torch"),
             timeout_s),
+        # tiny LoRA cannot memorise (its frozen 64-wide lm_head caps the logits near 1.3; Qwen3-8B's allows ~80):
+        # here the row checks the loop and the export reload; full fine-tuning shows the loop learns
+        Row("learning lora", "learning", 3, "lora", "sdpa", None,
+            ("--config", STAGE3, "--model.llm_mode=lora", "--model.init_from=null", "--lora.r=4", "--lengths",
+             "stage1", "--samples", "4", "--steps", "3", "--target-ratio", "1.001"), timeout_s),
         Row("stage1 no-such-attention", "train", 1, "frozen", "no_such_attention", None,
             ("--config", STAGE1, "--engine", "torch") + one, timeout_s),
     ]
@@ -128,6 +142,8 @@ class Entry:
     images_per_s: float | None = None         # cache builder
     loss_rel_err: float | None = None         # packed vs alone
     grad_rel_err: float | None = None
+    loss_ratio: float | None = None           # learning: first loss / last loss
+    steps_to_target: int | None = None
     command: str = ""
     log_tail: str = ""                        # the end of a failed run's output
     report: dict = field(default_factory=dict)   # the run's own JSON, whole
@@ -171,8 +187,11 @@ def run_row(row: Row, tiny: bool, work_dir: Path, env: dict, timeout_s: float) -
         report = json.loads(out.read_text())
         entry.report = report
         for key in ("tokens_per_s_per_gpu", "mfu", "mfu_measured", "peak_memory_gb", "loader_stall_pct",
-                    "packing_efficiency", "images_per_s", "loss_rel_err", "grad_rel_err"):
+                    "packing_efficiency", "images_per_s", "loss_rel_err", "grad_rel_err", "loss_ratio",
+                    "steps_to_target"):
             setattr(entry, key, report.get(key))
+        if report.get("reload"):
+            entry.loss_rel_err = report["reload"]["rel_err"]
     return entry
 
 
@@ -269,6 +288,9 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         other = (f"{r['images_per_s']:,.1f} images/s" if r["images_per_s"] is not None else
+                 f"loss x{1 / r['loss_ratio']:.3g} (target reached at step {r['steps_to_target']})"
+                 + (f", export reload rel {r['loss_rel_err']:.1e}" if r["loss_rel_err"] is not None else "")
+                 if r.get("loss_ratio") is not None else
                  f"loss rel {r['loss_rel_err']:.1e}, grad rel {r['grad_rel_err']:.1e}"
                  if r["loss_rel_err"] is not None else "")
         lines.append(f"| {r['name']} | {f(r['stage'], 'd')} | {r['llm_mode'] or '-'} | {'-' if r['kind'] == 'cache' else r['attention'] or 'config'} "
