@@ -9,14 +9,18 @@ PY ?= python3
 TORCH ?= torch==2.13.0
 WHEELS ?= .whl
 
-.PHONY: install demo test slurm ssh browser gpu-check
+.PHONY: install install-test demo test slurm ssh browser gpu-check
 
+install:
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[mpi]" mpich
+
+# The tests also drive vlm-serve/vlm-ui (FastAPI, Gradio, the openai client, Selenium) and lmms-eval.
 # lmms-eval ([eval]) declares torchvision and timm. PyPI's Linux torchvision wheels are CUDA builds
 # (they link libc10_cuda): next to a CPU torch they fail to import, and transformers, which imports
 # torchvision when it is installed, then cannot load Qwen3 at all. On a CPU torch they are removed again
 # (neither lmms-eval's harness nor the vlm_dist model imports them); a CUDA torch keeps them.
-install:
-	$(PY) -m pip install -q "$(TORCH)"
+install-test: install
 	$(PY) -m pip install -q -e ".[mpi,serve,eval,test]" mpich "$(TORCH)"
 	@if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
 		$(PY) -m pip uninstall -y -q torchvision timm 2>/dev/null || true; fi
@@ -36,7 +40,7 @@ browser:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then bash .ci/browser_up.sh; \
 	else echo "not root or no apt-get: the browser (UI) tests will be skipped"; fi
 
-test: install slurm ssh browser
+test: install-test slurm ssh browser
 	$(PY) -m pytest tests -q -ra --durations=15
 
 gpu-check:
