@@ -15,6 +15,7 @@ setup(
         "bitsandbytes>=0.45",
         "pyarrow>=16",
         "pillow>=10",
+        "av>=15",               # PyAV: video decoding for the video media kind (vlm_dist.contract.video); tested with 15.1.0
         "safetensors>=0.4",
         "pyyaml>=6",
         "tqdm>=4.66",
