@@ -76,7 +76,10 @@ def built(data, tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tower(tiny_models):
-    return VisionTower.from_pretrained(tiny_models["vision"], feature_layer=-2, dtype=torch.bfloat16)
+    """The encoder as `vlm-cache build` sets it up by default: JPEG draft decoding on."""
+    tower = VisionTower.from_pretrained(tiny_models["vision"], feature_layer=-2, dtype=torch.bfloat16)
+    tower.draft_to = tower.default_draft_to
+    return tower
 
 
 def cli(*args, **kw):
@@ -99,7 +102,7 @@ def test_round_trip_equals_the_encoder_output(built, data, tower):
     assert cache.feature_shape == (tower.num_patches, tower.hidden_size) == (16, 32)
     for ref in GOOD:
         got = cache.features_for(ref)
-        want = tower(tower.preprocess([load_image(data["images"] / ref)]))[0]
+        want = tower(tower.preprocess([tower.decode(data["images"] / ref)]))[0]
         assert got.dtype == torch.bfloat16 and torch.equal(got, want), ref
     key = cache.resolve("a2.png")
     assert cache[key].data_ptr() == cache[key].data_ptr()       # a view of the mapping, not a copy
@@ -148,8 +151,8 @@ def test_reader_in_forked_workers_with_bounded_open_shards(built):
 
 @pytest.mark.parametrize("dtype,pool,shape", [("fp32", 2, (4, 32)), ("fp16", 1, (16, 32))])
 def test_other_dtypes_and_pooling(data, tiny_models, tmp_path, dtype, pool, shape):
-    tower = VisionTower.from_pretrained(tiny_models["vision"], dtype=dtype)
-    build(config(data, tiny_models["vision"], tmp_path / "c", pool=pool, dtype=dtype))
+    tower = VisionTower.from_pretrained(tiny_models["vision"], dtype=dtype)      # full JPEG decode
+    build(config(data, tiny_models["vision"], tmp_path / "c", pool=pool, dtype=dtype, jpeg_draft=False))
     cache = check_cache_for_training(tmp_path / "c", tower.fingerprint(pool=pool))
     assert cache.feature_shape == shape and read_manifest(tmp_path / "c")["pool"] == pool
     want = tower(tower.preprocess([load_image(data["images"] / "a3.png")]), pool=pool)[0]
@@ -435,3 +438,127 @@ def test_open_shard_budget_follows_the_descriptor_limit(monkeypatch):
     limits["now"] = (1024, 1 << 20)
     assert reader.open_shard_budget(545) == 545                 # the soft limit is raised to fit
     assert limits["now"] == (545 + reader.FD_HEADROOM, 1 << 20)
+
+
+# -- JPEG draft decoding: the cache, exports and online decoding agree ----------------------------
+def large_jpeg(real_photos, path):
+    """A real photo at 1600x1200 (JPEG, quality 90): far above 2x the tiny tower's 32 px input."""
+    Image.open(real_photos[0]).convert("RGB").resize((1600, 1200), Image.BICUBIC).save(path, "JPEG", quality=90)
+
+
+def export_with(tiny_export, out, **fields):
+    """A copy of the tiny export whose vlm_config.json also has `fields` (as the trainer writes them)."""
+    import json
+    shutil.copytree(tiny_export, out)
+    cfg = json.loads((out / "vlm_config.json").read_text())
+    (out / "vlm_config.json").write_text(json.dumps(dict(cfg, **fields)))
+    return out
+
+
+def test_large_jpeg_features_through_the_cache_equal_an_export_towers_decode(tiny_models, tiny_export,
+                                                                            real_photos, tmp_path):
+    """Draft on by default: the cache records jpeg_draft_to, an export carrying it (what training writes:
+    `cache.jpeg_draft_to`) decodes online exactly so, bit for bit; an export from before the field
+    decodes in full, which gives other features, and its fingerprint check names the field."""
+    from vlm_dist.cache.reader import fingerprint_differences
+    from vlm_dist.inference.export import load_export
+    from vlm_dist.inference.generate import Generator
+
+    images = tmp_path / "images"
+    images.mkdir()
+    large_jpeg(real_photos, images / "big.jpg")
+    (tmp_path / "list.txt").write_text("big.jpg\n")
+    common = dict(image_lists=[str(tmp_path / "list.txt")], image_root=str(images),
+                  vision_model=tiny_models["vision"], dtype="fp32", workers=0, progress=False)   # export: fp32
+    build(BuildConfig(out=str(tmp_path / "draft"), **common))
+    build(BuildConfig(out=str(tmp_path / "full"), jpeg_draft=False, **common))
+    draft, full = FeatureCache(tmp_path / "draft"), FeatureCache(tmp_path / "full")
+    assert draft.fingerprint["jpeg_draft_to"] == draft.jpeg_draft_to == 64      # 2 x 32 px
+    assert full.fingerprint["jpeg_draft_to"] is full.jpeg_draft_to is None
+
+    new = export_with(tiny_export, tmp_path / "export", jpeg_draft_to=draft.jpeg_draft_to)
+    for export, cache in ((new, draft), (tiny_export, full)):     # tiny_export: no jpeg_draft_to field
+        vlm, tokenizer, tower, cfg = load_export(export)
+        assert cfg.jpeg_draft_to == tower.draft_to == cache.jpeg_draft_to
+        gen = Generator(vlm, tokenizer, cfg, tower)
+        online = gen.encode_images([tower.decode(images / "big.jpg", name="big.jpg")])[0]
+        assert torch.equal(online, cache.features_for("big.jpg")), export
+        assert fingerprint_differences(cache.fingerprint, tower.fingerprint(cfg.pool)) == []
+    # the old export's full decode differs from the draft cache, and the check says why
+    assert not torch.equal(online, draft.features_for("big.jpg"))
+    assert fingerprint_differences(draft.fingerprint, tower.fingerprint(cfg.pool)) == [
+        "jpeg_draft_to: cache 64, configured null"]
+
+
+def test_a_cache_from_before_jpeg_draft_is_a_full_decode_cache(built, tower, tiny_models, tmp_path):
+    """Rule: a fingerprint without jpeg_draft_to means a full decode. Training (which reads features
+    only) takes any decode; a check against a tower compares the decode: a draft cache is refused for
+    a full-decode tower and an old cache for a drafting one."""
+    import json
+
+    from vlm_dist.cache.reader import write_verified_stamp
+
+    cache = tmp_path / "old"
+    shutil.copytree(built, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    del manifest["fingerprint"]["jpeg_draft_to"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    write_verified_stamp(cache)                                   # as `vlm-cache verify` left it
+    assert FeatureCache(cache, max_open_shards=2).jpeg_draft_to is None
+
+    full = VisionTower.from_pretrained(tiny_models["vision"], feature_layer=-2, dtype=torch.bfloat16)
+    check_cache_for_training(cache, full.fingerprint())          # old cache = full-decode tower
+    check_cache_for_training(cache, VisionTower.expected_fingerprint(tiny_models["vision"], -2))
+    check_cache_for_training(built, VisionTower.expected_fingerprint(tiny_models["vision"], -2))
+    with pytest.raises(CacheError, match="jpeg_draft_to: cache null, configured 64"):
+        check_cache_for_training(cache, tower.fingerprint())
+    with pytest.raises(CacheError, match="jpeg_draft_to: cache 64, configured null"):
+        check_cache_for_training(built, full.fingerprint())
+
+
+def test_resuming_a_build_with_another_jpeg_decode_is_refused_naming_the_flag(built, data, tiny_models,
+                                                                              tmp_path):
+    import json
+
+    cache = tmp_path / "c"
+    shutil.copytree(built, cache)
+    with pytest.raises(BuildError, match="drop --no-jpeg-draft to resume it"):
+        build(config(data, tiny_models["vision"], cache, jpeg_draft=False))
+    # a build planned before the field existed was a full decode: it resumes with --no-jpeg-draft only
+    plan_file = cache / "build" / "plan.json"
+    plan = json.loads(plan_file.read_text())
+    del plan["fingerprint"]["jpeg_draft_to"]
+    plan_file.write_text(json.dumps(plan))
+    with pytest.raises(BuildError, match="add --no-jpeg-draft to resume it"):
+        build(config(data, tiny_models["vision"], cache))
+    assert cache_cli.main(["build", "--records", str(data["records"]), "--image-root", str(data["images"]),
+                           "--vision-model", tiny_models["vision"], "--out", str(cache), "--shard-size", "3",
+                           "--batch-size", "2", "--workers", "0", "--no-progress", "--no-jpeg-draft"]) == 0
+
+
+def test_vlm_generate_decodes_with_the_export_towers_draft_and_names_a_bad_file_first(tiny_export, real_photos,
+                                                                                      tmp_path, monkeypatch,
+                                                                                      capsys):
+    from vlm_dist.inference import export as export_mod
+    from vlm_dist.inference.generate_cli import main as generate_main
+
+    large_jpeg(real_photos, tmp_path / "big.jpg")
+    export = export_with(tiny_export, tmp_path / "export", jpeg_draft_to=64)
+    decoded = []
+    real_decode = VisionTower.decode
+
+    def decode(self, source, name=None, max_pixels=None):
+        image = real_decode(self, source, name, max_pixels)
+        decoded.append((self.draft_to, name, image.size))
+        return image
+
+    monkeypatch.setattr(VisionTower, "decode", decode)
+    args = ["--model", str(export), "--prompt", "What is it?", "--max-new-tokens", "2", "--no-stream"]
+    assert generate_main([*args, "--image", str(tmp_path / "big.jpg")]) == 0
+    assert decoded == [(64, str(tmp_path / "big.jpg"), (200, 150))]     # the cache's 1/8-scale decode
+    # an unusable file is named before the model loads
+    (tmp_path / "text.jpg").write_text("not an image")
+    monkeypatch.setattr(export_mod, "load_export", lambda *a, **k: pytest.fail("loaded the model"))
+    capsys.readouterr()
+    assert generate_main([*args, "--image", str(tmp_path / "text.jpg")]) == 2
+    assert "text.jpg: not an image" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_dist.contract.images import ImageError, load_image, read_under, resolve_under
+from vlm_dist.contract.images import ImageError, load_image, read_image_file, read_under, resolve_under
 
 RED, WHITE = (255, 0, 0), (255, 255, 255)
 
@@ -195,3 +195,17 @@ def test_jpeg_draft_leaves_small_jpegs_and_other_formats_alone():
     assert np.array_equal(np.asarray(load_image(small, draft_to=256)), np.asarray(load_image(small)))
     png = encode(_photo(1600, 1200), "PNG")
     assert load_image(png, draft_to=256).size == (1600, 1200)
+
+
+@pytest.mark.parametrize("name,reason", [("zero.jpg", "zero-byte"), ("text.jpg", "not an image"),
+                                         ("missing.jpg", "unreadable")])
+def test_read_image_file_names_an_unusable_file_before_any_decode(tmp_path, name, reason):
+    """vlm-generate's early check (before the model loads): the header only, so a truncated file
+    passes here and is caught by the decode itself."""
+    files = broken_files(tmp_path)
+    with pytest.raises(ImageError) as e:
+        read_image_file(tmp_path / name)
+    assert e.value.path.endswith(name) and reason in e.value.reason
+    assert read_image_file(tmp_path / "truncated.jpg") == files["truncated.jpg"]
+    with pytest.raises(ImageError, match="truncated"):
+        load_image(read_image_file(tmp_path / "truncated.jpg"), name="truncated.jpg")

@@ -81,6 +81,7 @@ def test_siglip2_naflex(tmp_path):
     assert feats[~mask].abs().sum() == 0                    # padding rows carry nothing
     with pytest.raises(ValueError, match="NaFlex"):
         tower.feature_shape(pool=2)
+    assert tower.default_draft_to is None   # its input size follows the image: no JPEG draft
 
 
 def test_only_rank0_loads_the_tower_for_the_fingerprint(tiny_models, monkeypatch):
@@ -126,3 +127,21 @@ def test_uint8_pixels_normalised_on_the_device_equal_the_processor(tiny_models, 
     want = tower.preprocess(images)
     assert torch.equal(tower.pixel_table[u8.to(torch.int32) + tower.channel_offset], want)
     assert torch.equal(tower(u8), tower(want))
+
+
+def test_draft_size_is_twice_the_input_side_and_the_fingerprint_records_the_decode(tiny_models, tmp_path):
+    """The cache builder decodes JPEGs with default_draft_to; the fingerprint says which decode made
+    the features, and training's expected fingerprint leaves it out (it reads features only)."""
+    import io
+
+    tower = VisionTower.from_pretrained(tiny_models["vision"], dtype=torch.float32)
+    assert tower.draft_to is None and tower.fingerprint()["jpeg_draft_to"] is None   # full decode
+    assert tower.default_draft_to == 2 * tower.image_size == 64
+    tower.draft_to = tower.default_draft_to
+    assert tower.fingerprint()["jpeg_draft_to"] == 64
+    assert "jpeg_draft_to" not in VisionTower.expected_fingerprint(tiny_models["vision"])
+    buf = io.BytesIO()
+    Image.effect_mandelbrot((1600, 1200), (-2, -1.5, 1, 1.5), 30).convert("RGB").save(buf, "JPEG")
+    assert tower.decode(buf.getvalue()).size == (200, 150)            # 1/8 scale, both sides >= 64
+    full = VisionTower.from_pretrained(tiny_models["vision"], dtype=torch.float32)   # draft_to: None
+    assert full.decode(buf.getvalue()).size == (1600, 1200)

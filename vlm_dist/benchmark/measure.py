@@ -92,18 +92,19 @@ def run_train(cfg, args, device) -> dict:
     vcfg = getattr(vcfg, "vision_config", vcfg)
     feature_shape = (F.num_patches(vcfg), vcfg.hidden_size)
     m.llm, m.init_from = models.llm, None           # random weights; a fresh connector
-    vlm = build_model(cfg, tokenizer, feature_shape, dist.is_main(), llm_weights=models.llm_weights)
+    ds_config = None if args.engine == "torch" else build_ds_config(args.deepspeed, cfg, world)
+    zero_stage = None if ds_config is None else ds_config["zero_optimization"]["stage"]
+    # the ZeRO stage decides whether Liger's fused cross-entropy may take lm_head.weight (not under ZeRO-3)
+    vlm = build_model(cfg, tokenizer, feature_shape, dist.is_main(), llm_weights=models.llm_weights,
+                      zero_stage=0 if zero_stage is None else zero_stage)
     del models
 
     if args.engine == "torch":
         if world > 1:
             raise ValueError("--engine torch runs one process; use the deepspeed engine for several ranks")
         engine = TorchEngine(vlm, build_optimizer(vlm, cfg), t.grad_accum, t.max_grad_norm, device)
-        zero_stage = None
     else:
-        ds_config = build_ds_config(args.deepspeed, cfg, world)
         engine = dist.ds_initialize(vlm, None, ds_config, optimizer=build_optimizer(vlm, cfg, ds_config))[0]
-        zero_stage = ds_config["zero_optimization"]["stage"]
     vlm.train()
 
     image_tokens = vlm.num_tokens["image"]
@@ -350,7 +351,7 @@ def measure_cache_pipeline(work_dir: str | os.PathLike, num_images: int = 1024, 
     import shutil
 
     from vlm_dist.cache import encode as E
-    from vlm_dist.cache.build import make_plan
+    from vlm_dist.cache.build import make_plan, set_jpeg_draft
     from vlm_dist.cache.plan import BuildConfig
 
     work = Path(work_dir)
@@ -363,6 +364,7 @@ def measure_cache_pipeline(work_dir: str | os.PathLike, num_images: int = 1024, 
     cfg = BuildConfig(out=str(out), image_lists=[str(photos / "list.txt")], image_root=str(photos),
                       batch_size=batch_size, workers=workers, shard_size=shard_size, progress=False)
     tower = stand_in_tower(image_size, feature_shape, max_batch=batch_size)
+    set_jpeg_draft(tower, cfg)
     plan = make_plan(cfg, tower.fingerprint(pool=1), threads=max(4, workers))
     start = time.perf_counter()
     stats = (encode or E.encode_shards)(cfg, tower, plan, list(range(plan.num_shard_files)), out, False)

@@ -11,7 +11,9 @@ Steps (each process, `plan` and `encode`; then one `finalize`):
             each file's SHA-256, and rank 0 refuses a plan of other inputs).
   encode    shard j belongs to process j % num_shards. Decoding and preprocessing run in
             DataLoader workers, the forward on the device, the write in a background thread
-            (vlm_dist.cache.encode). A finished shard is written temp -> fsync -> rename,
+            (vlm_dist.cache.encode). Large JPEGs decode at reduced scale (PIL draft, down to the
+            tower's default_draft_to; --no-jpeg-draft: in full), recorded in the fingerprint as
+            jpeg_draft_to, which exports carry to online decoding. A finished shard is written temp -> fsync -> rename,
             after its sidecar (build/shard-j.json: rows, bytes, SHA-256, failed keys).
             Re-runs skip finished shards.
   finalize  when every shard exists: keys.arrow, index.arrow, failures.jsonl, then manifest.json.
@@ -38,8 +40,8 @@ from vlm_dist.cache.encode import encode_shards
 from vlm_dist.cache.plan import BuildConfig, Plan
 from vlm_dist.cache.writer import (BUILD_DIR, BuildError, build_lock, sidecar_path, write_bytes_atomic,
                                  write_json_atomic, write_table_atomic)
-from vlm_dist.cache.reader import (FAILURES_FILE, FORMAT, INDEX_FILE, KEYS_FILE, MANIFEST, SHARD_DIR,
-                            shard_name, write_verified_stamp)
+from vlm_dist.cache.reader import (FAILURES_FILE, FINGERPRINT_DEFAULTS, FORMAT, INDEX_FILE, KEYS_FILE,
+                                   MANIFEST, SHARD_DIR, shard_name, write_verified_stamp)
 from vlm_dist.contract.images import ImageError, open_under, too_large
 from vlm_dist.model.vision import VisionTower, dtype_name, resolve_dtype
 from vlm_dist.contract.records import read_lines, read_records
@@ -87,6 +89,13 @@ def hash_ref(root: str, ref: str, max_bytes: int) -> tuple[str | None, str | Non
     if digest is None:                                 # grew since it was opened
         return None, too_large(size, max_bytes)
     return digest, None
+
+
+def set_jpeg_draft(tower: VisionTower, cfg: BuildConfig) -> None:
+    """The decode this build uses: JPEG draft down to the tower's default_draft_to (None for NaFlex),
+    or a full decode with --no-jpeg-draft. The decode workers read tower.draft_to; the fingerprint
+    records it (jpeg_draft_to)."""
+    tower.draft_to = tower.default_draft_to if cfg.jpeg_draft else None
 
 
 def make_plan(cfg: BuildConfig, fingerprint: dict, threads: int = 8) -> Plan:
@@ -147,10 +156,19 @@ def save_plan(out: Path, plan: Plan) -> None:
     path = out / PLAN_FILE
     if path.exists():
         old = json.loads(path.read_text())
+        if isinstance(old.get("fingerprint"), dict):   # planned before a field existed: its default
+            old["fingerprint"] = {**FINGERPRINT_DEFAULTS, **old["fingerprint"]}
         if old != plan.info:
             diffs = sorted(k for k in set(old) | set(plan.info) if old.get(k) != plan.info.get(k))
+            planned = (old.get("fingerprint") or {}).get("jpeg_draft_to")
+            now = plan.info["fingerprint"]["jpeg_draft_to"]
+            hint = ""
+            if (planned is None) != (now is None):
+                hint = (" It was planned with a full JPEG decode: add --no-jpeg-draft to resume it."
+                        if planned is None else " It was planned with JPEG draft decoding "
+                        f"(jpeg_draft_to={planned}): drop --no-jpeg-draft to resume it.")
             raise BuildError(
-                f"{out} holds a build of different inputs (differs in: {', '.join(diffs)}). "
+                f"{out} holds a build of different inputs (differs in: {', '.join(diffs)}).{hint} "
                 "Use a new --out directory, or delete this one to rebuild it.")
     else:
         write_json_atomic(path, plan.info)
@@ -363,10 +381,11 @@ def build(cfg: BuildConfig) -> dict:
         device = pick_device(cfg.device, local)
         tower = VisionTower.from_pretrained(cfg.vision_model, feature_layer=cfg.feature_layer,
                                             dtype=cfg.dtype, device=device)
+        set_jpeg_draft(tower, cfg)                       # before the fingerprint, which records it
         fingerprint = tower.fingerprint(pool=cfg.pool)
         if cfg.shard_index is None and index > 0:
             plan = load_plan(out, cfg.wait_timeout)     # rank 0 hashes every file, once for all
-            if plan.info["fingerprint"] != fingerprint:
+            if {**FINGERPRINT_DEFAULTS, **plan.info["fingerprint"]} != fingerprint:
                 raise BuildError(f"{out / PLAN_FILE} was planned for another encoder than this "
                                  "rank's; give every rank the same arguments")
         else:

@@ -16,8 +16,8 @@ import argparse
 import json
 import sys
 
-from vlm_dist.cache.reader import (CacheError, last_verified, read_manifest, verify_cache,
-                            write_verified_stamp)
+from vlm_dist.cache.reader import (CacheError, fingerprint_field, last_verified, read_manifest,
+                                   verify_cache, write_verified_stamp)
 from vlm_dist.contract.records import RecordError
 
 
@@ -62,6 +62,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="image files larger than this are failures (never read past it)")
     b.add_argument("--wait-timeout", type=float, default=d.wait_timeout,
                    help="seconds rank 0 waits for the other ranks before finalizing")
+    b.add_argument("--no-jpeg-draft", action="store_true",
+                   help="decode every JPEG in full. By default a JPEG whose sides are both at least 4x "
+                        "the encoder's input side is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (PIL "
+                        "draft), never below 2x the input side: faster on large photos, pixels within a "
+                        "few levels after the resize. Recorded in the cache fingerprint (jpeg_draft_to); "
+                        "training exports carry it, so online decoding matches the cache")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     f = sub.add_parser("finalize", help="write the index and manifest once every slice is built")
@@ -117,7 +123,8 @@ def describe(manifest: dict) -> str:
         + (f", {fp['pool']}x{fp['pool']} pooled" if fp["pool"] != 1 else "")
         + f" = {_human_bytes(per_image)} per image",
         f"input          image size {fp['image_size']}, patch {fp['patch_size']}, "
-        f"{fp['preprocessing'].get('processor_class', '?')}",
+        f"{fp['preprocessing'].get('processor_class', '?')}, JPEG "
+        + (f"draft to {draft}" if (draft := fingerprint_field(fp, 'jpeg_draft_to')) else "full decode"),
         f"records        {c['records']} with {c['references']} image references "
         f"({c['unique_references']} distinct paths)",
         f"images         {c['unique_images']} unique, {c['encoded']} encoded, "
@@ -151,7 +158,8 @@ def _main(argv: list[str] | None = None) -> int:
                 workers=default_workers(BuildConfig.workers) if args.workers is None else args.workers,
                 shard_size=args.shard_size, shard_index=args.shard_index,
                 num_shards=args.num_shards, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-                wait_timeout=args.wait_timeout, progress=not args.no_progress)
+                wait_timeout=args.wait_timeout, progress=not args.no_progress,
+                jpeg_draft=not args.no_jpeg_draft)
             try:
                 build(cfg)
             except (BuildError, RecordError) as e:

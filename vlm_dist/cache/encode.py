@@ -42,6 +42,7 @@ class _DecodeDataset(Dataset):
                  max_pixels: int, max_bytes: int):
         self.items = items                        # (shard, key, reference)
         self.processor, self.naflex = tower.processor, tower.is_naflex
+        self.draft_to = tower.draft_to            # as the fingerprint records it (tower.decode's rule)
         self.root, self.max_pixels, self.max_bytes = root, max_pixels, max_bytes
 
     def __len__(self):
@@ -56,7 +57,7 @@ class _DecodeDataset(Dataset):
         if hashlib.sha256(data).hexdigest() != key:
             return i, None, "file changed since the build was planned (its SHA-256 differs)"
         try:
-            img = load_image(data, max_pixels=self.max_pixels, name=ref)
+            img = load_image(data, max_pixels=self.max_pixels, name=ref, draft_to=self.draft_to)
             if not self.naflex:      # 8-bit, resized: the tower normalises on the device
                 return i, resize_uint8(self.processor, [img]), None
             out = self.processor(images=[img], return_tensors="pt")

@@ -31,6 +31,8 @@ class BuildConfig:
     num_shards: int | None = None             # number of slices; default: launcher world size or 1
     max_pixels: int = DEFAULT_MAX_PIXELS      # larger images are failures (decompression bombs)
     max_bytes: int = DEFAULT_MAX_BYTES        # larger files are failures (never read past this)
+    jpeg_draft: bool = True                   # decode large JPEGs at reduced scale (PIL draft) down to
+                                              # the tower's default_draft_to; False: every pixel
     wait_timeout: float = 24 * 3600.0         # rank 0 waits this long for the other ranks' shards
     progress: bool = True                     # show the progress bar
 

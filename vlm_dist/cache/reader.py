@@ -65,6 +65,14 @@ STORAGE = {
 }
 # Fingerprint fields that name the encoder but do not change its output.
 INFORMATIONAL_FIELDS = ("model",)
+# Fields added after caches were first built: what a cache without one was made with.
+# jpeg_draft_to: the PIL JPEG draft size of the decode (None: every pixel decoded).
+FINGERPRINT_DEFAULTS = {"jpeg_draft_to": None}
+
+
+def fingerprint_field(fingerprint: dict, field: str):
+    """A fingerprint's value for `field`, its FINGERPRINT_DEFAULTS value when a cache predates it."""
+    return fingerprint[field] if field in fingerprint else FINGERPRINT_DEFAULTS.get(field, "<absent>")
 
 
 class CacheError(UserError, RuntimeError):
@@ -164,6 +172,7 @@ class FeatureCache:
         self.manifest = read_manifest(cache_dir)
         self.fingerprint = self.manifest["fingerprint"]
         self.dtype = self.fingerprint["dtype"]
+        self.jpeg_draft_to = fingerprint_field(self.fingerprint, "jpeg_draft_to")   # how its JPEGs decoded
         self.feature_shape = tuple(self.manifest["feature_shape"])
         _, self._np_dtype, self._torch_dtype = STORAGE[self.dtype]
         if max_open_shards is None:
@@ -394,13 +403,14 @@ def fingerprint_differences(cached: dict, expected: dict) -> list[str]:
     """Fields of `expected` whose cached value differs, as 'field: cache X, configured Y' lines.
 
     Fields absent from `expected` (e.g. dtype or pool when any will do) and
-    informational ones (the model's path or id) are not compared.
+    informational ones (the model's path or id) are not compared. A field the cache predates
+    compares as its FINGERPRINT_DEFAULTS value (no jpeg_draft_to: full decode).
     """
     diffs = []
     for field in sorted(expected):
         if field in INFORMATIONAL_FIELDS:
             continue
-        a, b = cached.get(field, "<absent>"), expected.get(field, "<absent>")
+        a, b = fingerprint_field(cached, field), expected[field]
         if a != b:
             diffs.append(f"{field}: cache {json.dumps(a, sort_keys=True)}, "
                          f"configured {json.dumps(b, sort_keys=True)}")

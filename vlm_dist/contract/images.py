@@ -2,6 +2,7 @@
 
     from vlm_dist.contract.images import load_image, ImageError
     img = load_image("photo.jpg")          # or load_image(raw_bytes)
+    data = read_image_file("photo.jpg")    # bytes, checked early (readable, an image header)
 
 Every mode comes out as RGB: alpha (RGBA, LA, P with transparency) is
 composited on white, CMYK and palette images are converted, 16-bit and 32-bit
@@ -117,19 +118,11 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
     processor's resize still shrinks at least 2x. At 384 px (draft_to=768) a 3000x2250 photo
     then resizes to within 3 levels of 255 everywhere, 0.2 on average
     (tests/test_images.py pins the bound). Whatever reads images for one encoder must use
-    the same `draft_to`, or cached and online features differ for large JPEGs.
+    the same `draft_to`, or cached and online features differ for large JPEGs: the cache
+    records it (fingerprint `jpeg_draft_to`), exports carry it, and online code decodes
+    through `VisionTower.decode`, which applies it.
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data, where = bytes(source), name or "<bytes>"
-    else:
-        where = name or os.fspath(source)
-        try:
-            with open(source, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise ImageError(where, f"unreadable file ({e.strerror or e})") from e
-    if not data:
-        raise ImageError(where, "zero-byte file")
+    data, where = _read_source(source, name)
     try:
         with warnings.catch_warnings():
             # A bomb over PIL's limit is only a warning in PIL; here it is an error.
@@ -150,6 +143,38 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
         raise ImageError(where, "not an image (format not recognised)") from e
     except _DECODE_ERRORS as e:
         raise ImageError(where, f"cannot decode: {type(e).__name__}: {e}") from e
+
+
+def read_image_file(path: str | os.PathLike, name: str | None = None) -> bytes:
+    """The bytes of an image file a user named, checked before any slow work starts: readable,
+    not empty, and a format PIL recognises (its header only; the pixels are decoded later, by
+    load_image / VisionTower.decode, which still catch a truncated file). Raises ImageError."""
+    data, where = _read_source(path, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # load_image decides
+            Image.open(io.BytesIO(data)).close()
+    except Image.UnidentifiedImageError as e:
+        raise ImageError(where, "not an image (format not recognised)") from e
+    except _DECODE_ERRORS as e:
+        raise ImageError(where, f"cannot decode: {type(e).__name__}: {e}") from e
+    return data
+
+
+def _read_source(source: str | os.PathLike | bytes, name: str | None) -> tuple[bytes, str]:
+    """(bytes, what errors call them) of a path or raw bytes; ImageError if unreadable or empty."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, where = bytes(source), name or "<bytes>"
+    else:
+        where = name or os.fspath(source)
+        try:
+            with open(source, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ImageError(where, f"unreadable file ({e.strerror or e})") from e
+    if not data:
+        raise ImageError(where, "zero-byte file")
+    return data, where
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -72,6 +72,10 @@ class ExportConfig:
     """Patch-grid average pooling of the features (true/2: 2x2; false/1: none), as the cache was built."""
     vision_dtype: str | None = None
     """dtype the vision tower ran in when the cache was built; None (not recorded): bf16, vlm-cache's default."""
+    jpeg_draft_to: int | None = None
+    """JPEG draft size the training cache decoded with (its fingerprint's jpeg_draft_to); the tower's
+    online decode uses it, so online features equal the cache's. None: full decode (also an export
+    from before this field, whose caches always decoded in full)."""
     merged: bool = False
     """True for a merge_export output: llm/ holds the merged LLM, there is no adapter."""
     base_llm: str | None = None
@@ -91,6 +95,9 @@ class ExportConfig:
             kwargs["pool"] = 2 if pool is True else 1 if pool is False or pool is None else int(pool)
             if kwargs.get("vision_dtype") is not None:
                 kwargs["vision_dtype"] = dtype_name(resolve_dtype(kwargs["vision_dtype"]))
+            draft = kwargs.get("jpeg_draft_to")
+            if draft is not None and (isinstance(draft, bool) or not isinstance(draft, int) or draft < 1):
+                raise ValueError(f"jpeg_draft_to must be a positive integer or null, got {draft!r}")
         except (TypeError, ValueError) as e:
             raise ExportError(f"{where}: {e}") from e
         cfg = cls(**kwargs)
@@ -216,9 +223,12 @@ def load_llm_from_export(export_dir: str | os.PathLike, cfg: ExportConfig, dtype
 
 def load_vision_tower(cfg: ExportConfig, export_dir: str | os.PathLike, device="cpu",
                       dtype: str | None = None) -> VisionTower:
-    """The export's vision tower in `dtype`, else cfg.vision_dtype, else bf16 (vlm-cache's default)."""
-    return VisionTower.from_pretrained(resolve_path(cfg.vision, export_dir), feature_layer=cfg.feature_layer,
-                                       dtype=dtype or cfg.vision_dtype or "bfloat16", device=device)
+    """The export's vision tower in `dtype`, else cfg.vision_dtype, else bf16 (vlm-cache's default),
+    decoding JPEGs as the training cache did (`tower.draft_to` = cfg.jpeg_draft_to)."""
+    tower = VisionTower.from_pretrained(resolve_path(cfg.vision, export_dir), feature_layer=cfg.feature_layer,
+                                        dtype=dtype or cfg.vision_dtype or "bfloat16", device=device)
+    tower.draft_to = cfg.jpeg_draft_to
+    return tower
 
 
 def build_from_export(llm, tokenizer, export_dir: str | os.PathLike, cfg: ExportConfig,

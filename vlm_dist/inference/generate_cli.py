@@ -6,8 +6,8 @@
 
 --model is an export directory (base LLM + connector + adapter/) or a merged
 one (vlm_dist.inference.export.merge_export); either loads in one call. Features are
-computed online by the export's vision tower with the cache's preprocessing,
-dtype and pooling. The k-th `<image>` in the prompt is the k-th --image; a
+computed online by the export's vision tower with the cache's decoding (JPEG draft),
+preprocessing, dtype and pooling. The k-th `<image>` in the prompt is the k-th --image; a
 --prompt without any `<image>` gets one `<image>` line per image in front
 ("Image 1: <image>" ... for several). --chat is a JSON list of {role, content}
 turns (or a record with "conversations"); the reply to the last user turn is
@@ -103,18 +103,23 @@ def _main(argv: list[str] | None = None) -> int:
     from transformers import TextStreamer
 
     from vlm_dist.inference.export import load_export
-    from vlm_dist.contract.images import ImageError, load_image
+    from vlm_dist.contract.images import ImageError, read_image_file
     from vlm_dist.inference.generate import GenerationSettings, Generator
 
-    try:
+    try:   # before the model loads: a missing, empty or non-image file is named at once
         chat = read_chat(args.chat) if args.chat else None
         turns = build_conversation(args.prompt, chat, len(args.image), args.system)
-        images = [load_image(path) for path in args.image]
+        files = [read_image_file(path) for path in args.image]
     except (ValueError, ImageError) as e:
         print(f"vlm-generate: {e}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vlm, tokenizer, tower, cfg = load_export(args.model, device=device, dtype=args.dtype)
+    try:   # decoded as the training cache decoded (the export's JPEG draft setting)
+        images = [tower.decode(data, name=path) for data, path in zip(files, args.image)]
+    except ImageError as e:
+        print(f"vlm-generate: {e}", file=sys.stderr)
+        return 2
     gen = Generator(vlm, tokenizer, cfg, tower)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)

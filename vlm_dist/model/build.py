@@ -9,7 +9,8 @@ LLM modes:
 
 `set_trainable` is the one place that decides the trainable set;
 `trainable_table` prints it at start. `load_llm` also applies --model.kernels (Liger's fused
-Qwen3 kernels, before PEFT) and checkpoints --model.checkpoint_fraction of the decoder layers.
+Qwen3 kernels, before PEFT; `resolve_fused_ce` decides Liger's fused cross-entropy for the VLM)
+and checkpoints --model.checkpoint_fraction of the decoder layers.
 """
 from __future__ import annotations
 
@@ -97,6 +98,23 @@ def resolve_kernels(kernels: str) -> tuple[str, str]:
     return "liger", f"--model.kernels={kernels}"
 
 
+def resolve_fused_ce(kernels: str, zero_stage: int | None) -> tuple[bool, str]:
+    """(use Liger's fused linear cross-entropy, why), from resolved kernels and the ZeRO stage.
+
+    `kernels` is resolve_kernels' answer ("liger" | "none"). Liger's loss takes `lm_head.weight` as a
+    tensor: under ZeRO-3 that is an empty partition (the module's gather hook never fires), so stage 3
+    keeps the checkpointed chunks; `zero_stage` None (a caller that does not know it) keeps them too.
+    """
+    if kernels != "liger":
+        return False, f"chunked lm_head/cross-entropy: kernels={kernels}"
+    if zero_stage is None:
+        return False, "chunked lm_head/cross-entropy: ZeRO stage not given"
+    if zero_stage >= 3:
+        return False, (f"chunked lm_head/cross-entropy: ZeRO-{zero_stage} partitions lm_head.weight and "
+                       "Liger's fused loss takes the weight tensor, bypassing the gather")
+    return True, f"Liger fused linear cross-entropy: kernels=liger, ZeRO-{zero_stage}"
+
+
 def apply_kernels(llm: nn.Module, kernels: str, name_or_path: str = "") -> None:
     """Swap Liger's fused RMSNorm, RoPE and SwiGLU into a loaded Qwen3 (kernels="liger"; "none": nothing).
 
@@ -140,12 +158,14 @@ def enable_checkpointing(llm: nn.Module, fraction: float = 1.0) -> None:
 
 
 def build_vlm(llm: nn.Module, tokenizer, vision_dim: int, num_patches: int,
-              connector: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> VisionLanguageModel:
-    """Attach a fresh image connector (kwargs of Connector) to a loaded LLM."""
+              connector: dict | None = None, dtype: torch.dtype = torch.bfloat16,
+              fused_ce: bool = False) -> VisionLanguageModel:
+    """Attach a fresh image connector (kwargs of Connector) to a loaded LLM. `fused_ce`: Liger's
+    fused lm_head + cross-entropy in the forward (decide it with resolve_fused_ce)."""
     llm_dim = unwrap_llm(llm).config.hidden_size
     conn = Connector(vision_dim=vision_dim, llm_dim=llm_dim, **(connector or {})).to(dtype)
     return VisionLanguageModel(llm, {"image": conn}, media_pad_ids(tokenizer),
-                               {"image": conn.num_tokens(num_patches)})
+                               {"image": conn.num_tokens(num_patches)}, fused_ce=fused_ce)
 
 
 def set_trainable(vlm: VisionLanguageModel, llm_mode: str, train_connector: bool = True) -> None:

@@ -199,13 +199,24 @@ class VisionTower(nn.Module):
 
     # -- decoding, preprocessing and forward -----------------------------------------------------
     draft_to: int | None = None
-    """JPEG draft size every decode for this tower uses (None: full decode); see `decode`."""
+    """JPEG draft size every decode for this tower uses (None: full decode); see `decode`. Set from
+    what the matched features were built with: the cache builder sets `default_draft_to` (unless
+    --no-jpeg-draft), an export records the training cache's (`jpeg_draft_to`), load_vision_tower
+    sets it back."""
+
+    @property
+    def default_draft_to(self) -> int | None:
+        """The JPEG draft size the cache builder uses: twice the input side, so the processor's
+        resize still shrinks at least 2x (see contract.images.load_image); None for SigLIP2 NaFlex,
+        whose input size follows the image."""
+        return None if self.is_naflex else 2 * self.image_size
 
     def decode(self, source, name: str | None = None, max_pixels: int | None = None):
         """A file path or raw bytes -> upright RGB PIL image, decoded the way the cache decodes.
 
         Every online path (vlm-generate, vlm-eval, vlm-serve, the lmms-eval model) decodes
         through this, so served features equal cached ones; raises contract.images.ImageError.
+        Large JPEGs are decoded at reduced scale when `draft_to` is set (PIL draft).
         """
         from vlm_dist.contract.images import DEFAULT_MAX_PIXELS, load_image
         return load_image(source, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, name=name,
@@ -269,7 +280,8 @@ class VisionTower(nn.Module):
 
         Leave `dtype` / `pool` as None to accept whatever the cache was built
         with (the connector takes the cache's feature shape); the fields left
-        out are not compared by `check_cache_for_training`.
+        out are not compared by `check_cache_for_training`. `jpeg_draft_to` is always
+        left out: training reads features only, and records the cache's value in its export.
         """
         tower = cls.from_pretrained(name_or_path, feature_layer=feature_layer,
                                     dtype=torch.float32 if dtype is None else dtype)
@@ -278,10 +290,13 @@ class VisionTower(nn.Module):
             del fp["dtype"]
         if pool is None:
             del fp["pool"], fp["feature_shape"]
+        del fp["jpeg_draft_to"]
         return fp
 
     def fingerprint(self, pool: int = 1) -> dict:
-        """What a feature cache must match: same weights, layer, dtype, shape and preprocessing."""
+        """What a feature cache must match: same weights, layer, dtype, shape and preprocessing,
+        JPEG decoding included (`jpeg_draft_to`: this tower's draft_to; a cache without the field
+        was decoded in full, see cache.reader.FINGERPRINT_DEFAULTS)."""
         return {
             "model": self.name_or_path,
             "model_type": self.model.config.model_type,
@@ -293,4 +308,5 @@ class VisionTower(nn.Module):
             "pool": pool,
             "feature_shape": list(self.feature_shape(pool)),
             "preprocessing": self.preprocessing_params(),
+            "jpeg_draft_to": self.draft_to,
         }

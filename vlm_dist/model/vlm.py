@@ -12,7 +12,9 @@ The splice is an index_copy at slot positions the loader computed (its backward 
 a gather; masked_scatter's backward syncs with the host).
 
 Logits exist only at supervised positions and are computed in checkpointed
-chunks, so a 4K-token row never materialises a (tokens x 151,936) tensor.
+chunks, so a 4K-token row never materialises a (tokens x 151,936) tensor; with
+`fused_ce` (Liger kernels, ZeRO-0/1/2: see vlm_dist.model.build.resolve_fused_ce) Liger's
+fused linear cross-entropy does the same in one call, gradients computed in its forward.
 Every forward runs every connector, even with no media in the batch, so all
 ranks take part in ZeRO-3's parameter gathers (the LLaVA#699 hang).
 """
@@ -65,12 +67,30 @@ def check_media_slots(input_ids: torch.Tensor, media: dict, pad_ids: dict[str, i
 
 class VisionLanguageModel(nn.Module):
     def __init__(self, llm: nn.Module, connectors: dict[str, Connector], pad_ids: dict[str, int],
-                 num_tokens: dict[str, int]):
+                 num_tokens: dict[str, int], fused_ce: bool = False):
         super().__init__()
         self.llm = llm
         self.connectors = nn.ModuleDict(connectors)
         self.pad_ids = dict(pad_ids)          # kind -> pad token id
         self.num_tokens = dict(num_tokens)    # kind -> slots per item
+        self.fused_ce = fused_ce              # Liger's fused lm_head + cross-entropy (see the property)
+
+    @property
+    def fused_ce(self) -> bool:
+        """Liger's LigerFusedLinearCrossEntropyLoss in place of the checkpointed lm_head/CE chunks.
+
+        It takes `lm_head.weight` as a tensor, so a ZeRO-3 gather hook on the lm_head module would
+        not fire: set it only where the weight is whole (build.resolve_fused_ce decides, the trainer
+        logs why). Setting it True imports liger_kernel (GPU only)."""
+        return self.flce is not None
+
+    @fused_ce.setter
+    def fused_ce(self, on: bool) -> None:
+        if on:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+            self.flce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+        else:
+            self.flce = None
 
     # -- splice -------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, media: dict | None, sample_ids=None,
@@ -111,7 +131,8 @@ class VisionLanguageModel(nn.Module):
         `supervised_index` (flat indices of targets != IGNORE) lets the caller skip a sync.
         `num_ce_chunks`: run the lm_head this many times (empty chunks included). Under ZeRO-3
         each call gathers the lm_head on every rank, so the caller passes the same number on
-        all ranks (the max over ranks of ceil(supervised / CE_CHUNK)).
+        all ranks (the max over ranks of ceil(supervised / CE_CHUNK)). Unused with fused_ce
+        (never under ZeRO-3: no gather to keep in step).
         """
         embeds = self.embed(input_ids, media, sample_ids, validate)
         base = unwrap_llm(self.llm)
@@ -128,6 +149,15 @@ class VisionLanguageModel(nn.Module):
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, supervised_index)  # (K, H)
         t = flat_targets.index_select(0, supervised_index)                         # (K,)
         lm_head = base.get_output_embeddings()
+        if self.flce is not None:
+            if hasattr(lm_head.weight, "ds_numel"):   # a ZeRO-3 partition: Liger would see an empty shard
+                raise RuntimeError("fused_ce with a ZeRO-3 partitioned lm_head: resolve_fused_ce keeps "
+                                   "the chunked path under ZeRO-3")
+            if h.shape[0] > 0:   # sum over the supervised positions; Liger skips grad_weight if frozen
+                loss_sum = self.flce(lm_head.weight, h, t).float()
+            else:   # keep the graph connected so backward reaches every rank's params
+                loss_sum = hidden.sum().float() * 0
+            return {"loss_sum": loss_sum, "num_supervised": supervised_index.numel()}
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
         chunks = num_ce_chunks if num_ce_chunks is not None else ce_chunks(h.shape[0])
         for start in range(0, chunks * CE_CHUNK, CE_CHUNK):

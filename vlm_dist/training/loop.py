@@ -37,7 +37,7 @@ from vlm_dist.model.vlm import ce_chunks
 from vlm_dist.training.checkpoint import (disk_errors, init_adapter, load_engine_state, load_rank_state,
                                           nan_tag_for, publish, publish_export, resolve_resume,
                                           save_rank_state, set_rng_state, tag_for, withdraw, write_export)
-from vlm_dist.training.ds_config import build_ds_config
+from vlm_dist.training.ds_config import build_ds_config, zero_stage
 from vlm_dist.training.metrics import MetricsLog
 from vlm_dist.training.optim import apply_config_after_resume, build_optimizer, build_scheduler
 from vlm_dist.training.run_record import check_resume, write_run_record
@@ -86,24 +86,29 @@ def make_sampler(cfg: Config, samples, env, seed: int, grad_accum: int = 1):
         num_targets=samples.num_targets)   # the plan then carries the global counts train_step needs
 
 
-def build_model(cfg: Config, tokenizer, feature_shape, is_main: bool, llm_weights: dict | None = None):
-    from vlm_dist.model.build import (build_vlm, load_connectors, load_llm, resolve_kernels, set_trainable,
-                                      trainable_table)
+def build_model(cfg: Config, tokenizer, feature_shape, is_main: bool, llm_weights: dict | None = None,
+                zero_stage: int | None = None):
+    """The VLM of the run config. `zero_stage` (of the DeepSpeed config; None: unknown) decides,
+    with the kernels, whether the loss uses Liger's fused linear cross-entropy (resolve_fused_ce)."""
+    from vlm_dist.model.build import (build_vlm, load_connectors, load_llm, resolve_fused_ce, resolve_kernels,
+                                      set_trainable, trainable_table)
 
     dtype = getattr(torch, cfg.model.dtype)
     adapter = init_adapter(cfg.model.init_from, cfg.model.llm_mode)   # an export that lost its adapter: error
     llm = load_llm(cfg.model.llm, cfg.model.llm_mode, dtype, cfg.model.attn_implementation, lora=cfg.lora,
                    adapter=adapter, gradient_checkpointing=cfg.model.gradient_checkpointing, weights=llm_weights,
                    checkpoint_fraction=cfg.model.checkpoint_fraction, kernels=cfg.model.kernels)
+    kernels, why = resolve_kernels(cfg.model.kernels)
+    fused_ce, why_ce = resolve_fused_ce(kernels, zero_stage)
     if is_main:
-        kernels, why = resolve_kernels(cfg.model.kernels)
         print(f"kernels: {kernels} ({why})", flush=True)
+        print(f"loss: {why_ce}", flush=True)
     num_patches, vision_dim = feature_shape
     connector = dict(kind=cfg.model.connector, depth=cfg.model.resampler_depth,
                      heads=cfg.model.resampler_heads, use_layernorm=cfg.model.use_layernorm)
     if cfg.model.connector == "resampler":
         connector["num_latents"] = cfg.model.num_latents
-    vlm = build_vlm(llm, tokenizer, vision_dim, num_patches, connector, dtype)
+    vlm = build_vlm(llm, tokenizer, vision_dim, num_patches, connector, dtype, fused_ce=fused_ce)
     if cfg.model.init_from:
         load_connectors(vlm, cfg.model.init_from)
     set_trainable(vlm, cfg.model.llm_mode)
@@ -236,14 +241,14 @@ def train(argv: list[str] | None = None) -> int:
         lambda: VisionTower.expected_fingerprint(cfg.model.vision, cfg.model.feature_layer))
     cache = check_cache_for_training(cfg.data.cache, expected)
     feature_shape = cache.feature_shape
-    vlm = build_model(cfg, tokenizer, feature_shape, env.rank == 0)
+    ds_config = build_ds_config(args.deepspeed, cfg, env.world_size)   # its ZeRO stage decides the loss path
+    vlm = build_model(cfg, tokenizer, feature_shape, env.rank == 0, zero_stage=zero_stage(ds_config))
     num_tokens = vlm.num_tokens["image"]
     samples, eval_samples = build_data(cfg, cache, num_tokens, out_dir, env.rank)
 
     sampler = make_sampler(cfg, samples, env, cfg.data.seed, cfg.train.grad_accum)
     # epochs: each epoch's own plan (packed epochs differ), each a whole number of optimizer steps
     total_steps = cfg.train.max_steps or sampler.optimizer_steps(cfg.train.epochs)
-    ds_config = build_ds_config(args.deepspeed, cfg, env.world_size)
     optimizer = build_optimizer(vlm, cfg, ds_config)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     engine, _, _, scheduler = dist.ds_initialize(vlm, None, ds_config, optimizer=optimizer,
@@ -251,6 +256,7 @@ def train(argv: list[str] | None = None) -> int:
     vlm = engine.module
     vlm_config = {"llm": cfg.model.llm, "vision": cfg.model.vision, "feature_layer": cfg.model.feature_layer,
                   "pool": cache.fingerprint["pool"], "vision_dtype": cache.fingerprint["dtype"],
+                  "jpeg_draft_to": cache.jpeg_draft_to,   # online decoding must match the cache's
                   "template": cfg.data.template,
                   "num_media_tokens": num_tokens, "dtype": cfg.model.dtype}
 
