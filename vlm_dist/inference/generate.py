@@ -9,7 +9,8 @@ image processor, its dtype and pooling, as `vlm-cache build` encodes them) or
 from a feature cache (`cached_features`). The prompt is the conversation up to
 the reply to generate, in the export's template, ending with the assistant
 prefix for chatml. Generation stops at <|im_end|> or <|endoftext|>.
-Used by vlm-generate and vlm-eval.
+Used by vlm-generate and vlm-eval; vlm-serve calls `generate_batch` (several prompts given as
+token ids, left-padded into one greedy batch, with a caller's streamer and stopping criteria).
 """
 from __future__ import annotations
 
@@ -137,3 +138,46 @@ class Generator:
                  settings: GenerationSettings | None = None, streamer=None) -> str:
         ids = self.generate_ids(conversations, features, settings or GenerationSettings(), streamer)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[Sequence[int]], features: Sequence[torch.Tensor | None],
+                       settings: GenerationSettings, streamer=None, stopping_criteria=None) -> torch.Tensor:
+        """(B, T_new) new token ids for B prompts (token ids) and their images' (M_b, P, D) features.
+
+        The prompts are left-padded into one batch (transformers derives the positions from the
+        attention mask, so each row sees its own tokens at positions 0..n-1, as alone). One row
+        runs exactly as `generate_ids` does. Several rows need greedy settings: seeded sampling
+        draws from one RNG, which rows would share. Rows stop at STOP_TOKENS (later tokens are
+        pad) or where `stopping_criteria` (a transformers StoppingCriteriaList, per row) says;
+        `streamer.put` gets each step's (B,) tokens. Batched rows match single-row greedy results
+        up to floating-point summation order (padded matmuls), as in any batched server.
+        """
+        if len(prompts) != len(features) or not prompts:
+            raise ValueError(f"{len(prompts)} prompts but {len(features)} feature sets")
+        if settings.do_sample and len(prompts) > 1:
+            raise ValueError("sampled rows cannot share a batch (one seeded RNG); batch greedy prompts only")
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):                  # left padding
+            ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[row, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        feats = [f for f in features if f is not None and f.shape[0]]
+        media = None
+        if feats:
+            counts = [0 if f is None else f.shape[0] for f in features]
+            media = {"image": {"features": torch.cat(feats).to(self.device),
+                               "counts": torch.tensor(counts, device=self.device)}}
+        sampling = None
+        if settings.do_sample:
+            from transformers import LogitsProcessorList
+            top_k = unwrap_llm(self.vlm.llm).generation_config.top_k
+            sampling = LogitsProcessorList([SeededSampling(settings.temperature, settings.top_p, settings.seed,
+                                                           self.device, top_k=top_k)])
+        embeds = self.vlm.embed(ids, media)                                        # (B, T, H)
+        return self.vlm.llm.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
+            do_sample=False, temperature=None, top_p=None, top_k=None,
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id, streamer=streamer,
+            logits_processor=sampling, stopping_criteria=stopping_criteria)
