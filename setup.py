@@ -28,7 +28,7 @@ setup(
         # fused RMSNorm/RoPE/SwiGLU for Qwen3 (Triton; --model.kernels=auto picks it up on CUDA)
         "gpu": ["liger-kernel>=0.8"],
         # vlm-serve (OpenAI-compatible API) and vlm-ui (Gradio upload chat, talks to vlm-serve)
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40", "gradio>=5", "httpx>=0.27"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40", "gradio>=6", "httpx>=0.27"],
         # the lmms-eval model plugin (vlm_dist.inference.lmms). It pulls torchvision: next to a CPU
         # torch, PyPI's (CUDA) torchvision cannot import; `make install` removes it again (see Makefile)
         "eval": ["lmms-eval>=0.7", "scikit-learn>=1.3"],
