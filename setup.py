@@ -31,7 +31,7 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40", "gradio>=6", "httpx>=0.27"],
         # the lmms-eval model plugin (vlm_dist.inference.lmms). It pulls torchvision: next to a CPU
         # torch, PyPI's (CUDA) torchvision cannot import; `make install` removes it again (see Makefile)
-        "eval": ["lmms-eval>=0.7", "scikit-learn>=1.3"],
+        "eval": ["lmms-eval>=0.7", "scikit-learn>=1.3", "filelock<4"],   # lmms-eval 0.7.3 imports filelock._api (gone in filelock 4)
         # what the test suite drives: the official openai client, a real browser through Selenium
         "test": ["openai>=1.40", "selenium>=4.20"],
     },
