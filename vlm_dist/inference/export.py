@@ -283,7 +283,7 @@ def _patches_from_config(cfg: ExportConfig, export_dir) -> int:
 
 
 @contextmanager
-def publishing(out: Path):
+def publishing(out: Path, check=None, replaceable=None, kind: str = f"an export (no {EXPORT_CONFIG})"):
     """`with publishing(out) as tmp:` build an export in `tmp`; it then replaces `out` by two renames
     (the old export aside, the new one in; a crash between them leaves the old one beside `out`
     as `.NAME.tmp.*.old`, nothing deleted).
@@ -293,16 +293,20 @@ def publishing(out: Path):
     removes `tmp` and leaves `out` as it was. Only an export (has vlm_config.json) or an empty
     directory is ever replaced, and deleted only after the new one is in place; anything else at `out`
     is refused before any work, and left untouched.
+    Other output kinds (export_hf's transformers directories) pass their own `check(tmp)` and
+    `replaceable(out)` (defaults: check_export and "an export or empty") and name their `kind`.
     """
-    if out.is_symlink() or (out.exists() and not (out.is_dir() and _is_export_or_empty(out))):
-        raise ExportError(f"{out} exists and is not an export (no {EXPORT_CONFIG}); refusing to replace "
+    check = check or check_export
+    replaceable = replaceable or _is_export_or_empty
+    if out.is_symlink() or (out.exists() and not (out.is_dir() and replaceable(out))):
+        raise ExportError(f"{out} exists and is not {kind}; refusing to replace "
                           f"it. Move it away or choose another output path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.{os.urandom(4).hex()}")   # a fresh name: nothing is cleared for it
     tmp.mkdir()
     try:
         yield tmp
-        check_export(tmp)
+        check(tmp)
         for f in tmp.rglob("*"):    # on disk before the rename makes them visible
             if f.is_file():
                 with open(f, "rb") as fh:
@@ -373,20 +377,28 @@ def run_dir(export_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def check_merge_target(export_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Refuse an output whose replacement could delete what the merge reads or what training made.
-
-    Refused: the export itself, its run directory, anything inside either or containing
-    either, and an existing non-empty directory that is not an earlier merge output.
-    """
+def check_output_location(export_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                          what_out: str = "merge output") -> None:
+    """Refuse an output that is the export itself, its run directory, or inside or containing either
+    (replacing it could delete what the export reads or what training made)."""
     src, out = Path(export_dir).resolve(), Path(out_dir).resolve()
     for protected, what in ((src, "the export it reads"), (run_dir(src), "that export's training run")):
         if protected is None:
             continue
         if out == protected or protected in out.parents or out in protected.parents:
             relation = "is" if out == protected else "lies inside" if protected in out.parents else "contains"
-            raise ExportError(f"merge output {out_dir} {relation} {protected} ({what}); choose a path "
+            raise ExportError(f"{what_out} {out_dir} {relation} {protected} ({what}); choose a path "
                               f"outside {protected}")
+
+
+def check_merge_target(export_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Refuse an output whose replacement could delete what the merge reads or what training made.
+
+    Refused: the export itself, its run directory, anything inside either or containing
+    either (check_output_location), and an existing non-empty directory that is not an earlier merge output.
+    """
+    check_output_location(export_dir, out_dir)
+    out = Path(out_dir).resolve()
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ExportError(f"merge output {out_dir} exists and is not a directory; choose another path")
     if out.is_dir() and any(out.iterdir()) and not _is_merge_output(out):
