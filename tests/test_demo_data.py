@@ -101,3 +101,40 @@ def test_cli_writes_a_summary(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["files"]["heldout_which.jsonl"] == 12
     assert json.loads((tmp_path / "d" / "dataset.json").read_text())["images"] == printed["images"]
+
+
+def test_pope_questions_ask_about_the_shown_object_and_truly_absent_ones(data):
+    out, summary = data
+    recs = list(read_records(out / "heldout_pope.jsonl"))
+    caps = list(read_records(out / "heldout_captions.jsonl"))
+    frequency = summary["object_frequency"]
+    assert len(recs) == 2 * 3 * len(caps)                     # a yes and a no per image and setting
+    by_image: dict = {}
+    for r in recs:
+        shown = dd.scene_object(r["scene"])
+        assert r["conversations"][0]["content"] == f"Is there a {r['object']} in the image?\n<image>"
+        assert r["conversations"][-1]["content"] == ("Yes." if r["answer"] == "yes" else "No.")
+        assert (r["object"] == shown) == (r["answer"] == "yes")     # a "no" object is really absent
+        by_image.setdefault((r["images"][0], r["pope_setting"]), {})[r["answer"]] = r["object"]
+    absent_of = {}
+    for (image, setting), qa in by_image.items():
+        assert set(qa) == {"yes", "no"}
+        absent = [o for o in dd.pope_objects() if o != qa["yes"]]
+        if setting == "popular":      # the most frequent absent object in the training images
+            assert frequency[qa["no"]] == max(frequency[o] for o in absent)
+        if setting == "adversarial":  # shares its colour or its shape with the shown object
+            assert dd.shared_attributes(qa["no"], qa["yes"]) == 1
+        absent_of.setdefault(setting, []).append(dd.shared_attributes(qa["no"], qa["yes"]))
+    # random negatives are not chosen for resemblance: most share nothing with the shown object
+    assert sum(x == 0 for x in absent_of["random"]) > len(absent_of["random"]) / 3
+    train = [r for r in read_records(out / "sft_train.jsonl") if r["task"] == "pope"]
+    assert len(train) == 2 * summary["config"]["train_pope"]
+    assert {r["answer"] for r in train} == {"yes", "no"}
+    held_images = {r["images"][0] for r in recs}
+    assert held_images == {r["images"][0] for r in caps} and not held_images & {r["images"][0] for r in train}
+
+
+def test_object_frequency_counts_every_drawn_scene(data):
+    out, summary = data
+    train = [r for r in read_records(out / "sft_train.jsonl") if r["task"] != "pope"]
+    assert sum(summary["object_frequency"].values()) == sum(len(r["images"]) for r in train)

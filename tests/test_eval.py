@@ -97,6 +97,57 @@ def test_nlvr2_and_mc_scoring():
     assert m["accuracy"] == 0.25 and m["unparsed"] == 1 and m["picked"]["A"] == 1
 
 
+# -- POPE --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,want", [
+    ("Yes", "yes"), ("yes, there is a red circle.", "yes"), ("NO.", "no"), ("No, there is not.", "no"),
+    ("There is no red circle.", None), ("I think yes", None), ("", None), ("Yesterday", None),
+])
+def test_parse_yes_no_reads_the_first_word(text, want):
+    assert ev.parse_yes_no(text) == want
+
+
+def test_pope_metrics_on_hand_made_answers_per_setting():
+    # random: 4 yes / 4 no answers; the model says yes 5 times: 3 right (TP), 2 wrong (FP); one reply unparsed
+    answers = ["yes"] * 4 + ["no"] * 4
+    random_p = ["yes", "yes", "yes", None, "yes", "yes", "no", "no"]
+    # popular: always yes -> recall 1, precision 0.5, yes-ratio 1
+    popular_p = ["yes"] * 8
+    # adversarial: always no -> precision and F1 0 by convention, accuracy 0.5
+    adversarial_p = ["no"] * 8
+    preds = random_p + popular_p + adversarial_p
+    settings = ["random"] * 8 + ["popular"] * 8 + ["adversarial"] * 8
+    m = ev.score_pope(preds, answers * 3, settings)
+    r = m["random"]
+    assert (r["accuracy"], r["precision"], r["recall"]) == (5 / 8, 3 / 5, 3 / 4)
+    assert r["f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35) and r["yes_ratio"] == 5 / 8 and r["unparsed"] == 1
+    p = m["popular"]
+    assert (p["accuracy"], p["precision"], p["recall"], p["yes_ratio"]) == (0.5, 0.5, 1.0, 1.0)
+    assert p["f1"] == pytest.approx(2 / 3)
+    a = m["adversarial"]
+    assert (a["accuracy"], a["precision"], a["recall"], a["f1"], a["yes_ratio"]) == (0.5, 0.0, 0.0, 0.0, 0.0)
+    assert m["f1"] == pytest.approx((r["f1"] + p["f1"] + 0.0) / 3) and m["n"] == 24
+    assert m["accuracy"] == pytest.approx((5 / 8 + 0.5 + 0.5) / 3)
+    with pytest.raises(ValueError, match="unknown POPE setting"):
+        ev.score_pope(["yes"], ["yes"], ["hard"])
+    with pytest.raises(ValueError, match="'yes' or 'no'"):
+        ev.pope_metrics(["yes"], ["maybe"])
+
+
+def test_pope_negatives_follow_their_setting():
+    import random
+    objects = ["a", "b", "c", "d", "e"]
+    frequency = {"a": 9, "b": 1, "c": 7, "d": 5, "e": 2}
+    near = {("e", "a"): 3, ("b", "a"): 1}                    # e co-occurs most with a, then b
+    cooc = lambda x, y: near.get((x, y), 0)                  # noqa: E731
+    rng = random.Random(0)
+    assert ev.pope_negatives({"a"}, objects, "popular", 2, rng, frequency, cooc) == ["c", "d"]
+    assert ev.pope_negatives({"a"}, objects, "adversarial", 2, rng, frequency, cooc) == ["e", "b"]
+    drawn = {x for _ in range(50) for x in ev.pope_negatives({"a"}, objects, "random", 1, rng, frequency, cooc)}
+    assert drawn == {"b", "c", "d", "e"}                      # every absent object, never the present one
+    with pytest.raises(ValueError, match="only 4 absent objects for 5"):
+        ev.pope_negatives({"a"}, objects, "random", 5, rng, frequency, cooc)
+
+
 def test_ordered_descriptions_per_position():
     ref = "Image 1: a red circle on the left. Image 2: a blue square on the right."
     swapped = "Image 1: a blue square on the right. Image 2: a blue square on the right."
@@ -208,7 +259,8 @@ def test_vlm_eval_end_to_end(tiny_export, demo_data, tmp_path):
                "--nlvr2", str(pairs), "--mc", str(mc),
                "--loss", str(demo_data / "heldout_loss.jsonl"), "--captions", str(demo_data / "heldout_captions.jsonl"),
                "--probes", str(demo_data / "heldout_which.jsonl"), "--describe", str(demo_data / "heldout_describe.jsonl"),
-               "--text", str(demo_data / "heldout_text.jsonl"), "--limit", "6", "--max-new-tokens", "6",
+               "--text", str(demo_data / "heldout_text.jsonl"), "--pope", str(demo_data / "heldout_pope.jsonl"),
+               "--limit", "6", "--max-new-tokens", "6",
                "--device", "cpu"])
     assert rc == 0
     res = json.loads((out / "eval.json").read_text())
@@ -224,8 +276,26 @@ def test_vlm_eval_end_to_end(tiny_export, demo_data, tmp_path):
     assert (out / "captions.md").read_text().startswith("# Caption report")
     assert res["nlvr2"]["n"] == 4 and res["nlvr2"]["per_answer"]["true"]["n"] == 2
     assert res["mc"]["n"] == 4 and len((out / "mc.jsonl").read_text().splitlines()) == 4
+    pope = [json.loads(line) for line in (out / "pope.jsonl").open()]
+    assert res["pope"]["n"] == len(pope) == 6
+    for row in pope:    # every reply scored by its first word, as POPE does
+        assert row["parsed"] == ev.parse_yes_no(row["prediction"]) and row["answer"] in ("yes", "no")
+    present = [s for s in ev.POPE_SETTINGS if s in res["pope"]]
+    assert present and res["pope"]["f1"] == pytest.approx(sum(res["pope"][s]["f1"] for s in present) / len(present))
     n_caps = min(6, len((demo_data / "heldout_captions.jsonl").read_text().splitlines()))
     assert len((out / "captions.jsonl").read_text().splitlines()) == res["captions"]["n"] == n_caps
+
+
+def test_vlm_eval_names_a_pope_record_without_its_setting(tiny_export, demo_data, tmp_path, capsys):
+    from vlm_dist.contract.records import write_records
+    from vlm_dist.inference.eval_cli import main
+    recs = [json.loads(line) for line in (demo_data / "heldout_pope.jsonl").open()][:2]
+    del recs[1]["pope_setting"]
+    write_records(tmp_path / "pope.jsonl", recs)
+    rc = main(["--model", str(tiny_export), "--out", str(tmp_path / "eval"), "--image-root", str(demo_data),
+               "--pope", str(tmp_path / "pope.jsonl"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"record {recs[1]['id']!r} needs" in err and "pope_setting" in err and "Traceback" not in err
 
 
 def test_vlm_eval_two_ranks_matches_one(tiny_export, demo_data, tmp_path):

@@ -10,10 +10,11 @@ relative to --out, which is the image root for `vlm-cache build`):
 
     stage1_train.jsonl        single-image captions, plain template ("<image>" -> caption)
     sft_train.jsonl           chatml mix: captions, "describe each image in order" over 2-3
-                              images, "which image shows X?" over 2 and 3 images
+                              images, "which image shows X?" over 2 and 3 images, POPE yes/no
     heldout_captions.jsonl    held-out caption prompts (the reference is the assistant turn)
     heldout_describe.jsonl    held-out describe-in-order records
     heldout_which.jsonl       held-out which-image questions, "answer": 1-based image position
+    heldout_pope.jsonl        held-out POPE yes/no questions, "answer": "yes"|"no", "pope_setting"
     heldout_text.jsonl        text-only sentences (language regression set, no images)
     heldout_loss.jsonl        captions + describe + which, for held-out loss / perplexity
     dataset.json              counts, per-position answer counts, seed, vocabulary
@@ -22,6 +23,16 @@ In every which-image set the answer image sits in each position exactly equally
 often (n // k per position), so a model that only looks at the last image scores
 1/k. Distractors differ from the asked shape in both colour and shape, so the
 question is about finding the right image, not about fine attribute binding.
+POPE on these scenes: an object is a colour+shape pair ("red circle", 12 in all), and
+each image shows exactly one. Per image and setting POPE asks about the object it shows
+("yes") and one it does not show ("no"), the absent one drawn as POPE's settings say:
+random (any of the 11 absent objects), popular (the absent object drawn most often in the
+training images) and adversarial (POPE takes the objects that co-occur most with the
+image's; a one-object image has no co-occurrence, so here it is the absent objects that
+share the most with the shown one: same colour or same shape, the ones a model that half
+looked would claim). The held-out POPE set asks about the held-out caption images; the
+training mix holds one yes and one no question (setting drawn at random) per image for
+`train_pope` training caption images.
 Held-out images are drawn separately from training images (new jitter, own files).
 Same seed and scale -> byte-identical files.
 """
@@ -36,6 +47,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from vlm_dist.contract.records import write_records
+from vlm_dist.inference import evaluation as ev
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 0)}
 SHAPES = ("circle", "square", "triangle")
@@ -78,6 +90,7 @@ class DemoDataConfig:
     heldout_captions: int = 48
     heldout_describe: int = 24
     heldout_which: int = 48         # per image count (2 and 3)
+    train_pope: int = 120           # training caption images asked a yes and a no POPE question
 
     def scaled(self, scale: float) -> "DemoDataConfig":
         """Counts times `scale`, which-image counts kept multiples of 6 (balanced over 2 and 3)."""
@@ -85,7 +98,7 @@ class DemoDataConfig:
             return max(mult, int(round(x * scale / mult)) * mult)
         return DemoDataConfig(self.seed, self.image_size, n(self.train_captions), n(self.train_describe),
                               n(self.train_which, 6), n(self.heldout_captions), n(self.heldout_describe),
-                              n(self.heldout_which, 6))
+                              n(self.heldout_which, 6), n(self.train_pope))
 
 
 def all_scenes() -> list[Scene]:
@@ -159,6 +172,53 @@ def which_record(rid: str, keys: list[str], scenes: list[Scene], answer: int) ->
                               {"role": "assistant", "content": which_answer_text(answer)}]}
 
 
+def scene_object(scene: Scene | dict) -> str:
+    """The POPE object an image shows: its colour and shape ("red circle"); position is not an object."""
+    s = scene if isinstance(scene, dict) else asdict(scene)
+    return f"{s['colour']} {s['shape']}"
+
+
+def pope_objects() -> list[str]:
+    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def shared_attributes(a: str, b: str) -> int:
+    """How many of colour and shape two objects share: the demo's stand-in for co-occurrence."""
+    return sum(x == y for x, y in zip(a.split(), b.split()))
+
+
+def pope_record(rid: str, key: str, scene: dict, obj: str, answer: str, setting: str) -> dict:
+    question = ev.POPE_QUESTION.format(object=obj)
+    return {"id": rid, "images": [key], "task": "pope", "answer": answer, "pope_setting": setting,
+            "object": obj, "scene": scene,
+            # the question comes first, as in which-image: a causal LM reads the image knowing what to look for
+            "conversations": [{"role": "user", "content": f"{question}\n<image>"},
+                              {"role": "assistant", "content": f"{answer.capitalize()}."}]}
+
+
+def pope_records(captions: list[dict], frequency: dict[str, float], rng: random.Random,
+                 settings: tuple[str, ...] | None = None) -> list[dict]:
+    """A yes and a no question per caption record's image: in every setting (settings=None: one at random)."""
+    out = []
+    for r in captions:
+        present = scene_object(r["scene"])
+        for setting in settings or (rng.choice(ev.POPE_SETTINGS),):
+            [absent] = ev.pope_negatives({present}, pope_objects(), setting, 1, rng, frequency, shared_attributes)
+            base = r["id"].replace("-cap-", "-pope-") + f"-{setting}"
+            out.append(pope_record(base + "-yes", r["images"][0], r["scene"], present, "yes", setting))
+            out.append(pope_record(base + "-no", r["images"][0], r["scene"], absent, "no", setting))
+    return out
+
+
+def object_frequency(records: list[dict]) -> dict[str, int]:
+    """How many images show each object, over records' "scene"/"scenes" (POPE's popular ranking)."""
+    counts = {o: 0 for o in pope_objects()}
+    for r in records:
+        for s in r.get("scenes") or [r["scene"]]:
+            counts[scene_object(s)] += 1
+    return counts
+
+
 def _which_scenes(k: int, answer: int, rng: random.Random) -> list[Scene]:
     """k scenes; scene[answer-1] is the target, every other one differs from it in colour AND shape."""
     scenes = all_scenes()
@@ -226,7 +286,11 @@ def generate(out: str | Path, cfg: DemoDataConfig | None = None) -> dict:
     # stage 1 sees the same training images with the plain "<image> -> caption" prompt
     stage1 = [caption_record(r["id"].replace("-cap-", "-s1-"), r["images"][0], Scene(**r["scene"]), "plain")
               for r in train["captions"]]
-    sft = train["captions"] + train["describe"] + train["which"]
+    frequency = object_frequency(train["captions"] + train["describe"] + train["which"])
+    train_pope = pope_records(sorted(train["captions"], key=lambda r: r["id"])[:cfg.train_pope], frequency, rng)
+    held_pope = pope_records(sorted(held["captions"], key=lambda r: r["id"]), frequency, rng,
+                             settings=ev.POPE_SETTINGS)
+    sft = train["captions"] + train["describe"] + train["which"] + train_pope
     rng.shuffle(sft)
     text = [{"id": f"text-{i:03d}", "images": [], "task": "text",
              "conversations": [{"role": "user", "content": "Repeat:"},
@@ -238,6 +302,7 @@ def generate(out: str | Path, cfg: DemoDataConfig | None = None) -> dict:
         "heldout_captions.jsonl": held["captions"],
         "heldout_describe.jsonl": held["describe"],
         "heldout_which.jsonl": held["which"],
+        "heldout_pope.jsonl": held_pope,
         "heldout_text.jsonl": text,
         "heldout_loss.jsonl": held["captions"] + held["describe"] + held["which"],
     }
@@ -248,6 +313,7 @@ def generate(out: str | Path, cfg: DemoDataConfig | None = None) -> dict:
         "colours": list(COLOURS), "shapes": list(SHAPES), "positions": list(POSITIONS),
         "files": {name: len(recs) for name, recs in files.items()},
         "images": sum(1 for _ in (out / "images").iterdir()),
+        "object_frequency": frequency,
         "which_answer_positions": {"train": position_counts(train["which"]),
                                    "heldout": position_counts(held["which"])},
     }

@@ -1,6 +1,8 @@
-"""The demo's evaluation and report: before/after accuracies, results.json, report.md, two PNGs.
+"""The demo's evaluation and report: before/after accuracies in results.json, and report/ (report.md + PNGs).
 
-Used by vlm_dist.demo.run; evaluation itself is `vlm-eval` (vlm_dist.inference.eval_cli).
+Used by vlm_dist.demo.run; evaluation itself is `vlm-eval` (vlm_dist.inference.eval_cli), the
+report is `vlm-eval report` (vlm_dist.inference.report) over the two eval directories and the
+two training runs.
 """
 from __future__ import annotations
 
@@ -9,18 +11,18 @@ import shutil
 import sys
 from pathlib import Path
 
+from vlm_dist.inference.evaluation import POPE_SETTINGS
 
-REPORT = """# vlm_dist demo
 
-Tiny SigLIP + tiny Qwen3 built locally; stage 1 (connector only, LLM frozen) then LoRA SFT,
+INTRO = """Tiny SigLIP + tiny Qwen3 built locally; stage 1 (connector only, LLM frozen) then LoRA SFT,
 each with `deepspeed launch/train.py`; evaluated with `vlm-eval` on held-out images
 (new drawings, never trained on). "before" is the same model with a freshly initialised
 connector. Which-image probes ask every question once per answer position, so a model
-that always picks one position scores 1 there, 0 at the others and 1/k overall.
+that always picks one position scores 1 there, 0 at the others and 1/k overall. POPE asks
+"Is there a <colour> <shape> in the image?" about the shape shown (yes) and an absent one
+(no): random, popular and adversarial (same colour or shape) negatives, see vlm_dist.demo.data.
 
-{table}
-
-Run time: {seconds:.0f} s (results.json has every number).
+Run time: {seconds:.0f} s (results.json has the headline numbers; eval_before/ and eval_after/ every one).
 
 How the tiny models stand in for pretrained ones: SigLIP is trained with its own sigmoid
 loss on the training images and captions. Qwen3 is trained on the training records (the
@@ -28,12 +30,6 @@ stage-1 and SFT questions and answers) with each image block holding the scene t
 generator drew, as words ("red circle left"). It so learns the tasks from those words,
 which real data does not carry, and never sees a pixel. What the VLM stages show is
 grounding: the connector learns to turn SigLIP features into what the LLM reads there.
-
-![losses](loss.png)
-
-Held-out images with the generated captions:
-
-![samples](samples.png)
 """
 
 
@@ -60,6 +56,7 @@ def evaluate(export: Path, data: Path, cache: Path, out: Path, logs: Path, run) 
     run([sys.executable, "-m", "vlm_dist.inference.eval_cli", "--model", export, "--cache", cache, "--out", out,
          "--loss", data / "heldout_loss.jsonl", "--captions", data / "heldout_captions.jsonl",
          "--describe", data / "heldout_describe.jsonl", "--probes", data / "heldout_which.jsonl",
+         "--pope", data / "heldout_pope.jsonl",
          "--max-new-tokens", "48"], logs / f"{out.name}.log")
     res = json.loads((out / "eval.json").read_text())
     probes = res["probes"]
@@ -71,56 +68,19 @@ def evaluate(export: Path, data: Path, cache: Path, out: Path, logs: Path, run) 
         "which_image_accuracy": probes["accuracy"],
         "which_image_accuracy_by_position": {pos: v["accuracy"] for pos, v in probes["per_position"].items()},
         "which_image_last_image_rate": probes["last_image_rate"],
+        "pope": {key: res["pope"][key] for key in ("accuracy", "precision", "recall", "f1", "yes_ratio")},
+        "pope_by_setting": {s: {key: res["pope"][s][key] for key in ("accuracy", "f1", "yes_ratio")}
+                            for s in POPE_SETTINGS},
         "heldout_loss": res["loss"].get("loss"),
         "heldout_perplexity": res["loss"].get("perplexity"),
         "eval_dir": str(out),
     }
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def plot_losses(run_dirs: list[Path], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vlm_dist.training.metrics import plot_losses as plot_run
-    fig, axes = plt.subplots(1, len(run_dirs), figsize=(5 * len(run_dirs), 3.2))
-    for ax, run_dir in zip(axes, run_dirs):
-        rows = _metrics(run_dir)
-        plot_run([(r["step"], r["loss"]) for r in rows if r["kind"] == "train"],
-                 [(r["step"], r["eval_loss"]) for r in rows if r["kind"] == "eval"], ax=ax, title=run_dir.name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_samples(eval_dir: Path, data: Path, path: Path, n: int = 12) -> None:
-    """A grid of held-out images with the caption the trained model generated."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-    rows = [json.loads(line) for line in (eval_dir / "captions.jsonl").read_text().splitlines()][:n]
-    cols = 4
-    fig, axes = plt.subplots((len(rows) + cols - 1) // cols, cols, figsize=(3.2 * cols, 3.0 * ((len(rows) + 3) // 4)))
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, row in zip(axes.flat, rows):
-        ax.imshow(Image.open(data / row["images"][0]))
-        mark = "ok" if row["exact"] else "x"
-        ax.set_title(f"[{mark}] {row['prediction']}", fontsize=8, color="green" if row["exact"] else "red")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_report(out: Path, results: dict, run_dirs: list[Path], data: Path) -> None:
+def write_report(out: Path, results: dict, run_dirs: list[Path], data: Path) -> Path:
+    """results.json, the before/after table on the console, and out/report via `vlm-eval report`."""
+    from vlm_dist.inference.report import build_report
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    plot_losses(run_dirs, out / "loss.png")
-    plot_samples(Path(results["after"]["eval_dir"]), data, out / "samples.png")
     b, a = results["before"], results["after"]
     table = ["| metric | before | after |", "|---|---|---|"]
     for key in ("caption_accuracy", "which_image_accuracy", "heldout_loss"):
@@ -131,7 +91,13 @@ def write_report(out: Path, results: dict, run_dirs: list[Path], data: Path) -> 
     for pos, v in sorted(a["describe"]["per_position"].items()):
         before = b["describe"]["per_position"].get(pos, {}).get("accuracy", float("nan"))
         table.append(f"| describe-in-order, image {pos} exact | {before:.3f} | {v['accuracy']:.3f} |")
-    text = "\n".join(table)
-    print("\n" + text + f"\n\ndemo took {results['seconds']:.0f}s; report: {out / 'report.md'}", flush=True)
-    (out / "report.md").write_text(REPORT.format(table=text, seconds=results["seconds"]))
-
+    for s in POPE_SETTINGS:
+        pb, pa = b["pope_by_setting"][s], a["pope_by_setting"][s]
+        table.append(f"| POPE {s}: F1 / accuracy / yes-ratio | {pb['f1']:.3f} / {pb['accuracy']:.3f} / "
+                     f"{pb['yes_ratio']:.2f} | {pa['f1']:.3f} / {pa['accuracy']:.3f} / {pa['yes_ratio']:.2f} |")
+    report = build_report([b["eval_dir"], a["eval_dir"], *run_dirs], out / "report",
+                          names=["before", "after"] + [d.name for d in run_dirs], image_root=data,
+                          title="vlm_dist demo", intro=INTRO.format(seconds=results["seconds"]))
+    print("\n" + "\n".join(table) + f"\n\ndemo took {results['seconds']:.0f}s; report: {report / 'report.md'}",
+          flush=True)
+    return report

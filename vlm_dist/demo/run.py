@@ -10,8 +10,9 @@
 3. builds the feature cache with `vlm-cache build`;
 4. trains stage 1 (connector only) and then a LoRA SFT stage with the real
    `deepspeed launch/train.py` on the devices present (2 CPU ranks on a CPU machine);
-5. evaluates before and after with `vlm-eval`, and writes results.json, report.md,
-   loss.png and samples.png under --out.
+5. evaluates before and after with `vlm-eval` (POPE included), and writes results.json
+   and report/ (`vlm-eval report`: report.md, which_image.png, pope.png, loss.png,
+   captions.png) under --out.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ LLM_HIDDEN, LLM_LAYERS = 128, 4
 NUM_LATENTS = 8
 PRETRAIN_STEPS = {"vision": 1000, "llm": 600}
 STAGE1 = dict(steps=240, lr=3e-3)
-STAGE2 = dict(steps=300, lr_connector=1e-3, lr_adapters=2e-3, lora_r=32)
+STAGE2 = dict(steps=400, lr_connector=1e-3, lr_adapters=2e-3, lora_r=32)
 
 
 def caption_pairs(data: Path, name: str = "stage1_train.jsonl") -> tuple[list[Path], list[str]]:
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
         "data.records": data / "stage1_train.jsonl", "train.max_steps": STAGE1["steps"],
         "train.lr_connector": STAGE1["lr"]}, logs)
 
-    print("[5/6] stage 2: LoRA SFT (captions, describe-in-order, which-image)", flush=True)
+    print("[5/6] stage 2: LoRA SFT (captions, describe-in-order, which-image, POPE yes/no)", flush=True)
     s2 = train("stage2_sft", out / "stage2", models, data, cache, {
         "data.records": data / "sft_train.jsonl", "model.init_from": s1, "model.llm_mode": "lora",
         "lora.r": STAGE2["lora_r"], "lora.alpha": 2 * STAGE2["lora_r"], "lora.dropout": 0.0,

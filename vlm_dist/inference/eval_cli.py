@@ -1,8 +1,10 @@
-"""vlm-eval: held-out loss, captions, grounding probes, NLVR2, multiple choice, text regression.
+"""vlm-eval: held-out loss, captions, grounding probes, NLVR2, multiple choice, POPE, text regression.
 
     vlm-eval --model runs/sft/export --cache cache/ --out runs/sft/eval \\
         --loss heldout.jsonl --captions captions.jsonl --probes which.jsonl \\
-        --nlvr2 pairs.jsonl --mc mmmu.jsonl --text text.jsonl
+        --nlvr2 pairs.jsonl --mc mmmu.jsonl --pope pope.jsonl --text text.jsonl
+    vlm-eval report runs/sft/eval_before runs/sft/eval runs/sft --out runs/sft/report \
+        --baseline baselines/llava15_7b.yaml      # the Markdown + PNG report (vlm_dist.inference.report)
     torchrun --nproc_per_node 8 -m vlm_dist.inference.eval_cli ...     # records sharded over ranks
     srun -n 8 python -m vlm_dist.inference.eval_cli ...                 # (or mpirun -n 8): the same
 
@@ -13,7 +15,7 @@ files under --image-root with the export's tower.
 
 Writes to --out: eval.json (every metric), captions.jsonl + captions.md (the
 caption report: image, reference, generated, exact match), probes.jsonl,
-describe.jsonl, nlvr2.jsonl, mc.jsonl (one line per question: the reply and
+describe.jsonl, nlvr2.jsonl, mc.jsonl, pope.jsonl (one line per question: the reply and
 how it was scored). Prints a summary table.
 
 Each set is one entry of TASKS (its flag, the function that scores it, its summary line);
@@ -53,6 +55,7 @@ def parse_args(argv):
     p.add_argument("--probes", help="which-image records with \"answer\": 1-based image position")
     p.add_argument("--nlvr2", help="paired-image statements with \"answer\": true/false")
     p.add_argument("--mc", help="multiple-choice records with \"answer\": letter (MMMU / MIRB style)")
+    p.add_argument("--pope", help="POPE yes/no object probes with \"answer\": yes/no and \"pope_setting\"")
     p.add_argument("--text", help="text-only records: perplexity of the model vs. its base LLM")
     p.add_argument("--no-permute", action="store_true", help="ask probes as written (no image rotation)")
     p.add_argument("--limit", type=int, default=None, help="at most this many records per set")
@@ -93,9 +96,10 @@ class Features:
         return self.gen.encode_images([self._image(ref)])[0]
 
     def _image(self, ref: str):
-        """An image under --image-root only (contained, a regular file, size-capped), as the cache reads it."""
-        from vlm_dist.contract.images import load_image, read_under
-        return load_image(read_under(self.root, ref), name=os.path.join(self.root, ref))
+        """An image under --image-root only (contained, a regular file, size-capped), decoded by the
+        tower's one online decode path (VisionTower.decode), as the cache decodes it."""
+        from vlm_dist.contract.images import read_under
+        return self.gen.tower.decode(read_under(self.root, ref), name=os.path.join(self.root, ref))
 
     def __call__(self, record: dict):
         import torch
@@ -163,6 +167,9 @@ class EvalContext:
         self.vlm, self.tokenizer, tower, self.cfg = load_export(
             args.model, device=self.device, dtype=args.dtype,
             vision_dtype=None if cfg_has_vision_dtype(args.model) else cache_dtype)
+        if args.cache:   # features come from the cache: online decodes do as it did (no field: full decode)
+            from vlm_dist.cache.reader import fingerprint_field, read_manifest
+            tower.draft_to = fingerprint_field(read_manifest(args.cache)["fingerprint"], "jpeg_draft_to")
         self.gen = Generator(self.vlm, self.tokenizer, self.cfg, tower)
         cache = open_cache(args.cache, tower, self.cfg.pool) if args.cache else None
         self.feats = Features(self.gen, cache, args.image_root)
@@ -244,6 +251,27 @@ def mc_task(ctx: EvalContext, path: str):
                      for r, p, c in zip(recs, preds, parsed)]}
 
 
+def pope_task(ctx: EvalContext, path: str):
+    recs = ctx.read(path, need_answer=True)
+    for r in recs:
+        if str(r["answer"]).lower() not in ("yes", "no") or r.get("pope_setting") not in ev.POPE_SETTINGS:
+            raise EvalInputError(f"--pope {path}: record {r['id']!r} needs \"answer\": yes|no and "
+                                 f"\"pope_setting\": one of {list(ev.POPE_SETTINGS)} (got {r['answer']!r}, "
+                                 f"{r.get('pope_setting')!r})")
+    preds = ctx.replies(recs)
+    parsed = [ev.parse_yes_no(p) for p in preds]
+    answers = [str(r["answer"]).lower() for r in recs]
+    return ev.score_pope(parsed, answers, [r["pope_setting"] for r in recs]), {
+        "pope.jsonl": [{"id": r["id"], "images": r["images"], "setting": r["pope_setting"], "answer": a,
+                        "prediction": p, "parsed": y} for r, a, p, y in zip(recs, answers, preds, parsed)]}
+
+
+def _pope_summary(m: dict) -> str:
+    per = ", ".join(f"{s} {m[s]['f1']:.3f}/{m[s]['accuracy']:.3f}/{m[s]['yes_ratio']:.2f}"
+                    for s in ev.POPE_SETTINGS if s in m)
+    return f"{m['f1']:.3f} (F1/accuracy/yes-ratio: {per})"
+
+
 def text_task(ctx: EvalContext, path: str):
     recs = ctx.read(path)
     if any(r["images"] for r in recs):
@@ -280,6 +308,7 @@ TASKS = {   # run, and summarised, in this order
                              f"{m['last_image_rate']:.2f} vs chance {m['last_image_chance']:.2f})"),
     "nlvr2": Task(nlvr2_task, "NLVR2 true/false", lambda m: f"{m['accuracy']:.3f}"),
     "mc": Task(mc_task, "multiple choice", lambda m: f"{m['accuracy']:.3f}"),
+    "pope": Task(pope_task, "POPE F1", _pope_summary),
     "text": Task(text_task, "text ppl (base)",
                  lambda m: f"{m['perplexity']:.3f} ({m['base_perplexity']:.3f}, x{m['ratio']:.3f})"),
 }
@@ -354,6 +383,10 @@ def summary_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from vlm_dist.errors import run_cli
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from vlm_dist.inference import report
+        return run_cli("vlm-eval report", lambda: report.main(argv[1:]))
     return run_cli("vlm-eval", lambda: _main(argv))
 
 

@@ -4,11 +4,17 @@ Answer keys live in contract records (vlm_dist.contract.records) as an extra top
     which-image probes   "answer": 1-based position of the image that shows the asked thing
     NLVR2-style pairs    "answer": true | false  (or "true"/"false"/"yes"/"no")
     multiple choice      "answer": "B"  (optional "choices": [option texts], A first)
+    POPE yes/no probes   "answer": "yes" | "no", "pope_setting": "random" | "popular" | "adversarial"
 Captions and ordered descriptions use the last assistant turn as the reference.
 
 Grounding probes are re-asked with the images rotated (`rotated_probes`): each
 record is asked k times, the answer image once in every position, so accuracy
 per position exposes a model that favours the latest image.
+
+POPE (Li et al. 2023, object hallucination): "Is there a X in the image?" asked for the
+objects present (yes) and as many absent ones (no), the absent ones drawn three ways
+(`pope_negatives`); a reply is read by its first word (`parse_yes_no`), and accuracy,
+precision, recall, F1 and the yes-ratio are reported per setting (`score_pope`).
 
 Distributed: `shard` splits the records by rank; `gather` all_gathers results
 when torch.distributed is initialised (one process: a no-op).
@@ -328,3 +334,82 @@ def generate_replies(generator, records: Sequence[dict], features: FeatureFn, se
     """The model's reply to each record's prompt (the conversation before its last assistant turn)."""
     from vlm_dist.inference.generate import prompt_turns
     return [generator.generate(prompt_turns(r["conversations"]), features(r), settings) for r in records]
+
+
+# -- POPE: yes/no object probes ---------------------------------------------------------------
+POPE_SETTINGS = ("random", "popular", "adversarial")
+POPE_QUESTION = "Is there a {object} in the image?"
+
+
+def parse_yes_no(text: str) -> str | None:
+    """POPE's reading of a reply: "yes" or "no" when it starts with that word (any case), else None."""
+    words = normalize_text(text).split()
+    return words[0] if words and words[0] in ("yes", "no") else None
+
+
+def pope_metrics(predictions: Sequence[str | None], answers: Sequence[str]) -> dict:
+    """POPE accounting for one setting, "yes" the positive class.
+
+    An unparsed reply counts as not-yes: wrong for either answer, a false negative when the
+    answer is yes (lmms-eval's pope task scores the same way). Precision is 0 when nothing
+    was answered yes, F1 0 when precision and recall are both 0.
+    """
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
+    if any(a not in ("yes", "no") for a in answers):
+        raise ValueError(f"POPE answers must be 'yes' or 'no', got {sorted(set(answers) - {'yes', 'no'})}")
+    tp = sum(p == "yes" and a == "yes" for p, a in zip(predictions, answers))
+    fp = sum(p == "yes" and a == "no" for p, a in zip(predictions, answers))
+    fn = sum(p != "yes" and a == "yes" for p, a in zip(predictions, answers))
+    n = len(answers)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": sum(p == a for p, a in zip(predictions, answers)) / n if n else float("nan"),
+            "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "yes_ratio": sum(p == "yes" for p in predictions) / n if n else float("nan"),
+            "n": n, "unparsed": sum(p is None for p in predictions)}
+
+
+def score_pope(predictions: Sequence[str | None], answers: Sequence[str], settings: Sequence[str]) -> dict:
+    """POPE metrics per setting, and their mean over the settings present (as LLaVA-1.5 reports POPE)."""
+    if not len(predictions) == len(answers) == len(settings):
+        raise ValueError(f"{len(predictions)} predictions, {len(answers)} answers, {len(settings)} settings")
+    unknown = sorted(set(settings) - set(POPE_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown POPE setting(s) {unknown}; expected one of {list(POPE_SETTINGS)}")
+    out: dict = {}
+    for s in POPE_SETTINGS:
+        idx = [i for i, x in enumerate(settings) if x == s]
+        if idx:
+            out[s] = pope_metrics([predictions[i] for i in idx], [answers[i] for i in idx])
+    present = [out[s] for s in POPE_SETTINGS if s in out]
+    for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+        out[key] = sum(m[key] for m in present) / len(present) if present else float("nan")
+    out["n"] = len(answers)
+    return out
+
+
+def pope_negatives(present: set[str], objects: Sequence[str], setting: str, k: int, rng,
+                   frequency: dict[str, float], cooccurrence: Callable[[str, str], float]) -> list[str]:
+    """k objects absent from an image, chosen as POPE's setting says.
+
+    random:      uniformly among the absent objects;
+    popular:     the absent objects most frequent in the dataset (`frequency`);
+    adversarial: the absent objects that co-occur most with the present ones
+                 (sum of `cooccurrence(absent, present)`).
+    Ties are broken at random (rng), so equal ranks do not always favour one object.
+    """
+    absent = [o for o in objects if o not in present]
+    if len(absent) < k:
+        raise ValueError(f"only {len(absent)} absent objects for {k} negatives (present: {sorted(present)})")
+    if setting == "random":
+        return rng.sample(absent, k)
+    if setting == "popular":
+        score = {o: frequency.get(o, 0) for o in absent}
+    elif setting == "adversarial":
+        score = {o: sum(cooccurrence(o, p) for p in present) for o in absent}
+    else:
+        raise ValueError(f"unknown POPE setting {setting!r}; expected one of {list(POPE_SETTINGS)}")
+    tiebreak = {o: rng.random() for o in absent}
+    return sorted(absent, key=lambda o: (-score[o], tiebreak[o]))[:k]
