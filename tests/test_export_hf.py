@@ -9,6 +9,7 @@ differing only in where the image embeddings are spliced).
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -211,3 +212,9 @@ def test_cli_merge_and_rerun_replaces(tiny_export_mlp, hf_out, tmp_path, capsys)
     assert export_main(["hf", str(tiny_export_mlp), str(tmp_path / "hf"), "--dtype", "bf16"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "hf", "merged"]    # no temp dirs left
+    # a model saved from the export (its config keeps our provenance key) is somebody else's: refused
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    shutil.copy(tmp_path / "hf" / "config.json", tuned / "config.json")
+    assert export_main(["hf", str(tiny_export_mlp), str(tuned)]) == 2
+    assert "not an earlier vlm-export hf output" in capsys.readouterr().err and (tuned / "config.json").exists()

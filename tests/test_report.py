@@ -111,13 +111,30 @@ def test_baseline_column_appears_with_its_source(inputs, tmp_path):
     assert not (out / "captions.png").exists()         # no --image-root: the caption table only
 
 
-def test_report_replaces_an_old_report_whole(inputs, tmp_path):
+def test_report_replaces_only_an_old_report_never_a_directory_it_did_not_write(inputs, tmp_path, capsys):
     out = tmp_path / "r"
-    out.mkdir()
-    (out / "stale.png").write_bytes(b"old")
     build_report([inputs["after"]], out)
+    (out / "stale.png").write_bytes(b"old")
+    build_report([inputs["after"]], out)                  # an earlier report: replaced whole
     assert not (out / "stale.png").exists() and (out / "report.md").exists()
     assert not (out / "which_image.png").stat().st_size == 0
+
+    mine = tmp_path / "mine"                               # somebody's directory: refused, untouched
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert eval_main(["report", str(inputs["after"]), "--out", str(mine)]) == 2
+    assert "did not write" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep"
+    for target in (inputs["after"], inputs["after"] / "sub", inputs["after"].parent):   # is / inside / contains
+        assert eval_main(["report", str(inputs["after"]), "--out", str(target)]) == 2
+        assert "is, contains or lies inside the input" in capsys.readouterr().err
+    assert (inputs["after"] / "eval.json").exists()
+    for target in (".", "/"):
+        assert eval_main(["report", str(inputs["after"]), "--out", target]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+    a_file = tmp_path / "file.md"
+    a_file.write_text("x")
+    assert eval_main(["report", str(inputs["after"]), "--out", str(a_file)]) == 2
+    assert "not a directory" in capsys.readouterr().err and a_file.read_text() == "x"
 
 
 def test_bad_inputs_are_named_in_one_line(inputs, tmp_path, capsys):

@@ -202,6 +202,12 @@ def bad_requests(photo: bytes, media_dir: Path) -> dict:
         "image_in_assistant_turn": ({"messages": [{"role": "assistant", "content": [image_part(data_url(photo))]},
                                                   {"role": "user", "content": "hi"}]}, 400),
         "bad_temperature": ({"temperature": -1}, 400),
+        "invalid_url": ({"messages": one("http://[::1/a.jpg")}, 400),
+        "invalid_idna_host": ({"messages": one("http://xn--/a.jpg")}, 400),
+        "nul_in_local_path": ({"messages": one(f"file://{media_dir}/a%00b.jpg")}, 400),
+        "stop_too_long": ({"stop": "x" * 10_000}, 400),
+        "role_not_a_string": ({"messages": [{"role": ["user"], "content": "hi"}]}, 400),
+        "text_far_over_the_context": ({"messages": [{"role": "user", "content": "a" * 200_000}]}, 400),
     }
 
 
@@ -226,6 +232,16 @@ def test_malformed_or_huge_body(served):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.post(served[0] + "/v1/chat/completions", json=[1, 2], headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["message"]
+    r = httpx.post(served[0] + "/v1/chat/completions", content=b"[" * 100_000 + b"]" * 100_000,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested" in r.json()["error"]["message"]
+
+
+def test_a_vanishing_temperature_is_greedy(client):
+    messages = [{"role": "user", "content": "Say something."}]
+    greedy = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=6)
+    tiny = client.chat.completions.create(model=MODEL, messages=messages, temperature=1e-300, max_tokens=6)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
 
 
 def test_stop_string(client, generator):
@@ -310,6 +326,18 @@ def web(tmp_path_factory, real_photos):
         def log_message(self, *args):
             pass
 
+        def do_GET(self):
+            if self.path == "/zipped.jpg":       # a compressed body: refused, whatever it inflates to
+                import gzip
+                body = gzip.compress(b"\0" * (4 << 20))
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            super().do_GET()
+
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -324,7 +352,7 @@ def test_http_image_urls(client, web, real_photos):
 
     fetched = ask(f"{web}/photo.jpg").choices[0].message.content
     assert fetched == ask(data_url(Path(real_photos[0]).read_bytes())).choices[0].message.content
-    for path, status in (("big.jpg", 413), ("missing.jpg", 400)):
+    for path, status in (("big.jpg", 413), ("missing.jpg", 400), ("zipped.jpg", 400)):
         with pytest.raises(openai.APIStatusError) as e:
             ask(f"{web}/{path}")
         assert e.value.status_code == status and e.value.response.json()["error"]["message"]

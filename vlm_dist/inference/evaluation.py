@@ -350,8 +350,11 @@ def parse_yes_no(text: str) -> str | None:
 def pope_metrics(predictions: Sequence[str | None], answers: Sequence[str]) -> dict:
     """POPE accounting for one setting, "yes" the positive class.
 
-    An unparsed reply counts as not-yes: wrong for either answer, a false negative when the
-    answer is yes (lmms-eval's pope task scores the same way). Precision is 0 when nothing
+    A reply is read by its first word, punctuation stripped ("Yes." is yes). An unparsed reply counts
+    as not-yes: wrong for either answer, a false negative when the answer is yes. lmms-eval's pope
+    task differs: it compares the whole lowered reply with "yes"/"no" (so "Yes." is neither) and
+    leaves replies that are neither out of its recall, so the two do not agree on chatty replies.
+    Precision is 0 when nothing
     was answered yes, F1 0 when precision and recall are both 0.
     """
     if len(predictions) != len(answers):

@@ -62,7 +62,7 @@ class SeededSampling:
             self.rng.manual_seed(seed)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(self.warp(input_ids, scores).float(), dim=-1)          # (B, V)
+        probs = torch.softmax(self.warp(input_ids, scores.float()), dim=-1)          # (B, V); fp32: 1/T cannot overflow
         picked = torch.multinomial(probs, num_samples=1, generator=self.rng)       # (B, 1)
         return torch.full_like(scores, float("-inf")).scatter_(-1, picked, 0.0)
 

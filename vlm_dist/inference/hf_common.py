@@ -25,7 +25,8 @@ from vlm_dist.inference.export import (ExportError, check_output_location, load_
 from vlm_dist.model.vision import resolve_dtype
 from vlm_dist.model.vlm import unwrap_llm
 
-HF_MARKER = "vlm_dist_export"
+HF_MARKER = "vlm_dist_export"        # provenance in config.json (a model saved from the export keeps it)
+HF_OUTPUT_MARKER = ".vlm_dist_hf_export"   # a file only vlm-export hf writes: what makes a directory replaceable
 """Key in an hf export's config.json naming its source export: what makes an OUT replaceable."""
 PROCESSOR_FILES = ("processor_config.json", "tokenizer_config.json", "tokenizer.json")
 """What AutoProcessor reads (transformers 5 keeps the image processor inside processor_config.json)."""
@@ -88,10 +89,9 @@ def load_merged(export_dir: str | os.PathLike, dtype: str | torch.dtype | None =
 # -- where the output may go, and how it is published ----------------------------------------------
 
 def _is_hf_output(path: Path) -> bool:
-    try:
-        return HF_MARKER in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+    """An earlier vlm-export hf output: it holds our marker file (a config key would not do: a model
+    fine-tuned from the export and saved with save_pretrained keeps the config's keys)."""
+    return (path / HF_OUTPUT_MARKER).is_file()
 
 
 def check_hf_target(out: str | os.PathLike, export_dir: str | os.PathLike) -> None:
@@ -103,7 +103,7 @@ def check_hf_target(out: str | os.PathLike, export_dir: str | os.PathLike) -> No
         raise ExportError(f"hf output {out} exists and is not a directory; choose another path")
     if out.is_dir() and any(out.iterdir()) and not _is_hf_output(out):
         raise ExportError(f"hf output {out} is a non-empty directory that is not an earlier vlm-export hf "
-                          f"output (no config.json with \"{HF_MARKER}\"); refusing to replace it. Choose a "
+                          f"output (no {HF_OUTPUT_MARKER}); refusing to replace it. Choose a "
                           "new path")
 
 
@@ -135,3 +135,4 @@ def publish_hf(out: str | os.PathLike, export_dir: str | os.PathLike):
     with publishing(out, check=check_hf_dir, replaceable=lambda p: _is_hf_output(p) or not any(p.iterdir()),
                     kind="an earlier vlm-export hf output") as tmp:
         yield tmp
+        (tmp / HF_OUTPUT_MARKER).write_text("written by vlm-export hf; its next run may replace this directory\n")

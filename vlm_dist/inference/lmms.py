@@ -32,7 +32,10 @@ implemented (a NotImplementedError says so). loglikelihood: from one forward per
 first element is the continuation's negative log-likelihood: lmms-eval's multiple_choice scoring
 takes the argmin over the choices (api/task.py: "we return the actual loss in many model
 loglikelihood, we just use the argmin here"), as its own models return a loss; a log-likelihood
-there would pick the least likely choice. The continuation's leading whitespace (lmms-eval's
+there would pick the least likely choice. The flip side, as for lmms-eval's own models: its
+`perplexity` aggregation (exp(-mean)) reports 1/perplexity for plain loglikelihood tasks, and
+`acc_mutual_info` (argmax of conditional minus unconditional) picks the least informative choice;
+do not read those two metrics from this model. The continuation's leading whitespace (lmms-eval's
 target_delimiter) is dropped, as a reply starts right after the assistant prefix in training.
 
 Sharding: under accelerate or torchrun each process loads the model on its own device and
@@ -164,8 +167,11 @@ class VlmDistModel:
         from PIL import Image
         out = []
         for k, v in enumerate(_flatten(visuals)):
-            if isinstance(v, Image.Image):
-                out.append(v.convert("RGB"))
+            if isinstance(v, Image.Image):   # as the cache decodes: EXIF upright, alpha on white, 16-bit scaled
+                from PIL import ImageOps
+
+                from vlm_dist.contract.images import to_rgb
+                out.append(to_rgb(ImageOps.exif_transpose(v)))
             elif isinstance(v, (bytes, str)) or hasattr(v, "__fspath__"):
                 out.append(self.gen.tower.decode(v if isinstance(v, bytes) else str(v), name=f"{where} visual {k}"))
             else:

@@ -303,8 +303,30 @@ def render(sources: list[Source], out: Path, baseline: dict | None = None, image
     return text
 
 
+REPORT_MARKER = ".vlm_dist_report"   # written into every report directory: only such a directory is replaced
+
+
+def check_report_target(out: Path, inputs: list[Path]) -> None:
+    """Refuse an --out whose replacement could delete what the user did not ask to replace: a path that
+    is, contains or lies inside an input, or an existing non-empty directory that is not an earlier report."""
+    if str(out) in ("", ".", "/") or out.name in ("", ".", ".."):
+        raise ReportInputError(f"--out {str(out)!r}: name a directory for the report (e.g. runs/report)")
+    real = out.resolve()
+    for src in inputs:
+        src = src.resolve()
+        if real == src or real.is_relative_to(src) or src.is_relative_to(real):
+            raise ReportInputError(f"--out {out} is, contains or lies inside the input {src}; "
+                                   "write the report elsewhere (replacing it would delete the input)")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ReportInputError(f"--out {out} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / REPORT_MARKER).is_file():
+        raise ReportInputError(f"--out {out} is a non-empty directory that vlm-eval report did not write "
+                               f"(no {REPORT_MARKER}); refusing to replace it. Choose another path or empty it")
+
+
 def publish_dir(tmp: Path, out: Path) -> None:
-    """Rename a finished directory into place; an existing report there is replaced only afterwards."""
+    """Rename a finished directory into place; an existing report there (checked by check_report_target)
+    is set aside first and removed only afterwards."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old.{os.getpid()}")
@@ -331,12 +353,13 @@ def build_report(inputs: list[str | Path], out: str | Path, names: list[str] | N
     if root is not None and not root.is_dir():
         raise ReportInputError(f"--image-root {root}: not a directory")
     out = Path(out)
+    check_report_target(out, [Path(p) for p in inputs])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp.{os.urandom(4).hex()}")   # a fresh name: nothing is cleared for it
     tmp.mkdir()
     try:
         render(sources, tmp, base, root, title, intro)
+        (tmp / REPORT_MARKER).write_text("written by vlm-eval report; its next run may replace this directory\n")
         publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -35,6 +35,7 @@ log = logging.getLogger("vlm_dist.serve")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 """OpenAI roles -> the template's roles (a developer message is a system message)."""
 MAX_STOP = 4
+MAX_STOP_CHARS = 256        # the hold-back of a stop string scans its prefixes every token: keep it short
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,8 +83,9 @@ def sampling_params(body: dict) -> tuple[SamplingParams, int | None]:
     elif isinstance(stop, str):
         stop = [stop]
     if (not isinstance(stop, list) or len(stop) > MAX_STOP
-            or not all(isinstance(s, str) and s for s in stop)):
-        raise _bad(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", param="stop")
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise _bad(f"stop must be a string of 1 to {MAX_STOP_CHARS} characters or a list of at most "
+                   f"{MAX_STOP} of them", param="stop")
     params = SamplingParams(max_tokens=0,
                             temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
                             top_p=float(_number(body, "top_p", 1.0, 1e-9, 1.0)),
@@ -99,7 +101,7 @@ def parse_messages(messages) -> tuple[list[dict], list[tuple[str, str]]]:
     turns, urls = [], []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or msg["role"] not in ROLES:
             raise _bad(f"{where}: a message is {{role: system|developer|user|assistant, content}}",
                        param="messages")
         role, content = ROLES[msg["role"]], msg.get("content")
@@ -247,6 +249,8 @@ def create_app(model, config: ServeConfig | None = None, device: str | None = No
             return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _bad(f"the request body is not JSON ({e})") from None
+        except RecursionError:
+            raise _bad("the request body is JSON nested too deeply") from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

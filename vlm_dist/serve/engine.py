@@ -82,6 +82,13 @@ class ServeConfig:
     """Reply length when a request gives no max_tokens (cut to what max_model_len leaves)."""
 
 
+SAMPLING_EPS = 1e-5
+# characters of text per token of --max-model-len a prompt may bring before it is tokenized at all: no
+# tokenizer makes fewer than one token per ~16 characters, so a longer text cannot fit; refusing it
+# first keeps a huge prompt from holding the tokenizer lock the worker needs on every step
+MAX_CHARS_PER_TOKEN = 16
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int
@@ -92,7 +99,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS   # as vLLM: a temperature this small is greedy (1/T overflows)
 
 
 class Job:
@@ -204,6 +211,11 @@ class Engine:
     # -- request side ---------------------------------------------------------------------------
     def prompt_ids(self, turns: list[dict]) -> list[int]:
         """Token ids of the prompt for turns whose content is a list of parts (see PartsPromptEncoder)."""
+        chars = sum(len(part) for t in turns for part in t["content"] if isinstance(part, str))
+        if chars > MAX_CHARS_PER_TOKEN * self.max_model_len:
+            raise RequestError(400, f"the prompt's text is {chars} characters: far more than this model's "
+                                    f"{self.max_model_len} tokens (--max-model-len) can hold",
+                               code="context_length_exceeded", param="messages")
         with self.tokenizer_lock:
             ids, _ = self.encoder.encode_prompt(turns)
         return ids

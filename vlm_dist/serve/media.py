@@ -71,25 +71,42 @@ def _data_url(url: str, limits: MediaLimits, where: str) -> bytes:
 
 
 def _fetch(url: str, limits: MediaLimits, where: str) -> bytes:
+    """GET `url`: uncompressed only (a compressed body could inflate far past the cap before a chunk
+    is counted), at most max_bytes, each read within fetch_timeout and the whole fetch within 3x it."""
+    import time
+
     import httpx
 
     chunks, size = [], 0
+    deadline = time.monotonic() + 3 * limits.fetch_timeout
     try:
-        with httpx.Client(timeout=limits.fetch_timeout, follow_redirects=True, max_redirects=3) as client:
+        with httpx.Client(timeout=limits.fetch_timeout, follow_redirects=True, max_redirects=3,
+                          headers={"Accept-Encoding": "identity"}) as client:
             with client.stream("GET", url) as r:
                 if r.status_code != 200:
                     raise RequestError(400, f"{where}: fetching {url} answered HTTP {r.status_code}",
                                        code="image_fetch_failed", param="messages")
+                encoding = r.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise RequestError(400, f"{where}: {url} was sent with Content-Encoding {encoding!r}; "
+                                            "images are fetched uncompressed only", code="image_fetch_failed",
+                                       param="messages")
                 declared = r.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > limits.max_bytes:
                     raise too_large(where, declared, limits)
-                for chunk in r.iter_bytes():
+                for chunk in r.iter_raw():
                     size += len(chunk)
                     if size > limits.max_bytes:          # stop reading at the cap
                         raise too_large(where, f"more than {limits.max_bytes}", limits)
+                    if time.monotonic() > deadline:
+                        raise RequestError(400, f"{where}: fetching {url} took longer than "
+                                                f"{3 * limits.fetch_timeout:g} s", code="image_fetch_failed",
+                                           param="messages")
                     chunks.append(chunk)
-    except httpx.HTTPError as e:
-        raise RequestError(400, f"{where}: cannot fetch {url}: {type(e).__name__}: {e}",
+    except RequestError:
+        raise
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:   # InvalidURL, IDNA/Unicode errors: a bad URL
+        raise RequestError(400, f"{where}: cannot fetch {url!r}: {type(e).__name__}: {e}",
                            code="image_fetch_failed", param="messages") from None
     return b"".join(chunks)
 
@@ -103,6 +120,9 @@ def _local(url: str, limits: MediaLimits, where: str) -> bytes:
         raise RequestError(400, f"{where}: file:// URL with a host ({parsed.netloc!r}); use file:///abs/path",
                            param="messages")
     path = urllib.parse.unquote(parsed.path)
+    if "\x00" in path:
+        raise RequestError(400, f"{where}: a file:// path with a NUL byte", code="invalid_local_path",
+                           param="messages")
     try:
         return read_under(limits.local_root, path, max_bytes=limits.max_bytes)
     except ImageError as e:
