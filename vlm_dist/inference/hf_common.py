@@ -12,7 +12,6 @@ import it without an import circle.
 """
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
