@@ -12,6 +12,9 @@ vlm_dist.model.connector.Connector:
 Image features are `hidden_states[vision_feature_layer]` of the SigLIP tower (no post-layernorm),
 computed with the tower's weights in `config.vision_dtype` (the dtype the training cache was built
 in: the tower keeps it whatever dtype the rest is loaded in), then cast to the connector's dtype.
+The connector classes below are a deliberate copy of vlm_dist/model/connector.py: this file is copied
+into every export and runs where vlm_dist is not installed (only torch and transformers are imported).
+tests/test_export_remote.py holds the two equal: logits at every position match vlm-generate's.
 """
 import torch
 import torch.nn.functional as F

@@ -49,7 +49,10 @@ def decode_image(source, draft_to=None) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB (alpha composited on white; 16-bit and float greyscale scaled)."""
+    """Any PIL mode -> 8-bit RGB (alpha composited on white; 16-bit and float greyscale scaled).
+
+    A copy of vlm_dist.contract.images.to_rgb (this file runs inside exports, without vlm_dist);
+    tests/test_export_remote.py checks the decoded pixels equal tower.decode's."""
     if img.mode == "RGB":
         return img
     if img.mode == "P":
