@@ -1,7 +1,9 @@
 """Media kinds: what an image is to the tokenizer and the splice.
 
 A kind names its placeholder in text, the record field holding its keys, and
-the three tokens its block is made of. The tokenizer expands placeholders into
+the three tokens its block is made of. An item may fill several views' worth of pad slots
+(a tiled image: thumbnail + tiles, contract.tiling; a video: one run per sampled frame,
+contract.video): the collator hands the connector one feature row per view, in slot order. The tokenizer expands placeholders into
 blocks, the collator gathers features per kind, the VLM runs one connector per
 kind and writes its output into that kind's pad slots. Audio later is one more
 `MediaKind` and one more connector, not a rewrite of the splice.
@@ -22,8 +24,12 @@ class MediaKind:
 
 
 IMAGE = MediaKind("image", "<image>", "images", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+# A video's block shares Qwen's vision start/end (as Qwen2-VL's does); its slots are <|video_pad|>,
+# one run of tokens_per_frame per sampled frame, each run after its timestamp as text
+# (contract.video.video_block_ids). Both tokens are already in Qwen3's vocabulary.
+VIDEO = MediaKind("video", "<video>", "videos", "<|vision_start|>", "<|video_pad|>", "<|vision_end|>")
 
-MEDIA_KINDS: dict[str, MediaKind] = {IMAGE.name: IMAGE}
+MEDIA_KINDS: dict[str, MediaKind] = {IMAGE.name: IMAGE, VIDEO.name: VIDEO}
 
 
 @dataclass(frozen=True)

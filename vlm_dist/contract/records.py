@@ -1,8 +1,10 @@
 """The sample contract: one JSON record per line.
 
-    {"id": str, "images": [image keys], "conversations": [{"role": ..., "content": ...}]}
+    {"id": str, "images": [image keys], "videos": [video keys],
+     "conversations": [{"role": ..., "content": ...}]}
 
-The k-th `<image>` across the conversation is `images[k]`. `validate_record`
+The k-th `<image>` across the conversation is `images[k]`, the k-th `<video>` is `videos[k]`
+(per kind: a record mixing both keeps each kind's own order; `videos` may be absent). `validate_record`
 raises `RecordError` naming the record id and the rule broken; `read_records`
 validates every line of a JSONL file and names the file and line on error.
 Every reader of a records/JSON file goes through `read_lines` / `read_text`:
@@ -15,10 +17,13 @@ import json
 import os
 from typing import Iterator
 
+from vlm_dist.contract.media import MEDIA_KINDS
 from vlm_dist.errors import UserError
 from vlm_dist.fileio import atomic_file
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+MEDIA_FIELDS = tuple((k.record_field, k.placeholder) for k in MEDIA_KINDS.values())  # (field, placeholder)
 ROLES = ("system", "user", "assistant")
 
 
@@ -42,9 +47,10 @@ def validate_record(record, where: str = "") -> dict:
         fail(f"must be a JSON object, got {type(record).__name__}")
     if not isinstance(rid, str) or not rid:
         fail("'id' must be a non-empty string")
-    images = record.get("images", [])
-    if not isinstance(images, list) or not all(isinstance(k, str) and k for k in images):
-        fail("'images' must be a list of non-empty strings (image keys)")
+    for fld, _ in MEDIA_FIELDS:
+        items = record.get(fld, [])
+        if not isinstance(items, list) or not all(isinstance(k, str) and k for k in items):
+            fail(f"'{fld}' must be a list of non-empty strings ({fld[:-1]} keys)")
     convs = record.get("conversations")
     if not isinstance(convs, list) or not convs:
         fail("'conversations' must be a non-empty list of {role, content} turns")
@@ -62,11 +68,12 @@ def validate_record(record, where: str = "") -> dict:
             fail(f"turn {i}: a system turn may only come first")
     if not any(t["role"] == "assistant" for t in convs):
         fail("no assistant turn: nothing would be supervised")
-    if any(IMAGE_PLACEHOLDER in t["content"] for t in convs if t["role"] == "assistant"):
-        fail(f"an assistant turn contains {IMAGE_PLACEHOLDER}: images are inputs, not targets")
-    n = count_placeholders(record)
-    if n != len(images):
-        fail(f"has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
+    for fld, placeholder in MEDIA_FIELDS:
+        if any(placeholder in t["content"] for t in convs if t["role"] == "assistant"):
+            fail(f"an assistant turn contains {placeholder}: {fld} are inputs, not targets")
+        n, items = count_placeholders(record, placeholder), record.get(fld, [])
+        if n != len(items):
+            fail(f"has {n} {placeholder} placeholder(s) but {len(items)} {fld[:-1]}(s)")
     return record
 
 

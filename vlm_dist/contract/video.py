@@ -235,3 +235,63 @@ def _decode(container, stream, wanted: set[int], where: str) -> dict[int, Image.
         raise VideoError(where, f"truncated or corrupt: decoding failed after {len(out)} sampled "
                                 f"frames ({e.strerror or e})") from e
     return out
+
+
+# -- the token block of one video ------------------------------------------------------------------
+# Layout (choice): <|vision_start|> "0.2s" Tf*<|video_pad|> "\n" "0.8s" Tf*<|video_pad|> ... <|vision_end|>
+# Each sampled frame's run of pad slots follows its timestamp as ordinary text (what "when does
+# X appear" needs, a few tokens a frame, no new position scheme); frames are separated by the
+# "\n" token, as tiled rows are (contract.tiling); every token is already in Qwen3's vocabulary.
+TIMESTAMP_FORMAT = "{:.1f}s"
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """What a cache records per video key (beside its frames' features) and a block is made from."""
+
+    timestamps: tuple[float, ...]   # seconds from the first frame, one per sampled frame
+    num_available: int              # frames the video has
+    duration: float                 # seconds
+    size: tuple[int, int]           # (width, height) of the frames, upright
+
+    @property
+    def num_views(self) -> int:
+        """Feature rows of this video in the cache: one per sampled frame."""
+        return len(self.timestamps)
+
+    @classmethod
+    def of(cls, video: "Video") -> "VideoLayout":
+        return cls(tuple(round(t, 6) for t in video.timestamps), video.num_available,
+                   round(video.duration, 6), tuple(video.size))
+
+    def to_dict(self) -> dict:
+        return {"kind": "video", "timestamps": list(self.timestamps), "num_available": self.num_available,
+                "duration": self.duration, "size": list(self.size)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VideoLayout":
+        try:
+            return cls(tuple(float(t) for t in d["timestamps"]), int(d["num_available"]),
+                       float(d["duration"]), tuple(d["size"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise VideoError("layout", f"malformed video layout {d!r} ({e})") from None
+
+
+def video_block_ids(tokenizer, timestamps, tokens_per_frame: int) -> list[int]:
+    """Token ids of one video's block (layout above): pad slots tokens_per_frame per frame, in
+    frame order, which the splice fills with the video connector's output frame by frame."""
+    from vlm_dist.contract.media import VIDEO, token_id
+    from vlm_dist.contract.tiling import row_separator_id
+
+    if not len(timestamps):
+        raise VideoError("layout", "a video block needs at least one frame")
+    start, pad, end = (token_id(tokenizer, t) for t in (VIDEO.start_token, VIDEO.pad_token, VIDEO.end_token))
+    nl = row_separator_id(tokenizer)
+    ids = [start]
+    for i, t in enumerate(timestamps):
+        if i:
+            ids.append(nl)
+        ids += tokenizer(TIMESTAMP_FORMAT.format(t), add_special_tokens=False,
+                         split_special_tokens=True)["input_ids"]
+        ids += [pad] * tokens_per_frame
+    return ids + [end]
