@@ -159,13 +159,52 @@ def enable_checkpointing(llm: nn.Module, fraction: float = 1.0) -> None:
 
 def build_vlm(llm: nn.Module, tokenizer, vision_dim: int, num_patches: int,
               connector: dict | None = None, dtype: torch.dtype = torch.bfloat16,
-              fused_ce: bool = False) -> VisionLanguageModel:
+              fused_ce: bool = False, video_tokens_per_frame: int | None = None) -> VisionLanguageModel:
     """Attach a fresh image connector (kwargs of Connector) to a loaded LLM. `fused_ce`: Liger's
-    fused lm_head + cross-entropy in the forward (decide it with resolve_fused_ce)."""
+    fused lm_head + cross-entropy in the forward (decide it with resolve_fused_ce).
+
+    `video_tokens_per_frame`: also a video connector (the image connector's architecture with
+    that many latents, initialised from the image connector: `init_video_connector`), so each
+    sampled frame becomes that many <|video_pad|> tokens. None: no video (a <video> slot is
+    then a SpliceError)."""
     llm_dim = unwrap_llm(llm).config.hidden_size
     conn = Connector(vision_dim=vision_dim, llm_dim=llm_dim, **(connector or {})).to(dtype)
-    return VisionLanguageModel(llm, {"image": conn}, media_pad_ids(tokenizer),
-                               {"image": conn.num_tokens(num_patches)}, fused_ce=fused_ce)
+    connectors, num_tokens = {"image": conn}, {"image": conn.num_tokens(num_patches)}
+    if video_tokens_per_frame is not None:
+        vconn = Connector(**video_connector_config(conn.config, video_tokens_per_frame, num_patches)).to(dtype)
+        init_video_connector(vconn, conn)
+        connectors["video"], num_tokens["video"] = vconn, vconn.num_tokens(num_patches)
+    return VisionLanguageModel(llm, connectors, media_pad_ids(tokenizer), num_tokens, fused_ce=fused_ce)
+
+
+def video_connector_config(image_config: dict, tokens_per_frame: int, num_patches: int) -> dict:
+    """The video connector's Connector kwargs: the image connector's, with tokens_per_frame latents.
+
+    With the MLP connector (one token per patch) a frame costs num_patches tokens: reduce them
+    with the cache's `pool`, and tokens_per_frame must say that number."""
+    cfg = dict(image_config)
+    if cfg["kind"] == "mlp":
+        if tokens_per_frame != num_patches:
+            raise ValueError(f"model.video.tokens_per_frame={tokens_per_frame}: the mlp connector makes "
+                             f"one token per patch ({num_patches} with this cache's pooling); set it to "
+                             f"{num_patches}, raise the cache's --pool, or use the resampler")
+    else:
+        cfg["num_latents"] = tokens_per_frame
+    return cfg
+
+
+@torch.no_grad()
+def init_video_connector(video: Connector, image: Connector) -> None:
+    """Start the video connector from the image connector's weights (frames are images to the
+    tower): every tensor copied; the resampler's latents are the image's first tokens_per_frame
+    (cycled when there are more frames' tokens than image latents)."""
+    src = image.state_dict()
+    for name, t in video.state_dict().items():
+        s = src[name]
+        if name.endswith("resampler.latents") and s.shape != t.shape:
+            idx = torch.arange(t.shape[0]) % s.shape[0]
+            s = s[idx]
+        t.copy_(s.to(t.dtype))
 
 
 def set_trainable(vlm: VisionLanguageModel, llm_mode: str, train_connector: bool = True) -> None:
@@ -229,14 +268,22 @@ def save_connectors(vlm: VisionLanguageModel, out_dir: str | Path, state: dict |
     (out / CONNECTOR_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
-def load_connectors(vlm: VisionLanguageModel, export_dir: str | Path) -> None:
-    """Load connector weights written by save_connectors; shapes must match exactly."""
+def load_connectors(vlm: VisionLanguageModel, export_dir: str | Path, log=None) -> None:
+    """Load connector weights written by save_connectors; shapes must match exactly.
+
+    A video connector the export has no weights for (a stage-1 export trained on images only)
+    starts from the loaded image connector (`init_video_connector`), said through `log`."""
     from safetensors.torch import load_file
     path = Path(export_dir) / CONNECTOR_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {CONNECTOR_FILE} in {export_dir} (expected a vlm_dist export)")
     state = load_file(str(path))
     missing, unexpected = vlm.connectors.load_state_dict(state, strict=False)
+    if "video" in vlm.connectors and missing and all(k.startswith("video.") for k in missing) \
+            and not any(k.startswith("video.") for k in state):
+        init_video_connector(vlm.connectors["video"], vlm.connectors["image"])
+        (log or print)(f"[model] {path} has no video connector: it starts from the image connector")
+        missing = []
     if missing or unexpected:
         raise ValueError(f"{path}: connector weights do not match the configured connector "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")

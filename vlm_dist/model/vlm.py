@@ -44,7 +44,9 @@ def unwrap_llm(llm: nn.Module) -> nn.Module:
 
 def check_media_slots(input_ids: torch.Tensor, media: dict, pad_ids: dict[str, int],
                       num_tokens: dict[str, int], sample_ids=None) -> None:
-    """Raise SpliceError unless each row has exactly N slots per item of each kind.
+    """Raise SpliceError unless each row has exactly N slots per view of each kind.
+
+    `counts` count views (feature rows): a tiled image is 1 + tiles of them, a video one a frame.
 
     Runs on CPU tensors: `embed(validate=True)` (inference, tests) moves them there. Training
     passes validate=False, so its step needs no host sync: the loader worker finds each
@@ -57,6 +59,13 @@ def check_media_slots(input_ids: torch.Tensor, media: dict, pad_ids: dict[str, i
         if sum(counts) != n_items:
             raise SpliceError(f"{name}: counts sum to {sum(counts)} but {n_items} feature items given")
         slots = (input_ids == pad).sum(dim=1).tolist()
+        if name not in num_tokens:        # a kind this model has no connector for
+            if any(slots) or n_items:
+                row = next(r for r, n in enumerate(slots) if n) if any(slots) else 0
+                who = sample_ids[row] if sample_ids is not None else f"row {row}"
+                raise SpliceError(f"sample(s) {who}: {name} input, but this model has no {name} "
+                                  f"connector (configure model.{name} to train one)")
+            continue
         for row, (have, want) in enumerate(zip(slots, counts)):
             if have != want * num_tokens[name]:
                 who = sample_ids[row] if sample_ids is not None else f"row {row}"
