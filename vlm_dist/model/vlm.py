@@ -70,8 +70,9 @@ def check_media_slots(input_ids: torch.Tensor, media: dict, pad_ids: dict[str, i
             if have != want * num_tokens[name]:
                 who = sample_ids[row] if sample_ids is not None else f"row {row}"
                 raise SpliceError(
-                    f"sample(s) {who}: {have} {name} slots in the text but {want} {name}(s) x "
-                    f"{num_tokens[name]} tokens given; every <{name}> needs exactly one {name}")
+                    f"sample(s) {who}: {have} {name} slots in the text but {want} {name} view(s) x "
+                    f"{num_tokens[name]} tokens given; every <{name}> needs exactly one {name} "
+                    f"and all its views ({'frames' if name == 'video' else 'the thumbnail and its tiles'})")
 
 
 class VisionLanguageModel(nn.Module):
