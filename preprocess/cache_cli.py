@@ -2,6 +2,8 @@
 
     vlm-cache build --records R.jsonl --image-root IMAGES --vision-model M --out CACHE
     torchrun --nproc-per-node 8 -m preprocess.cache_cli build ...    # one slice per GPU
+    vlm-cache build ... --tiling '{"grids": [[2,2]], "tokens_per_tile": 64}' --frames 8 --max-fps 2
+                                      # AnyRes tiles per image; records' `videos` sampled into frames
 """
 import sys
 

@@ -82,6 +82,12 @@ def test_siglip2_naflex(tmp_path):
     with pytest.raises(ValueError, match="NaFlex"):
         tower.feature_shape(pool=2)
     assert tower.default_draft_to is None   # its input size follows the image: no JPEG draft
+    from vlm_dist.contract.tiling import TilingError, TilingSpec
+    with pytest.raises(TilingError, match="NaFlex.*no fixed input side"):
+        tower.fingerprint(tiling=TilingSpec(tile_size=32, tokens_per_tile=4))
+    with pytest.raises(TilingError, match="NaFlex"):
+        tower.tiling_spec({"tokens_per_tile": 4})
+    assert torch.equal(tower.encode_views(IMAGES), feats)       # the processor's float path
 
 
 def test_only_rank0_loads_the_tower_for_the_fingerprint(tiny_models, monkeypatch):
@@ -145,3 +151,61 @@ def test_draft_size_is_twice_the_input_side_and_the_fingerprint_records_the_deco
     assert tower.decode(buf.getvalue()).size == (200, 150)            # 1/8 scale, both sides >= 64
     full = VisionTower.from_pretrained(tiny_models["vision"], dtype=torch.float32)   # draft_to: None
     assert full.decode(buf.getvalue()).size == (1600, 1200)
+
+
+def test_views_fingerprint_and_tiling_checks(tiny_models):
+    """image_views: untiled is the image itself; tiled is thumbnail + tiles, encoded as the cache
+    encodes them; the fingerprint names tiling / video sampling only when given."""
+    from vlm_dist.contract.tiling import TilingError, TilingSpec, tile_image
+    from vlm_dist.contract.video import FrameSampling
+    from vlm_dist.model.vision import image_views
+
+    tower = VisionTower.from_pretrained(tiny_models["vision"], dtype=torch.float32)
+    img = Image.effect_mandelbrot((70, 33), (-2, -1.5, 1, 1.5), 20).convert("RGB")
+    assert image_views(img, None) == (None, [img])
+    spec = tower.tiling_spec({"grids": [[1, 2], [2, 2]], "tokens_per_tile": 4})
+    assert spec.tile_size == 32
+    tiling, views = image_views(img, spec)
+    want_tiling, thumb, tiles = tile_image(img, spec)
+    assert tiling == want_tiling and (tiling.rows, tiling.cols) == (1, 2) and len(views) == 3
+    assert [v.tobytes() for v in views] == [thumb.tobytes()] + [t.tobytes() for t in tiles]
+    feats = tower.encode_views(views)
+    assert feats.shape == (3, 16, 32)
+    assert torch.equal(feats, tower(tower.pixels_uint8(views)))
+    assert torch.equal(feats[1], tower(tower.preprocess([tiles[0]]))[0])     # one crop alone
+    assert tower.encode_views([], pool=2).shape == (0, 4, 32)
+
+    plain = tower.fingerprint()
+    assert "tiling" not in plain and "video_sampling" not in plain
+    fp = tower.fingerprint(tiling=spec, video_sampling=FrameSampling(4, 1.0))
+    assert fp["tiling"] == spec.fingerprint() and fp["video_sampling"]["num_frames"] == 4
+    assert {k: v for k, v in fp.items() if k not in ("tiling", "video_sampling")} == plain
+    with pytest.raises(TilingError, match=r"tile_size: 64 is not the input side .*\(32 px\)"):
+        tower.fingerprint(tiling=TilingSpec(tile_size=64, tokens_per_tile=4))
+    with pytest.raises(TilingError, match="tile_size: 16"):
+        tower.tiling_spec({"tile_size": 16})
+
+
+def test_decode_video_is_load_video(tiny_models, tmp_path):
+    import av
+    import numpy as np
+
+    from vlm_dist.contract.video import FrameSampling, VideoError, load_video
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 30 * i, np.uint8), format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    tower = VisionTower.from_pretrained(tiny_models["vision"], dtype=torch.float32)
+    sampling = FrameSampling(num_frames=3, max_fps=2.0)
+    video, want = tower.decode_video(str(path), sampling), load_video(str(path), sampling)
+    assert video.timestamps == want.timestamps and len(video.frames) == 3
+    assert [f.tobytes() for f in video.frames] == [f.tobytes() for f in want.frames]
+    assert tower.encode_views(video.frames).shape == (3, 16, 32)
+    with pytest.raises(VideoError, match="clip.mp4: too large"):
+        tower.decode_video(str(path), sampling, max_bytes=10)

@@ -1,16 +1,27 @@
-"""Read the feature cache: image key -> (patches, dim) tensor, memory-mapped, zero-copy.
+"""Read the feature cache: image/video key -> (views, patches, dim) tensor, memory-mapped, zero-copy.
 
     cache = check_cache_for_training("cache/", tower.fingerprint(pool=1))   # refuses a bad cache
-    feats = cache[cache.resolve("coco/0001.jpg")]                           # (P, D) torch tensor
+    feats = cache[cache.resolve("coco/0001.jpg")]                           # (P, D): view 0
+    views = cache.views(key)                                                 # (V, P, D)
+    layout = cache.layout(key)       # tiled {"kind": "image", rows, cols, ...} / {"kind": "video", ...}
+
+A key has V views, one shard row each, consecutive: an untiled image 1; a tiled image (built
+with --tiling) its thumbnail then its tiles row-major (contract.tiling; a 1x1 grid is 1 view); a
+video one per sampled frame, in time order (contract.video). View 0 (thumbnail or first frame)
+is what an untiled config reads, and an untiled image's one view equals the thumbnail of the
+same image in a tiled cache, bit for bit.
 
 Layout of a cache directory (written by `vlm-cache build`, see preprocess/):
 
-    shards/shard-000000.arrow   Arrow IPC files, uncompressed: columns `key` (hex SHA-256 of
-                                the image file) and `features` (fixed-size list of P*D values;
-                                bf16 is stored as its raw uint16 bits)
-    keys.arrow                  key -> (shard, row), sorted by key (binary-searched in place)
-    index.arrow                 record image reference -> key, sorted by reference
-    failures.jsonl              images that could not be encoded, with the reason and records
+    shards/shard-000000.arrow   Arrow IPC files, uncompressed, one row per view: columns `key`
+                                (hex SHA-256 of the file), `features` (fixed-size list of P*D
+                                values; bf16 is stored as its raw uint16 bits), `view` (int16,
+                                0..V-1) and `layout` (the key's layout as JSON on view 0, null on
+                                the others and for an untiled image); a key never crosses shards
+    keys.arrow                  key -> (shard, first row, views, layout JSON), sorted by key
+                                (binary-searched in place; `read_layouts` reads every layout at once)
+    index.arrow                 record image/video reference -> key (and kind), sorted by reference
+    failures.jsonl              images and videos that could not be encoded, with the reason and records
     manifest.json               encoder fingerprint, counts, and size/rows/SHA-256 of every file;
                                 written last, so its presence means the cache is complete
     verified.json               size and mtime of every file at the last full check (the build,
@@ -18,6 +29,9 @@ Layout of a cache directory (written by `vlm-cache build`, see preprocess/):
                                 changed since. That check trusts metadata: a byte altered with
                                 its mtime restored passes it until the next full verify (the
                                 Slurm stage templates run one first).
+
+Format "vlm_dist-feature-cache/1" (before views: no `view`/`layout` columns, keys.arrow without
+`views`/`layout`) still opens: one view per key, no layouts.
 
 Tensors returned point into the memory-mapped shard: treat them as
 read-only (stacking them into a batch copies). The reader re-opens shards
@@ -49,7 +63,8 @@ from vlm_dist.dist import print0
 from vlm_dist.errors import UserError
 from vlm_dist.fileio import sha256_file, write_json_atomic
 
-FORMAT = "vlm_dist-feature-cache/1"
+FORMAT = "vlm_dist-feature-cache/2"
+READABLE_FORMATS = ("vlm_dist-feature-cache/1", FORMAT)   # /1: one view per key, no layouts
 MANIFEST = "manifest.json"
 KEYS_FILE = "keys.arrow"
 INDEX_FILE = "index.arrow"
@@ -66,13 +81,26 @@ STORAGE = {
 # Fingerprint fields that name the encoder but do not change its output.
 INFORMATIONAL_FIELDS = ("model",)
 # Fields added after caches were first built: what a cache without one was made with.
-# jpeg_draft_to: the PIL JPEG draft size of the decode (None: every pixel decoded).
-FINGERPRINT_DEFAULTS = {"jpeg_draft_to": None}
+# jpeg_draft_to: the PIL JPEG draft size of the decode (None: every pixel decoded); tiling: the
+# TilingSpec's fingerprint (None: one view per image); video_sampling: the FrameSampling's (None:
+# built without videos). The last two are also absent from an untiled / video-less fingerprint.
+FINGERPRINT_DEFAULTS = {"jpeg_draft_to": None, "tiling": None, "video_sampling": None}
 
 
 def fingerprint_field(fingerprint: dict, field: str):
     """A fingerprint's value for `field`, its FINGERPRINT_DEFAULTS value when a cache predates it."""
     return fingerprint[field] if field in fingerprint else FINGERPRINT_DEFAULTS.get(field, "<absent>")
+
+
+def with_fingerprint_defaults(fingerprint: dict) -> dict:
+    """`fingerprint` with every FINGERPRINT_DEFAULTS field present: two fingerprints describe the
+    same features when these are equal (a field left out means its default)."""
+    return {**FINGERPRINT_DEFAULTS, **fingerprint}
+
+
+def layout_json(layout: dict | None) -> str | None:
+    """A layout dict as the shards and keys.arrow store it (canonical JSON), or None."""
+    return None if layout is None else json.dumps(layout, sort_keys=True, separators=(",", ":"))
 
 
 class CacheError(UserError, RuntimeError):
@@ -86,7 +114,8 @@ def shard_name(index: int) -> str:
 def shard_schema(dtype: str, feature_shape: tuple[int, int]) -> pa.Schema:
     storage = STORAGE[dtype][0]
     p, d = feature_shape
-    return pa.schema([("key", pa.string()), ("features", pa.list_(storage, p * d))],
+    return pa.schema([("key", pa.string()), ("features", pa.list_(storage, p * d)),
+                      ("view", pa.int16()), ("layout", pa.string())],
                      metadata={"feature_shape": json.dumps([p, d]), "dtype": dtype})
 
 
@@ -101,8 +130,9 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CacheError(f"{path}: not valid JSON ({e.msg}); the cache is corrupt") from None
-    if manifest.get("format") != FORMAT:
-        raise CacheError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise CacheError(f"{path}: format {manifest.get('format')!r}, expected one of "
+                         f"{', '.join(map(repr, READABLE_FORMATS))}")
     return manifest
 
 
@@ -125,18 +155,26 @@ class _Shard:
         self.shape = feature_shape
         self.path = path
 
-    def row(self, row: int, key: str) -> np.ndarray:
+    def rows(self, row: int, count: int, key: str) -> np.ndarray:
+        """`count` consecutive rows from `row` (one key's views), flat: count * P * D values.
+
+        The writer never splits a key across record batches (a batch holds whole items), so
+        the rows are one slice of one batch's buffer."""
         b = bisect.bisect_right(self.starts, row) - 1
         batch, r = self.batches[b], row - self.starts[b]
-        if batch.column(0)[r].as_py() != key:
-            raise CacheError(f"{self.path}: row {row} holds {batch.column(0)[r].as_py()}, "
-                             f"expected {key}; keys.arrow does not match the shard")
+        last = r + count - 1
+        keys = batch.column(0)
+        if last >= batch.num_rows or keys[r].as_py() != key or keys[last].as_py() != key:
+            held = keys[min(last, batch.num_rows - 1)].as_py()
+            raise CacheError(f"{self.path}: rows {row}..{row + count - 1} do not all hold {key} "
+                             f"(found {keys[r].as_py()} .. {held}); keys.arrow does not match the shard")
         col = batch.column(1)
         values = col.values
         n = self.shape[0] * self.shape[1]
         itemsize = np.dtype(self.storage_dtype).itemsize
         offset = (values.offset + (col.offset + r) * n) * itemsize
-        return np.frombuffer(values.buffers()[1], dtype=self.storage_dtype, count=n, offset=offset)
+        return np.frombuffer(values.buffers()[1], dtype=self.storage_dtype, count=n * count,
+                             offset=offset)
 
 
 # Descriptors left to everything else (sockets, pipes, NCCL, the DataLoader's queues) when
@@ -163,7 +201,7 @@ def open_shard_budget(num_shards: int) -> int:
 
 
 class FeatureCache:
-    """Random access to cached features by image key, safe in forked DataLoader workers."""
+    """Random access to cached features by image or video key, safe in forked DataLoader workers."""
 
     def __init__(self, cache_dir: str | os.PathLike, max_open_shards: int | None = None):
         """`max_open_shards`: shards kept mapped at once (LRU); None sizes it from the data
@@ -190,7 +228,7 @@ class FeatureCache:
     def _reset(self):
         self._pid = os.getpid()
         self._open: OrderedDict[int, _Shard] = OrderedDict()
-        self._keys = None        # (sorted key bytes array, shard array, row array)
+        self._keys = None        # (sorted key bytes, shard, first row, views arrays, layout StringArray)
         self._index = None       # (sorted reference StringArray, key StringArray)
         self._failures = None
 
@@ -214,17 +252,29 @@ class FeatureCache:
             keys = t.column("key").combine_chunks()
             key_bytes = np.frombuffer(keys.buffers()[1], dtype="S64", count=len(keys),
                                       offset=keys.offset * 64)
+            has_views = "views" in t.column_names             # format /1: one view per key
+            views = (t.column("views").combine_chunks().to_numpy() if has_views
+                     else np.ones(len(keys), dtype=np.int32))
             self._keys = (key_bytes, t.column("shard").combine_chunks().to_numpy(),
-                          t.column("row").combine_chunks().to_numpy())
+                          t.column("row").combine_chunks().to_numpy(), views,
+                          t.column("layout").combine_chunks() if has_views else None)
         return self._keys
 
-    def _locate(self, key: str) -> tuple[int, int] | None:
-        keys, shards, rows = self._key_table()
+    def _find(self, key: str) -> int | None:
+        keys = self._key_table()[0]
         k = key.encode() if isinstance(key, str) else b""
         i = int(np.searchsorted(keys, k))
         if i < len(keys) and keys[i] == k and len(k) == 64:
-            return int(shards[i]), int(rows[i])
+            return i
         return None
+
+    def _locate(self, key: str) -> tuple[int, int] | None:
+        """(shard, first row) of a key's views, or None."""
+        i = self._find(key)
+        if i is None:
+            return None
+        _, shards, rows, _, _ = self._key_table()
+        return int(shards[i]), int(rows[i])
 
     def __contains__(self, key: str) -> bool:
         return self._locate(key) is not None
@@ -253,19 +303,61 @@ class FeatureCache:
             self._open.move_to_end(index)
         return shard
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        """Features of one image (P, D), a zero-copy view of the memory-mapped shard."""
-        loc = self._locate(key)
-        if loc is None:
+    def _entry(self, key: str) -> int:
+        i = self._find(key)
+        if i is None:
             failed = self.failure_for(key)
             why = (f"it failed to encode ({failed['reason']}); see {FAILURES_FILE}" if failed
                    else "it is not in the cache (was it in the build's records?)")
             raise KeyError(f"image key {key!r}: {why}")
-        values = self._shard(loc[0]).row(loc[1], key)
+        return i
+
+    def _rows(self, key: str, count: int | None) -> torch.Tensor:
+        """(count or all views, P, D) of a key from its first view: zero-copy."""
+        i = self._entry(key)
+        _, shards, rows, views, _ = self._key_table()
+        values = self._shard(int(shards[i])).rows(int(rows[i]), int(views[i]) if count is None else count,
+                                                  key)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")
             t = torch.from_numpy(values)
-        return t.view(self._torch_dtype).view(*self.feature_shape)
+        return t.view(self._torch_dtype).view(-1, *self.feature_shape)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        """Features (P, D) of a key's view 0 (the image, a tiled image's thumbnail, a video's first
+        frame: what an untiled config reads), a zero-copy view of the memory-mapped shard."""
+        return self._rows(key, 1)[0]
+
+    def views(self, key: str) -> torch.Tensor:
+        """Features (V, P, D) of every view of a key, in layout order (thumbnail then tiles
+        row-major, or frames in time order): one zero-copy slice, its views are consecutive rows."""
+        return self._rows(key, None)
+
+    def num_views(self, key: str) -> int:
+        return int(self._key_table()[3][self._entry(key)])
+
+    def layout(self, key: str) -> dict | None:
+        """A key's layout: {"kind": "image", **Tiling.to_dict()} for every image of a cache built
+        with --tiling (a 1x1 grid included), None for an image of one built without (or a format
+        /1 cache); a video's VideoLayout.to_dict() (with "kind": "video")."""
+        layouts = self._key_table()[4]
+        if layouts is None:
+            self._entry(key)
+            return None
+        text = layouts[self._entry(key)].as_py()
+        return None if text is None else json.loads(text)
+
+    @property
+    def tiling(self):
+        """The TilingSpec the cache's images were tiled with, or None (one view per image)."""
+        from vlm_dist.contract.tiling import TilingSpec
+        spec = fingerprint_field(self.fingerprint, "tiling")
+        return None if spec is None else TilingSpec.from_dict(spec)
+
+    @property
+    def video_sampling(self):
+        """The FrameSampling the cache's videos were sampled with, or None (built without videos)."""
+        return sampling_from_fingerprint(fingerprint_field(self.fingerprint, "video_sampling"))
 
     # -- references and failures -----------------------------------------------------------------
     def resolve(self, ref: str) -> str:
@@ -301,6 +393,27 @@ class FeatureCache:
 
     def failure_for(self, key: str) -> dict | None:
         return next((f for f in self.failures if f.get("key") == key), None)
+
+
+def sampling_from_fingerprint(d: dict | None):
+    """The FrameSampling a fingerprint's "video_sampling" describes (None stays None)."""
+    from vlm_dist.contract.video import FrameSampling, VideoError
+    if d is None:
+        return None
+    if d.get("rule", "segment-centres") != "segment-centres":
+        raise VideoError("video_sampling", f"rule {d['rule']!r} is not supported by this code")
+    return FrameSampling(**{k: v for k, v in d.items() if k != "rule"})
+
+
+def read_layouts(cache_dir: str | os.PathLike) -> dict[str, dict]:
+    """{key: layout dict} for every key with a layout (tiled images, videos), in one read of
+    keys.arrow; {} for a cache without layouts (untiled images only, or format /1)."""
+    read_manifest(cache_dir)                      # a finished cache, of a format this code reads
+    t = _read_table(Path(cache_dir) / KEYS_FILE)
+    if "layout" not in t.column_names:
+        return {}
+    return {k.decode(): json.loads(text) for k, text in
+            zip(t.column("key").to_pylist(), t.column("layout").to_pylist()) if text is not None}
 
 
 # -- verification ------------------------------------------------------------------------------
@@ -426,17 +539,33 @@ def check_cache_for_training(cache_dir: str | os.PathLike, expected_fingerprint:
     unreadable shards), and one with a file modified since its last full check
     (`verified.json`: size and mtime, so a flipped byte is caught without
     hashing the cache). `full=True` re-hashes every shard instead.
+
+    A tiled config ("tiling" in the expected fingerprint) needs a cache built with that tiling,
+    a video config ("video_sampling") one built with videos sampled so; an untiled config (no
+    "tiling") takes a tiled cache and reads view 0 (the thumbnail) of its images.
     """
     manifest = read_manifest(cache_dir)
-    diffs = fingerprint_differences(manifest["fingerprint"], expected_fingerprint)
+    cached = manifest["fingerprint"]
+    if expected_fingerprint.get("tiling") is not None and fingerprint_field(cached, "tiling") is None:
+        raise CacheError(
+            f"feature cache {cache_dir} was built without tiles (one view per image), but the "
+            "configured model tiles images; rebuild it with `vlm-cache build --tiling '<the "
+            "model.tiling fields as JSON>' ...` or set model.tiling: null")
+    if (expected_fingerprint.get("video_sampling") is not None
+            and fingerprint_field(cached, "video_sampling") is None):
+        raise CacheError(
+            f"feature cache {cache_dir} was built without videos (its records referenced none), but "
+            "the configured model reads videos; rebuild it from records with `videos` (`vlm-cache "
+            "build --records ... --frames N --max-fps F` as model.video says) or set model.video: null")
+    diffs = fingerprint_differences(cached, expected_fingerprint)
     if diffs:
         raise CacheError(
             f"feature cache {cache_dir} was built with a different vision encoder than the one "
             f"configured (cache: {manifest['fingerprint'].get('model')!r}, configured: "
             f"{expected_fingerprint.get('model')!r}). Differences:\n  " + "\n  ".join(diffs) +
             "\nRebuild the cache with the configured encoder (`vlm-cache build --vision-model ... "
-            "--feature-layer ... --dtype ... --pool ...`) or configure the encoder the cache was "
-            "built with.")
+            "--feature-layer ... --dtype ... --pool ... [--tiling JSON] [--frames N --max-fps F]`) "
+            "or configure the encoder the cache was built with.")
     problems = verify_cache(cache_dir, quick=not full)
     if problems:
         raise CacheError(

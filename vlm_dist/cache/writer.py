@@ -174,11 +174,17 @@ class ShardWriter:
             raise
         self.rows = 0
 
-    def write(self, keys: list[str], features: np.ndarray) -> None:
-        """`features` is (B, P*D) in the storage dtype (uint16 bits for bf16)."""
+    def write(self, keys: list[str], features: np.ndarray, views: list[int] | None = None,
+              layouts: list[str | None] | None = None) -> None:
+        """One row per view: `keys[r]`, `features[r]` ((R, P*D) in the storage dtype, uint16 bits
+        for bf16), view number `views[r]` (default 0: one view per key) and `layouts[r]` (the
+        key's layout JSON on its view 0, None elsewhere; default None)."""
         flat = pa.array(np.ascontiguousarray(features).reshape(-1))
+        n = len(keys)
         batch = pa.record_batch([pa.array(keys, pa.string()),
-                                 pa.FixedSizeListArray.from_arrays(flat, self.width)],
+                                 pa.FixedSizeListArray.from_arrays(flat, self.width),
+                                 pa.array([0] * n if views is None else views, pa.int16()),
+                                 pa.array([None] * n if layouts is None else layouts, pa.string())],
                                 schema=self.schema)
         self.writer.write_batch(batch)
         self.rows += len(keys)

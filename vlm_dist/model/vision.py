@@ -15,6 +15,11 @@ computed), which moves 4x fewer bytes and gives bit for bit the same pixels.
 The feature cache (`vlm-cache build`) encodes with this class, and generation
 encodes online with it: the same preprocessing, dtype and pooling give the
 same features, and `fingerprint()` is what a cache is checked against.
+
+Tiles and video frames are more views of the same path: `image_views` turns an image into
+its views (the image itself, or an AnyRes thumbnail + tiles, contract.tiling),
+`decode_video` samples a video's frames (contract.video), and `encode_views` encodes a
+list of views exactly as the cache does, so online tiles and frames equal cached ones.
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from vlm_dist.contract.tiling import Tiling, TilingError, TilingSpec, tile_image
+from vlm_dist.contract.video import DEFAULT_MAX_VIDEO_BYTES, FrameSampling
 
 DEFAULT_VISION_MODEL = "google/siglip-so400m-patch14-384"
 
@@ -100,6 +108,15 @@ def normalisation_table(processor) -> torch.Tensor:
     out = processor(images=[Image.fromarray(strip, "RGB")], do_resize=False,
                     return_tensors="pt")["pixel_values"]                            # (1, 3, 1, 256)
     return out[0, :, 0, :].to(torch.float32).contiguous()
+
+
+def image_views(img: Image.Image, spec: TilingSpec | None) -> tuple[Tiling | None, list[Image.Image]]:
+    """An RGB image -> (its Tiling, its views): (None, [img]) untiled; tiled, the thumbnail
+    first, then the tiles row-major (contract.tiling.tile_image; a 1x1 grid is one view)."""
+    if spec is None:
+        return None, [img]
+    tiling, thumbnail, tiles = tile_image(img, spec)
+    return tiling, [thumbnail] + tiles
 
 
 class VisionTower(nn.Module):
@@ -222,6 +239,51 @@ class VisionTower(nn.Module):
         return load_image(source, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, name=name,
                           draft_to=self.draft_to)
 
+    def decode_video(self, source, sampling: FrameSampling, name: str | None = None,
+                     max_bytes: int = DEFAULT_MAX_VIDEO_BYTES, max_pixels: int | None = None):
+        """A video file path or raw bytes -> contract.video.Video (sampled RGB frames and their
+        timestamps), decoded the way the cache decodes; raises contract.video.VideoError.
+
+        What every online path calls for a video, as `decode` is for images."""
+        from vlm_dist.contract.images import DEFAULT_MAX_PIXELS
+        from vlm_dist.contract.video import load_video
+        return load_video(source, sampling, name=name, max_bytes=max_bytes,
+                          max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+
+    def check_tiling(self, spec: TilingSpec) -> TilingSpec:
+        """`spec` if this tower can encode its tiles, else TilingError: tiles are cut at the
+        tower's fixed input side (SigLIP2 NaFlex has none: its input follows the image)."""
+        if self.is_naflex:
+            raise TilingError(f"tiling: vision model {self.name_or_path!r} is SigLIP2 NaFlex, which "
+                              "keeps each image's aspect ratio and has no fixed input side to cut "
+                              "tiles at; use a fixed-size SigLIP tower or no tiling")
+        if spec.tile_size != self.image_size:
+            raise TilingError(f"tiling.tile_size: {spec.tile_size} is not the input side of vision "
+                              f"model {self.name_or_path!r} ({self.image_size} px); leave it out to "
+                              "default to it")
+        return spec
+
+    def tiling_spec(self, fields: Mapping) -> TilingSpec:
+        """A TilingSpec from its fields (a config or --tiling JSON), tile_size defaulting to the
+        tower's input side, checked against this tower (`check_tiling`)."""
+        if self.is_naflex:     # no input side to default to: say so before TilingSpec does
+            return self.check_tiling(TilingSpec())
+        fields = dict(fields)
+        fields.setdefault("tile_size", self.image_size)
+        return self.check_tiling(TilingSpec.from_dict(fields))
+
+    def encode_views(self, images: Sequence[Image.Image], pool: int = 1) -> torch.Tensor:
+        """RGB views (images, thumbnails, tiles, frames) -> features (V, P, D) on the tower's device.
+
+        Exactly the cache builder's path (8-bit resize on the CPU, normalised in `forward`; the
+        processor's float path for SigLIP2 NaFlex), so online features equal cached ones bit for
+        bit on the same device and dtype."""
+        images = list(images)
+        if not images:
+            return torch.empty((0, *self.feature_shape(pool)), dtype=self.dtype, device=self.device)
+        pixels = self.preprocess(images) if self.is_naflex else self.pixels_uint8(images)
+        return self(pixels, pool=pool)
+
     def preprocess(self, images: Sequence) -> torch.Tensor | dict[str, torch.Tensor]:
         """RGB PIL images -> the processor's pixel tensor (B, 3, H, W), float32 on the CPU.
 
@@ -275,17 +337,21 @@ class VisionTower(nn.Module):
 
     @classmethod
     def expected_fingerprint(cls, name_or_path: str, feature_layer: int = -2,
-                             dtype: str | torch.dtype | None = None, pool: int | None = None) -> dict:
+                             dtype: str | torch.dtype | None = None, pool: int | None = None,
+                             tiling: TilingSpec | None = None,
+                             video_sampling: FrameSampling | None = None) -> dict:
         """The fingerprint a cache must match to be used with this encoder (loads it on the CPU).
 
         Leave `dtype` / `pool` as None to accept whatever the cache was built
         with (the connector takes the cache's feature shape); the fields left
         out are not compared by `check_cache_for_training`. `jpeg_draft_to` is always
         left out: training reads features only, and records the cache's value in its export.
+        `tiling` / `video_sampling` (None: an untiled / video-less config) add those keys.
         """
         tower = cls.from_pretrained(name_or_path, feature_layer=feature_layer,
                                     dtype=torch.float32 if dtype is None else dtype)
-        fp = tower.fingerprint(pool=1 if pool is None else pool)
+        fp = tower.fingerprint(pool=1 if pool is None else pool, tiling=tiling,
+                               video_sampling=video_sampling)
         if dtype is None:
             del fp["dtype"]
         if pool is None:
@@ -293,11 +359,13 @@ class VisionTower(nn.Module):
         del fp["jpeg_draft_to"]
         return fp
 
-    def fingerprint(self, pool: int = 1) -> dict:
+    def fingerprint(self, pool: int = 1, tiling: TilingSpec | None = None,
+                    video_sampling: FrameSampling | None = None) -> dict:
         """What a feature cache must match: same weights, layer, dtype, shape and preprocessing,
         JPEG decoding included (`jpeg_draft_to`: this tower's draft_to; a cache without the field
-        was decoded in full, see cache.reader.FINGERPRINT_DEFAULTS)."""
-        return {
+        was decoded in full, see cache.reader.FINGERPRINT_DEFAULTS). "tiling" (the TilingSpec's
+        fingerprint) and "video_sampling" (the FrameSampling's) are there only when given."""
+        fp = {
             "model": self.name_or_path,
             "model_type": self.model.config.model_type,
             "weights_sha256": self.weights_hash,
@@ -310,3 +378,8 @@ class VisionTower(nn.Module):
             "preprocessing": self.preprocessing_params(),
             "jpeg_draft_to": self.draft_to,
         }
+        if tiling is not None:
+            fp["tiling"] = self.check_tiling(tiling).fingerprint()
+        if video_sampling is not None:
+            fp["video_sampling"] = video_sampling.fingerprint()
+        return fp
