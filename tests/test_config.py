@@ -175,6 +175,74 @@ def test_saved_config_reloads_identically(tmp_path):
     assert list((tmp_path / "run").iterdir()) == [out]   # no temp file left behind
 
 
+# --------------------------------------------------------------------------- tiles and video
+
+def test_tiling_and_video_load_from_yaml_flags_and_single_keys_and_reload(tmp_path):
+    from vlm_dist.config.media import frame_sampling, tiling_spec
+    cfg = load_config(write_yaml(tmp_path, """
+train: {max_steps: 5}
+model:
+  num_latents: 16
+  tiling: {token_budget: 200, grids: [[2, 2], [1, 2]]}
+"""), ["--model.video.num_frames=4", "--model.video.max_fps=null", "--model.tiling.resample=bilinear"])
+    t, v = cfg.model.tiling, cfg.model.video
+    assert (t.token_budget, t.grids, t.resample, t.tokens_per_tile) == (200, [[2, 2], [1, 2]], "bilinear", None)
+    assert (v.num_frames, v.max_fps, v.tokens_per_frame, v.token_budget) == (4, None, 16, None)   # defaults kept
+    spec = tiling_spec(cfg.model, tile_size=384, tokens_per_tile=16)
+    assert (spec.tile_size, spec.tokens_per_tile, spec.grids, spec.token_budget) == (384, 16, ((1, 2), (2, 2)), 200)
+    assert frame_sampling(cfg.model).num_frames == 4 and frame_sampling(cfg.model).max_fps is None
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    off = load_config(tmp_path / "saved.yaml", ["--model.tiling=null", "--model.video=null"])
+    assert off.model.tiling is None and off.model.video is None
+    assert tiling_spec(off.model, 384, 16) is None and frame_sampling(off.model) is None
+    whole = load_config(None, ["--model.video={num_frames: 2, tokens_per_frame: 8}"])
+    assert (whole.model.video.num_frames, whole.model.video.tokens_per_frame, whole.model.video.max_fps) == (2, 8, 2.0)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--model.tiling={tokens_per_tile: 16}"],
+     r"--model\.tiling\.tokens_per_tile=16: every view .* 64 \(model\.num_latents\)"),
+    (["--model.tiling={token_budget: 10}"], r"--model\.tiling\.token_budget: 10 is below one untiled block \(66"),
+    (["--model.tiling={grids: [[0, 2]]}"], r"--model\.tiling\.grids: rows and cols must be >= 1"),
+    (["--model.tiling={grids: [2, 2]}"], r"--model\.tiling\.grids.*expects a list"),
+    (["--model.tiling={resample: cubic}"], r"--model\.tiling\.resample: must be one of .*got 'cubic' \(did you mean bicubic"),
+    (["--model.tiling={budget: 100}"], r"--model\.tiling=\{budget: 100\}: unknown key 'budget' \(did you mean token_budget\?\)"),
+    (["--model.tiling.budget=100"], r"unknown key model\.tiling\.budget \(did you mean model\.tiling\.token_budget\?\)"),
+    (["--model.llm.x=1"], r"model\.llm has no keys of its own"),
+    (["--model.tiling=yes"], r"--model\.tiling=yes: expects a mapping"),
+    (["--model.video.num_frames=0"], r"--model\.video\.num_frames=0: num_frames must be a positive integer"),
+    (["--model.video.max_fps=-1"], r"--model\.video\.max_fps=-1\.0: max_fps must be a positive number"),
+    (["--model.video.tokens_per_frame=0"], r"--model\.video\.tokens_per_frame=0: must be >= 1"),
+    (["--model.video={num_frames: 8, tokens_per_frame: 16, token_budget: 100}"],
+     r"--model\.video\.token_budget=100: 8 frames x \(16 slots \+ up to 5 timestamp tokens \+ 1 separator\) "
+     r"\+ 1 = 177 tokens"),
+])
+def test_tiling_and_video_mistakes_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_tiling_checks_against_the_tower_and_the_mlp_connector():
+    from vlm_dist.config.media import tiling_spec
+    cfg = load_config(None, ["--model.connector=mlp", "--model.tiling={tokens_per_tile: 16, tile_size: 224}"])
+    assert tiling_spec(cfg.model, tile_size=224, tokens_per_tile=16).tokens_per_tile == 16
+    with pytest.raises(ConfigError, match=r"tokens_per_tile=16: .* 729 \(the patch count"):
+        tiling_spec(cfg.model, tile_size=224, tokens_per_tile=729)
+    with pytest.raises(ConfigError, match=r"--model\.tiling\.tile_size=224: .* input side, 384 px"):
+        tiling_spec(cfg.model, tile_size=384, tokens_per_tile=16)
+    with pytest.raises(ConfigError, match="NaFlex"):
+        tiling_spec(load_config(None, ["--model.tiling={}"]).model, tile_size=None, tokens_per_tile=64)
+
+
+def test_the_video_token_budget_bounds_the_real_block(tokenizer):
+    """The load-time bound is never below a real block: 8 frames of a 99-second clip."""
+    from vlm_dist.config.media import video_block_bound
+    from vlm_dist.contract.video import video_block_ids
+    times = [99.9 * (i + 0.5) / 8 for i in range(8)]
+    assert len(video_block_ids(tokenizer, times, 16)) <= video_block_bound(8, 16)
+
+
 def test_every_field_is_documented_and_listed_in_help():
     text = config_help()
     for section, cls in SECTIONS.items():
@@ -182,6 +250,12 @@ def test_every_field_is_documented_and_listed_in_help():
         for f in dataclasses.fields(cls):
             assert docs.get(f.name), f"{section}.{f.name} has no docstring"
             assert f"--{section}.{f.name}=" in text
+    from vlm_dist.config.schema import TilingConfig, VideoConfig
+    for name, cls in (("tiling", TilingConfig), ("video", VideoConfig)):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"model.{name}.{f.name} has no docstring"
+            assert f"--model.{name}.{f.name}=" in text
     assert set(field_docs(RecordSource)) == {"path", "weight", "count"}
 
 

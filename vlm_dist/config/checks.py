@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from vlm_dist.config.media import check_media_config
 from vlm_dist.config.schema import (ADAPTER_MODES, ALL_PROJECTIONS, SECTIONS, Config, ConfigError, suggest,
                                     valid_keys)
 
@@ -35,6 +36,7 @@ def validate_config(cfg: Config) -> None:
     need(m.checkpoint_fraction == 1.0 or m.gradient_checkpointing,
          f"--model.checkpoint_fraction={m.checkpoint_fraction} needs --model.gradient_checkpointing=true "
          "(without it no layer recomputes)")
+    check_media_config(m)      # model.tiling, model.video (vlm_dist.config.media)
     # lora
     if m.llm_mode in ADAPTER_MODES:
         need(lo.r is not None and lo.r >= 1,

@@ -4,6 +4,9 @@ checked; the resolved config saved as YAML; `config_help`.
 Overrides are `--section.key=value` (or `--section.key value`); values are
 typed like YAML scalars, lists too (`--lora.target_modules=[q_proj,v_proj]`
 or `q_proj,v_proj`). `--resume X` is short for `--checkpoint.resume=X`.
+A nested setting (model.tiling, model.video) takes a mapping or null
+(`--model.video='{num_frames: 4}'`, `--model.tiling=null`), or one of its keys
+(`--model.video.num_frames=4`: the others keep their defaults if it was null).
 Without a YAML file the stage-1 config (launch/configs/stage1_align.yaml) is used.
 
 Two pairs of keys exclude each other: `train.max_steps` / `train.epochs` and
@@ -25,8 +28,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from vlm_dist.config.checks import validate_config
-from vlm_dist.config.schema import (SECTIONS, Config, ConfigError, RecordSource, field_docs, suggest, type_name,
-                                    valid_keys)
+from vlm_dist.config.schema import (SECTIONS, Config, ConfigError, RecordSource, field_docs, sub_config, suggest,
+                                    type_name, valid_keys)
 from vlm_dist.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,8 @@ def _coerce(value: Any, tp, where: str, raw: Optional[str] = None) -> Any:
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is RecordSource:
         return _record_source(value, where)
+    if dataclasses.is_dataclass(tp):
+        return _sub_config(value, tp, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -114,6 +119,23 @@ def _record_source(value: Any, where: str) -> RecordSource:
         return RecordSource(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in value.items()})
     raise ConfigError(f"{where}: expects a path or {{path, weight}} / {{path, count}}, got {value!r}")
 
+
+
+def _sub_config(value: Any, cls: type, where: str):
+    """A mapping -> the nested dataclass (model.tiling, model.video), each key typed and checked."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expects a mapping {type_name(cls)} or null, got {value!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        near = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{hint}; valid keys: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    base = where.split("=", 1)[0] if where.startswith("--") else where    # a flag: its name, not its value
+    return cls(**{k: _coerce(v, hints[k], f"{base}.{k}") for k, v in value.items()})
 
 
 # --------------------------------------------------------------------------- loading
@@ -221,6 +243,7 @@ def load_config(path: Optional[str | os.PathLike], overrides: list[str] = ()) ->
             raise ConfigError(f"{flag}: flags are --section.key=value (sections: {', '.join(SECTIONS)})"
                               + (f"; did you mean {_suggest_any(dotted)}?" if _suggest_any(dotted) else ""))
         section, key = dotted.split(".", 1)
+        key, _, sub = key.partition(".")
         _check_key(section, key, flag.split("=")[0])
         if dotted in seen:
             raise ConfigError(f"{dotted} is given twice on the command line ({seen[dotted]} and {flag})")
@@ -229,11 +252,35 @@ def load_config(path: Optional[str | os.PathLike], overrides: list[str] = ()) ->
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        _set(cfg, section, key, value, flag, raw if _wants_raw(section, key) else None)
+        if sub:
+            _set_sub(cfg, section, key, sub, value, flag, raw)
+            dotted = f"{section}.{key}"
+        else:
+            _set(cfg, section, key, value, flag, raw if _wants_raw(section, key) else None)
         sources[dotted] = (2, flag)
     _resolve_exclusive(cfg, sources)
     validate_config(cfg)
     return cfg
+
+
+def _set_sub(cfg: Config, section: str, key: str, sub: str, value: Any, flag: str, raw: str) -> None:
+    """`--model.video.num_frames=4`: one key of a nested setting (made with its defaults if null)."""
+    cls = sub_config(section, key)
+    where = flag.split("=")[0]
+    if cls is None:
+        raise ConfigError(f"{where}: {section}.{key} has no keys of its own; use --{section}.{key}=VALUE")
+    names = [f.name for f in dataclasses.fields(cls)]
+    if sub not in names:
+        near = difflib.get_close_matches(sub, names, n=1)
+        hint = f" (did you mean {section}.{key}.{near[0]}?)" if near else ""
+        raise ConfigError(f"{where}: unknown key {section}.{key}.{sub}{hint}; valid keys in {section}.{key}: "
+                          f"{', '.join(names)}")
+    tp = typing.get_type_hints(cls)[sub]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    wants_raw = tp is str or (len(args) == 1 and args[0] is str) or typing.get_origin(tp) is Literal
+    current = getattr(getattr(cfg, section), key) or cls()
+    setattr(current, sub, _coerce(value, tp, flag, raw if wants_raw else None))
+    setattr(getattr(cfg, section), key, current)
 
 
 def _suggest_any(key: str) -> str:
@@ -263,6 +310,14 @@ def config_help() -> str:
             shown = shown.removesuffix("\n...").removesuffix("...").strip()
             lines.append(f"  --{section}.{f.name}={shown}  ({type_name(hints[f.name])})")
             lines.append(f"      {docs.get(f.name, '')}")
+            cls_sub = sub_config(section, f.name)
+            if cls_sub is not None:        # its keys, as --section.key.sub=VALUE
+                sub_hints, sub_docs, sub_default = typing.get_type_hints(cls_sub), field_docs(cls_sub), cls_sub()
+                for g in dataclasses.fields(cls_sub):
+                    shown = yaml.safe_dump(_dump_value(getattr(sub_default, g.name)), default_flow_style=True,
+                                           width=10**6).strip().removesuffix("\n...").removesuffix("...").strip()
+                    lines.append(f"    --{section}.{f.name}.{g.name}={shown}  ({type_name(sub_hints[g.name])})")
+                    lines.append(f"        {sub_docs.get(g.name, '')}")
     return "\n".join(lines)
 
 
@@ -274,6 +329,8 @@ def _dump_value(value: Any) -> Any:
         return {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
     if isinstance(value, list):
         return [_dump_value(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return {f.name: _dump_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return value
 
 

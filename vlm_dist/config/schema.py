@@ -33,6 +33,34 @@ class ConfigError(UserError, ValueError):
 # --------------------------------------------------------------------------- the tree
 
 @dataclass
+class TilingConfig:
+    token_budget: Optional[int] = None
+    """Most tokens one image's block may take (thumbnail, tiles, row separators): caps the grid; null: no cap."""
+    grids: list[list[int]] = field(default_factory=lambda: [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]])
+    """Candidate grids [rows, cols] in tiles (1x1 is always a candidate); default: LLaVA-NeXT's pinpoints."""
+    tokens_per_tile: Optional[int] = None
+    """Slots per view (thumbnail or tile); null: the image connector's tokens (model.num_latents, or the patch count with connector mlp), which it must equal."""
+    tile_size: Optional[int] = None
+    """Tile and thumbnail side in pixels; null: the vision tower's input side, which it must equal."""
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bicubic"
+    """PIL filter resizing the image onto the tile grid and into the thumbnail."""
+    fill: list[int] = field(default_factory=lambda: [0, 0, 0])
+    """RGB levels of the padding around the resized image (LLaVA-NeXT pads black)."""
+
+
+@dataclass
+class VideoConfig:
+    num_frames: int = 8
+    """Frames sampled per video at most (uniformly, at the centres of equal segments)."""
+    max_fps: Optional[float] = 2.0
+    """Sampled frames per second of video at most (a 2 s clip gives at most 4 at 2.0); null: no cap."""
+    tokens_per_frame: int = 16
+    """<|video_pad|> slots per frame: the video connector's latents (the patch count with connector mlp)."""
+    token_budget: Optional[int] = None
+    """Most tokens one video's block may take, checked at load against num_frames x (tokens_per_frame + timestamp and separator tokens); null: no check."""
+
+
+@dataclass
 class ModelConfig:
     llm: str = "Qwen/Qwen3-8B-Base"
     """The language model: a local Hugging Face directory or a hub id already in the HF cache."""
@@ -65,6 +93,10 @@ class ModelConfig:
     """Fused Qwen3 kernels (RMSNorm, RoPE, SwiGLU): liger (liger-kernel, CUDA; pip install .[gpu]); auto: liger when CUDA and liger-kernel are there, else none."""
     init_from: Optional[str] = None
     """A previous stage's export directory (connector.safetensors, adapter/) to start from; null: fresh connector."""
+    tiling: Optional[TilingConfig] = None
+    """AnyRes tiles: each image is a thumbnail plus a grid of tower-sized tiles (needs a cache built with --tiling); null: one view per image."""
+    video: Optional[VideoConfig] = None
+    """Videos (<video> in records): frame sampling (as the cache was built with --frames/--max-fps) and a video connector; null: no videos."""
 
 
 @dataclass
@@ -215,7 +247,19 @@ def type_name(tp) -> str:
         return f"list[{type_name(args[0])}]"
     if tp is RecordSource:
         return "path | {path, weight} | {path, count}"
+    if dataclasses.is_dataclass(tp):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
     return getattr(tp, "__name__", str(tp))
+
+
+SUB_CONFIGS = (TilingConfig, VideoConfig)
+
+
+def sub_config(section: str, key: str) -> type | None:
+    """The dataclass of a nested field (model.tiling -> TilingConfig), or None for a plain field."""
+    tp = typing.get_type_hints(SECTIONS[section]).get(key)
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return inner[0] if len(inner) == 1 and inner[0] in SUB_CONFIGS else None
 
 
 def valid_keys() -> list[str]:

@@ -2,6 +2,8 @@
 
     table = tokenize_records("mix665k.jsonl", tokenizer="Qwen3-8B-Base", template="chatml",
                              image_tokens=64, max_seq_len=4096, num_workers=16)
+    # tiles and video: pad slots per view per kind, and each reference's layout from the cache
+    table = tokenize_records(..., image_tokens={"image": 64, "video": 16}, layouts={ref: layout})
     table.lengths          # np.int32 (num_records,): tokens per record, in file order
     table.sample(i)        # EncodedSample of record i, read from the cache (no tokenizer)
     table.iter_samples()   # (index, EncodedSample) of every usable record, in file order
@@ -10,16 +12,22 @@
     duplicate_ids([table]) # records repeating an earlier record's id (listed, kept)
 
 Each record goes through `vlm_dist.contract.prompt.PromptEncoder` (the one tokenization of
-the contract). A record is a problem when it is invalid, longer than
+the contract). `layouts` maps a record's media reference (as `images` / `videos` spell it) to
+its layout as the feature cache stores it (cache.reader.read_layouts, by key): an image's
+Tiling (its block has the thumbnail's and every tile's slots) or a video's VideoLayout (a
+timestamp and slots per sampled frame). An image without one is the plain untiled block; a
+video without one (it failed, or is not in the cache) is encoded as a one-frame placeholder
+so the file is still checked in one pass, and the training set drops that record
+(data.samples: `video_failed` / `video_missing`). A record is a problem when it is invalid, longer than
 max_seq_len (`too_long`; with truncate=True it is cut instead, but a cut that
-would remove an image block is still `too_long`), or has no supervised token
+would remove a media block is still `too_long`), or has no supervised token
 (`no_supervision`). Problems are kept in the table (reason, detail) so the whole
 file is checked in one pass, and `check_supervision` fails listing them.
 
 The cache is one Arrow IPC file (uncompressed, memory-mapped on load) named by
 a key over: the tokenizer's serialized vocabulary and added tokens, the records
-file's SHA-256, the template, image_tokens, max_seq_len, truncate, and the
-source of prompt.py and media.py. Any change gives a new file; a hit costs one
+file's SHA-256, the template, image_tokens (per kind), max_seq_len, truncate, a digest of
+the layouts, and the source of prompt.py, media.py, tiling.py and video.py. Any change gives a new file; a hit costs one
 hash of the records file. Default location: next to the records file, as
 `<stem>.lengths-<key>.arrow`. Concurrent callers (every rank at start-up) take a
 file lock: one tokenizes, the rest wait and map the result (flock does not reach
@@ -47,14 +55,20 @@ from vlm_dist.fileio import atomic_file, sha256_file
 from vlm_dist.contract.records import RecordError, read_lines
 
 CHUNK = 2048          # records per worker task
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 SCHEMA = pa.schema([
     ("index", pa.int64()), ("id", pa.string()), ("length", pa.int32()), ("supervised", pa.int32()),
     ("num_images", pa.int16()), ("truncated", pa.bool_()), ("reason", pa.string()), ("detail", pa.string()),
     ("input_ids", pa.list_(pa.int32())), ("supervised_mask", pa.list_(pa.bool_())),
-    ("image_keys", pa.list_(pa.string())),
+    ("image_keys", pa.list_(pa.string())),        # the record's image references, in block order
+    ("video_keys", pa.list_(pa.string())),        # its video references
+    ("num_videos", pa.int16()),
+    ("media_tokens", pa.int32()),                 # pad slots of every media block (views x tokens)
 ])
+# A video reference without a layout is encoded with this one frame, so its record is checked
+# (and dropped by data.samples with its reason) instead of failing the whole file.
+PLACEHOLDER_VIDEO = {"kind": "video", "timestamps": [0.0], "num_available": 1, "duration": 0.0, "size": [1, 1]}
 
 
 class SupervisionError(UserError, ValueError):
@@ -114,10 +128,11 @@ class LengthTable:
 
 
 def _to_sample(row: dict):
-    from vlm_dist.contract.media import IMAGE
+    from vlm_dist.contract.media import IMAGE, VIDEO
     from vlm_dist.contract.prompt import EncodedSample
     from vlm_dist.contract.prompt import IGNORE
-    media = {IMAGE.name: row["image_keys"]} if row["image_keys"] else {}
+    media = {kind: row[col] for kind, col in ((IMAGE.name, "image_keys"), (VIDEO.name, "video_keys"))
+             if row[col]}
     labels = [t if m else IGNORE for t, m in zip(row["input_ids"], row["supervised_mask"])]
     return EncodedSample(row["id"], row["input_ids"], labels, media, row["truncated"])
 
@@ -138,23 +153,53 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _code_fingerprint() -> str:
     import vlm_dist.contract.media
     import vlm_dist.contract.prompt
+    import vlm_dist.contract.tiling
+    import vlm_dist.contract.video
     h = hashlib.sha256()
-    for mod in (vlm_dist.contract.prompt, vlm_dist.contract.media):
+    for mod in (vlm_dist.contract.prompt, vlm_dist.contract.media, vlm_dist.contract.tiling,
+                vlm_dist.contract.video):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()
+
+
+def layouts_digest(layouts: dict | None) -> str | None:
+    """SHA-256 over every (reference, layout) pair, in reference order; None without layouts."""
+    if not layouts:
+        return None
+    h = hashlib.sha256()
+    for ref in sorted(layouts):
+        h.update(json.dumps([ref, layouts[ref]], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _media_layouts(record: dict, layouts: dict) -> dict:
+    """{kind: [layout per item]} of one record, as PromptEncoder.encode takes them."""
+    from vlm_dist.contract.media import IMAGE, VIDEO
+
+    def of(ref, kind):
+        lay = layouts.get(ref) if isinstance(ref, str) else None
+        return lay if lay is not None and lay.get("kind", kind) == kind else None
+
+    out = {IMAGE.name: [of(ref, IMAGE.name) for ref in record.get(IMAGE.record_field) or []]}
+    out[VIDEO.name] = [of(ref, VIDEO.name) or PLACEHOLDER_VIDEO for ref in record.get(VIDEO.record_field) or []]
+    return out
 
 
 # -- workers -------------------------------------------------------------------
 _W: dict = {}
 
 
-def _init_worker(tokenizer_path: str, template: str, image_tokens: int, max_seq_len: int, truncate: bool):
+def _init_worker(tokenizer_path: str, template: str, image_tokens: int | dict, max_seq_len: int, truncate: bool,
+                 layouts: dict | None = None):
+    """Once per worker process: the layouts come here (pickled once per worker), never with a task."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 
     from vlm_dist.contract.prompt import PromptEncoder
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    _W.update(encoder=PromptEncoder(tok, template, image_tokens), max_seq_len=max_seq_len, truncate=truncate)
+    enc = PromptEncoder(tok, template, image_tokens)
+    _W.update(encoder=enc, max_seq_len=max_seq_len, truncate=truncate, layouts=layouts or {},
+              pads={enc.blocks[k].pad for k in enc.blocks})
 
 
 def _encode_chunk(task: tuple[int, list[str]]) -> pa.RecordBatch:
@@ -162,17 +207,20 @@ def _encode_chunk(task: tuple[int, list[str]]) -> pa.RecordBatch:
     from vlm_dist.contract.records import RecordError, validate_record
 
     start, lines = task
-    enc, max_len, truncate = _W["encoder"], _W["max_seq_len"], _W["truncate"]
+    enc, max_len, truncate, layouts = _W["encoder"], _W["max_seq_len"], _W["truncate"], _W["layouts"]
     cols = {name: [] for name in SCHEMA.names}
 
-    def add(i, rid, ids=(), labels=(), keys=(), truncated=False, reason=None, detail=None, length=None):
+    def add(i, rid, ids=(), labels=(), keys=(), videos=(), truncated=False, reason=None, detail=None,
+            length=None):
         # labels are the token itself where supervised (prompt.py), so a bit mask stores them
         assert all(l == IGNORE or l == t for t, l in zip(ids, labels))
         mask = [l != IGNORE for l in labels]
         for name, v in (("index", start + i), ("id", rid), ("input_ids", list(ids)), ("supervised_mask", mask),
                         ("image_keys", list(keys)), ("truncated", truncated), ("reason", reason),
                         ("detail", detail), ("length", len(ids) if length is None else length),
-                        ("supervised", sum(mask)), ("num_images", len(keys))):
+                        ("supervised", sum(mask)), ("num_images", len(keys)), ("video_keys", list(videos)),
+                        ("num_videos", len(videos)),
+                        ("media_tokens", sum(1 for t in ids if t in _W["pads"]))):
             cols[name].append(v)
 
     for i, line in enumerate(lines):
@@ -184,19 +232,22 @@ def _encode_chunk(task: tuple[int, list[str]]) -> pa.RecordBatch:
         except (json.JSONDecodeError, RecordError) as e:
             add(i, None if rid is None else str(rid), reason="invalid", detail=str(e))
             continue
+        media = _media_layouts(record, layouts)
         try:
-            s = enc.encode(record, max_len, truncate, validate=False)
+            s = enc.encode(record, max_len, truncate, validate=False, layouts=media)
         except SampleError as e:
-            full = enc.encode(record, None, False, validate=False) if e.reason == "too_long" else None
+            full = enc.encode(record, None, False, validate=False, layouts=media) if e.reason == "too_long" else None
             add(i, rid, reason=e.reason, detail=str(e), length=len(full) if full else 0)
             continue
-        if s.truncated and len(s.image_keys) < len(record.get("images", [])):
-            full = enc.encode(record, None, False, validate=False)
+        cut = {kind: len(items) - len(s.media.get(kind, [])) for kind, items in media.items()}
+        if s.truncated and any(cut.values()):
+            full = enc.encode(record, None, False, validate=False, layouts=media)
+            what = " and ".join(f"{n} {kind} block(s)" for kind, n in cut.items() if n)
             add(i, rid, reason="too_long", length=len(full),
                 detail=f"record {rid!r}: {len(full)} tokens exceed max_seq_len={max_len} and truncation "
-                       f"would cut {len(record['images']) - len(s.image_keys)} image block(s)")
+                       f"would cut {what}")
             continue
-        add(i, rid, s.input_ids, s.labels, s.image_keys, s.truncated)
+        add(i, rid, s.input_ids, s.labels, s.image_keys, s.video_keys, s.truncated)
     return pa.RecordBatch.from_pydict(cols, schema=SCHEMA)
 
 
@@ -213,12 +264,14 @@ def _chunks(path: Path):
 
 # -- public --------------------------------------------------------------------
 def tokenize_records(records_path: str | os.PathLike, tokenizer: str | os.PathLike, template: str,
-                     image_tokens: int, max_seq_len: int, truncate: bool = False,
+                     image_tokens: int | dict, max_seq_len: int, truncate: bool = False,
                      cache_dir: str | os.PathLike | None = None, num_workers: int | None = None,
-                     progress: bool = True) -> LengthTable:
+                     progress: bool = True, layouts: dict | None = None) -> LengthTable:
     """Tokenize (or load from the cache) every record of a JSONL file; see the module docstring.
 
     `tokenizer` is a folder loadable with AutoTokenizer.from_pretrained (each worker loads it).
+    `image_tokens`: pad slots per view, one int or {"image": T, "video": Tf}. `layouts`:
+    {media reference: layout dict as the feature cache stores it} (None: every image untiled).
     """
     from transformers import AutoTokenizer
 
@@ -226,9 +279,12 @@ def tokenize_records(records_path: str | os.PathLike, tokenizer: str | os.PathLi
     if not records_path.is_file():
         raise RecordError(f"records file {records_path} does not exist")
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    tokens = ({k: int(v) for k, v in sorted(image_tokens.items())} if isinstance(image_tokens, dict)
+              else int(image_tokens))
     key = {"version": CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tok),
-           "records": sha256_file(records_path), "template": template, "image_tokens": int(image_tokens),
-           "max_seq_len": int(max_seq_len), "truncate": bool(truncate), "code": _code_fingerprint()}
+           "records": sha256_file(records_path), "template": template, "image_tokens": tokens,
+           "max_seq_len": int(max_seq_len), "truncate": bool(truncate), "layouts": layouts_digest(layouts),
+           "code": _code_fingerprint()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stem = records_path.name[:-len(".jsonl")] if records_path.name.endswith(".jsonl") else records_path.name
     cache = Path(cache_dir or records_path.parent) / f"{stem}.lengths-{digest}.arrow"
@@ -237,8 +293,8 @@ def tokenize_records(records_path: str | os.PathLike, tokenizer: str | os.PathLi
     with open(cache.with_name(cache.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not cache.exists():
-            _build(cache, records_path, key, (str(tokenizer), template, int(image_tokens), int(max_seq_len),
-                                              bool(truncate)), num_workers, progress)
+            _build(cache, records_path, key, (str(tokenizer), template, tokens, int(max_seq_len),
+                                              bool(truncate), layouts or None), num_workers, progress)
     return LengthTable(str(records_path), str(cache), key, _open(cache))
 
 
@@ -312,12 +368,19 @@ def summarize(table: LengthTable) -> dict:
     ok = table.ok
     lengths, sup = table.lengths[ok].astype(np.int64), table.supervised[ok].astype(np.int64)
     imgs = table.table.column("num_images").to_numpy()[ok]
+    vids = table.table.column("num_videos").to_numpy()[ok]
+    media = table.table.column("media_tokens").to_numpy()[ok].astype(np.int64)
     out = {"records": len(table), "ok": int(ok.sum()),
            "problems": dict(sorted(Counter(p["reason"] for p in table.problems()).items())),
            "truncated": int(table.table.column("truncated").to_numpy(zero_copy_only=False)[ok].sum()),
            "tokens": int(lengths.sum()), "supervised_tokens": int(sup.sum()),
            "supervised_fraction": round(float(sup.sum() / lengths.sum()), 4) if lengths.sum() else 0.0,
-           "images": int(imgs.sum()), "text_only_records": int((imgs == 0).sum()),
+           "images": int(imgs.sum()), "videos": int(vids.sum()),
+           "text_only_records": int(((imgs == 0) & (vids == 0)).sum()),
+           # pad slots of every media block (views x tokens per view), per usable sample
+           "media_tokens": {"total": int(media.sum()),
+                            "mean_per_sample": round(float(media.mean()), 1) if len(media) else 0.0,
+                            "max_per_sample": int(media.max()) if len(media) else 0},
            "duplicate_ids": len(duplicate_ids([table]))}
     if len(lengths):
         q = np.percentile(lengths, [50, 90, 99])
@@ -336,6 +399,11 @@ def format_summary(name: str, s: dict) -> str:
         text += (f"; tokens min {L['min']} p50 {L['p50']} p90 {L['p90']} p99 {L['p99']} max {L['max']}"
                  f" mean {L['mean']}")
     text += f"; supervised {s['supervised_fraction']:.1%} of {s['tokens']} tokens; {s['images']} images"
+    if s.get("videos"):
+        text += f", {s['videos']} videos"
+    if s.get("media_tokens", {}).get("total"):
+        m = s["media_tokens"]
+        text += f"; media tokens per sample mean {m['mean_per_sample']} max {m['max_per_sample']}"
     if s["truncated"]:
         text += f"; {s['truncated']} truncated"
     if s["duplicate_ids"]:

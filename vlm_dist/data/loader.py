@@ -11,12 +11,15 @@ trainer iterates: this rank's batches epoch after epoch, starting at the sampler
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_dist.data.pack import PackableSample, collate
+
+# key -> (P, D) or (V, P, D) features, one for every kind or one per kind (data.pack.collate)
+Lookup = Callable[[str], torch.Tensor] | Mapping[str, Callable[[str], torch.Tensor]]
 from vlm_dist.data.sampler import LengthGroupedSampler, MicroBatch
 
 
@@ -24,12 +27,13 @@ class MicroBatchDataset(Dataset):
     """Item i = the collated batch of micro_batches[i]."""
 
     def __init__(self, micro_batches: Sequence[MicroBatch], samples: Sequence[PackableSample],
-                 features_lookup: Callable[[str], torch.Tensor], *, pad_id: int, max_seq_len: int,
-                 feature_shape: tuple[int, int] | None, pad_to_multiple: int = 8, image_pad_id: int | None = None):
+                 features_lookup: Lookup, *, pad_id: int, max_seq_len: int,
+                 feature_shape: tuple[int, int] | None, pad_to_multiple: int = 8, image_pad_id: int | None = None,
+                 pad_ids: Mapping[str, int] | None = None):
         self.micro_batches, self.samples, self.features_lookup = micro_batches, samples, features_lookup
         self.pad_id, self.max_seq_len = pad_id, max_seq_len
         self.feature_shape, self.pad_to_multiple = feature_shape, pad_to_multiple
-        self.image_pad_id = image_pad_id
+        self.image_pad_id, self.pad_ids = image_pad_id, pad_ids
 
     def __len__(self) -> int:
         return len(self.micro_batches)
@@ -39,7 +43,8 @@ class MicroBatchDataset(Dataset):
         rows = [[self.samples[j] for j in row] for row in mb.rows]
         batch = collate(rows, self.features_lookup, self.pad_id, self.max_seq_len,
                         feature_shape=self.feature_shape, filler_rows=mb.filler_rows,
-                        pad_to_multiple=self.pad_to_multiple, image_pad_id=self.image_pad_id)
+                        pad_to_multiple=self.pad_to_multiple, image_pad_id=self.image_pad_id,
+                        pad_ids=self.pad_ids)
         if mb.step_supervised is not None:  # from the global plan: python ints, no collective, no sync
             batch["global_num_supervised"] = sum(mb.step_supervised)
             batch["max_num_supervised"] = max(mb.step_supervised)
@@ -47,13 +52,15 @@ class MicroBatchDataset(Dataset):
 
 
 def build_loader(micro_batches: Sequence[MicroBatch], samples: Sequence[PackableSample],
-                 features_lookup: Callable[[str], torch.Tensor], *, pad_id: int, max_seq_len: int,
+                 features_lookup: Lookup, *, pad_id: int, max_seq_len: int,
                  feature_shape: tuple[int, int] | None, num_workers: int = 2, prefetch_factor: int = 4,
-                 pin_memory: bool = True, pad_to_multiple: int = 8, image_pad_id: int | None = None) -> DataLoader:
+                 pin_memory: bool = True, pad_to_multiple: int = 8, image_pad_id: int | None = None,
+                 pad_ids: Mapping[str, int] | None = None) -> DataLoader:
     """An ordered DataLoader over the given micro-batches (one batch dict each).
 
-    image_pad_id (the <|image_pad|> id): the workers list the image slots, so the model's
-    splice needs no host sync to find them.
+    image_pad_id (the <|image_pad|> id) or pad_ids ({kind: pad id}, e.g. vlm.pad_ids): the
+    workers list each kind's slots, so the model's splice needs no host sync to find them.
+    features_lookup: one callable or {kind: callable}, as data.pack.collate takes.
 
     pin_memory is ignored by torch (with a warning) when no accelerator is present.
     features_lookup runs in the workers: it must survive a fork (the Arrow cache's
@@ -61,7 +68,7 @@ def build_loader(micro_batches: Sequence[MicroBatch], samples: Sequence[Packable
     """
     dataset = MicroBatchDataset(micro_batches, samples, features_lookup, pad_id=pad_id,
                                 max_seq_len=max_seq_len, feature_shape=feature_shape,
-                                pad_to_multiple=pad_to_multiple, image_pad_id=image_pad_id)
+                                pad_to_multiple=pad_to_multiple, image_pad_id=image_pad_id, pad_ids=pad_ids)
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                       prefetch_factor=prefetch_factor if num_workers > 0 else None,
                       pin_memory=pin_memory and torch.cuda.is_available(),
@@ -71,7 +78,8 @@ def build_loader(micro_batches: Sequence[MicroBatch], samples: Sequence[Packable
 class BatchStream:
     """Endless iterator over this rank's batches, epoch after epoch, from the sampler's position.
 
-        stream = BatchStream(sampler, samples, cache.get, pad_id=..., max_seq_len=..., feature_shape=(P, D))
+        stream = BatchStream(sampler, samples, {"image": cache.views, "video": cache.views}, pad_id=...,
+                             max_seq_len=..., feature_shape=(P, D), pad_ids=vlm.pad_ids)
         sampler.load_state_dict(ckpt["sampler"])       # on resume, before iterating
         for batch in stream: ...                       # sampler.state_dict() = next batch to train on
 
@@ -90,10 +98,11 @@ class BatchStream:
     """
 
     def __init__(self, sampler: LengthGroupedSampler, samples: Sequence[PackableSample],
-                 features_lookup: Callable[[str], torch.Tensor], *, pad_id: int, max_seq_len: int,
+                 features_lookup: Lookup, *, pad_id: int, max_seq_len: int,
                  feature_shape: tuple[int, int] | None, num_workers: int = 2, prefetch_factor: int = 4,
                  pin_memory: bool = True, pad_to_multiple: int = 8, max_epochs: int | None = None,
-                 image_pad_id: int | None = None, device: torch.device | str | None = None,
+                 image_pad_id: int | None = None, pad_ids: Mapping[str, int] | None = None,
+                 device: torch.device | str | None = None,
                  move: Callable[[dict, torch.device], dict] | None = None):
         if len(samples) != sampler.num_samples:
             raise ValueError(f"BatchStream: {len(samples)} samples but the sampler was planned for "
@@ -103,7 +112,7 @@ class BatchStream:
         self.loader_kwargs = dict(pad_id=pad_id, max_seq_len=max_seq_len, feature_shape=feature_shape,
                                   num_workers=num_workers, prefetch_factor=prefetch_factor,
                                   pin_memory=pin_memory, pad_to_multiple=pad_to_multiple,
-                                  image_pad_id=image_pad_id)
+                                  image_pad_id=image_pad_id, pad_ids=pad_ids)
         self.device = None if device is None else torch.device(device)
         if self.device is not None and self.device.type == "cuda" and move is None:
             raise ValueError("BatchStream: a CUDA device needs `move` (e.g. vlm_dist.training.loop.to_device)")

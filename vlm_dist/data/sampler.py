@@ -55,11 +55,15 @@ import numpy as np
 from vlm_dist.data.pack import count_targets, pack_rows
 from vlm_dist.errors import UserError
 
-TEXT, SINGLE_IMAGE, MULTI_IMAGE = 0, 1, 2
+TEXT, SINGLE_IMAGE, MULTI_IMAGE, VIDEO = 0, 1, 2, 3
+MODALITIES = (TEXT, SINGLE_IMAGE, MULTI_IMAGE, VIDEO)
 
 
-def modality_of(num_images: int) -> int:
-    """0 = text only, 1 = one image, 2 = several."""
+def modality_of(num_images: int, num_videos: int = 0) -> int:
+    """0 = text only, 1 = one image, 2 = several, 3 = any video (long, feature-heavy rows that
+    group together whatever images they also have)."""
+    if num_videos:
+        return VIDEO
     return TEXT if num_images == 0 else SINGLE_IMAGE if num_images == 1 else MULTI_IMAGE
 
 
@@ -138,10 +142,10 @@ class LengthGroupedSampler:
             i = int(bad[0])
             raise ValueError(f"sample {i} has {int(self.lengths[i])} tokens; every sample needs 1.."
                              f"{max_seq_len} (max_seq_len) tokens ({len(bad)} samples out of range)")
-        bad = np.nonzero(~np.isin(self.modalities, (TEXT, SINGLE_IMAGE, MULTI_IMAGE)))[0]
+        bad = np.nonzero(~np.isin(self.modalities, MODALITIES))[0]
         if len(bad):
             raise ValueError(f"sample {int(bad[0])} has modality {int(self.modalities[bad[0]])}; "
-                             "expected 0 (text), 1 (one image) or 2 (several)")
+                             "expected 0 (text), 1 (one image), 2 (several) or 3 (video)")
         self._len: list[int] = self.lengths.tolist()  # python ints: fast per-row sums
         self.world_size, self.rank = world_size, rank
         self.max_seq_len, self.rows_per_micro = max_seq_len, rows_per_micro
@@ -160,8 +164,10 @@ class LengthGroupedSampler:
 
     @classmethod
     def from_samples(cls, samples: Sequence, **kwargs) -> "LengthGroupedSampler":
-        """Lengths, modalities and target counts from encoded samples (input_ids, labels, image_keys)."""
-        return cls([len(s.input_ids) for s in samples], [modality_of(len(s.image_keys)) for s in samples],
+        """Lengths, modalities and target counts from encoded samples (input_ids, labels, image_keys
+        and, where they have it, video_keys)."""
+        return cls([len(s.input_ids) for s in samples],
+                   [modality_of(len(s.image_keys), len(getattr(s, "video_keys", ()))) for s in samples],
                    num_targets=[count_targets(s.labels) for s in samples], **kwargs)
 
     # ---- planning -------------------------------------------------------------------
@@ -210,7 +216,7 @@ class LengthGroupedSampler:
         perm = rng.permutation(len(self.lengths))
         size = self._chunk_size()
         steps: list[list[_Row]] = []
-        waiting: dict[int, list[_Row]] = {m: [] for m in (TEXT, SINGLE_IMAGE, MULTI_IMAGE)}
+        waiting: dict[int, list[_Row]] = {m: [] for m in MODALITIES}
         for a in range(0, len(perm), size):
             chunk = perm[a:a + size]
             # primary key modality, then longest first, ties in permutation order

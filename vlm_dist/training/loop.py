@@ -16,6 +16,11 @@ all ranks): each micro-batch's summed loss is scaled by world x accum / global c
 which DeepSpeed's gradient averaging and accumulation turn back into exactly that mean.
 The global count (and the lm_head chunk count all ranks share) is read from the sampler's
 global plan, so a step has no collective of ours and no host sync (tests/test_step_syncs.py).
+
+Tiles and video (model.tiling, model.video): the cache must have been built with the same
+tiling and frame sampling (they are in the expected fingerprint); each record's blocks are
+laid out from the cache's per-key layouts, and the loader hands the connectors every view
+(`FeatureCache.views`). An untiled config reads view 0 of any cache (the untiled image).
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ from pathlib import Path
 import torch
 
 from vlm_dist import dist
-from vlm_dist.config import REPO_ROOT, Config, check_run_inputs, config_help, load_config, save_config
+from vlm_dist.config import (REPO_ROOT, Config, ConfigError, check_run_inputs, config_help, load_config,
+                             save_config)
+from vlm_dist.config.media import connector_tokens, frame_sampling, tiling_spec
 from vlm_dist.data.loader import BatchStream
 from vlm_dist.data.sampler import LengthGroupedSampler
 from vlm_dist.errors import run_cli
@@ -54,14 +61,17 @@ def parse_args(argv):
 
 
 # ----------------------------------------------------------------------------- set-up
-def build_data(cfg: Config, cache, num_tokens: int, out_dir: Path, rank: int):
-    """Records -> tokenized (cached) -> eval held out -> mixture drawn; drops and duplicates counted and listed."""
+def build_data(cfg: Config, cache, num_tokens: int | dict, out_dir: Path, rank: int):
+    """Records -> tokenized (cached) -> eval held out -> mixture drawn; drops and duplicates counted and listed.
+
+    `num_tokens`: slots per view, {kind: tokens} (vlm.num_tokens) or one int for images."""
     from vlm_dist.data.samples import load_training_set
 
     log = dist.print0
     common = dict(tokenizer_path=cfg.model.llm, template=cfg.data.template, num_tokens=num_tokens,
                   max_seq_len=cfg.data.max_seq_len, truncate=cfg.data.truncate, cache=cache,
-                  seed=cfg.data.seed, log=log)
+                  seed=cfg.data.seed, log=log, tiled=cfg.model.tiling is not None,
+                  video=cfg.model.video is not None)
     # the held-out fraction is split off among distinct records before the mixture repeats any
     fraction = 0.0 if cfg.data.eval_records else cfg.data.eval_fraction
     train_set, eval_set, report = load_training_set(cfg.data.records, eval_fraction=fraction, **common)
@@ -108,9 +118,16 @@ def build_model(cfg: Config, tokenizer, feature_shape, is_main: bool, llm_weight
                      heads=cfg.model.resampler_heads, use_layernorm=cfg.model.use_layernorm)
     if cfg.model.connector == "resampler":
         connector["num_latents"] = cfg.model.num_latents
-    vlm = build_vlm(llm, tokenizer, vision_dim, num_patches, connector, dtype, fused_ce=fused_ce)
+    video_tokens = cfg.model.video.tokens_per_frame if cfg.model.video is not None else None
+    try:
+        vlm = build_vlm(llm, tokenizer, vision_dim, num_patches, connector, dtype, fused_ce=fused_ce,
+                        video_tokens_per_frame=video_tokens)
+    except ValueError as e:      # the mlp connector's tokens per frame are the patch count
+        if video_tokens is None or "tokens_per_frame" not in str(e):
+            raise
+        raise ConfigError(f"--{e}") from None
     if cfg.model.init_from:
-        load_connectors(vlm, cfg.model.init_from)
+        load_connectors(vlm, cfg.model.init_from, log=print if is_main else (lambda *_: None))
     set_trainable(vlm, cfg.model.llm_mode)
     if is_main:
         print(trainable_table(vlm), flush=True)
@@ -129,6 +146,30 @@ def to_device(batch: dict, device) -> dict:
     out["media"] = {name: {k: (v if k == "counts" else v.to(device, non_blocking=True)) for k, v in m.items()}
                     for name, m in batch["media"].items()}
     return out
+
+
+def expected_fingerprint(cfg: Config) -> dict:
+    """What the run's feature cache must match: the tower's fingerprint, plus the tiling and the
+    frame sampling when configured (loads the tower; run it on one rank)."""
+    from vlm_dist.cache.reader import read_manifest
+    from vlm_dist.model.vision import VisionTower
+
+    fp = VisionTower.expected_fingerprint(cfg.model.vision, cfg.model.feature_layer,
+                                          video_sampling=frame_sampling(cfg.model))
+    if cfg.model.tiling is not None:
+        # the image connector's tokens per view: num_latents, or (mlp) the cache's patch count
+        patches = read_manifest(cfg.data.cache)["feature_shape"][0] if cfg.model.connector == "mlp" else None
+        fp["tiling"] = tiling_spec(cfg.model, fp["image_size"], connector_tokens(cfg.model, patches)).fingerprint()
+    return fp
+
+
+def feature_lookups(cfg: Config, cache) -> dict:
+    """{kind: key -> features}: every view of a tiled image (`cache.views`), or view 0 untiled
+    (`cache[key]`, also from a tiled cache); every frame of a video."""
+    lookups = {"image": cache.views if cfg.model.tiling is not None else cache.__getitem__}
+    if cfg.model.video is not None:
+        lookups["video"] = cache.views
+    return lookups
 
 
 def plan_counts(b: dict) -> tuple[int, int]:
@@ -234,17 +275,16 @@ def train(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from vlm_dist.cache.reader import check_cache_for_training
-    from vlm_dist.model.vision import VisionTower
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.llm)
-    expected = dist.compute_on_rank0(  # one rank loads the fp32 tower and hashes its weights
-        lambda: VisionTower.expected_fingerprint(cfg.model.vision, cfg.model.feature_layer))
+    # one rank loads the fp32 tower and hashes its weights
+    expected = dist.compute_on_rank0(lambda: expected_fingerprint(cfg))
     cache = check_cache_for_training(cfg.data.cache, expected)
     feature_shape = cache.feature_shape
     ds_config = build_ds_config(args.deepspeed, cfg, env.world_size)   # its ZeRO stage decides the loss path
     vlm = build_model(cfg, tokenizer, feature_shape, env.rank == 0, zero_stage=zero_stage(ds_config))
     num_tokens = vlm.num_tokens["image"]
-    samples, eval_samples = build_data(cfg, cache, num_tokens, out_dir, env.rank)
+    samples, eval_samples = build_data(cfg, cache, dict(vlm.num_tokens), out_dir, env.rank)
 
     sampler = make_sampler(cfg, samples, env, cfg.data.seed, cfg.train.grad_accum)
     # epochs: each epoch's own plan (packed epochs differ), each a whole number of optimizer steps
@@ -259,6 +299,11 @@ def train(argv: list[str] | None = None) -> int:
                   "jpeg_draft_to": cache.jpeg_draft_to,   # online decoding must match the cache's
                   "template": cfg.data.template,
                   "num_media_tokens": num_tokens, "dtype": cfg.model.dtype}
+    if "tiling" in expected:      # how images were tiled and videos sampled: generation must do the same
+        vlm_config["tiling"] = expected["tiling"]
+    if "video_sampling" in expected:
+        vlm_config["video_sampling"] = expected["video_sampling"]
+        vlm_config["video_tokens_per_frame"] = vlm.num_tokens["video"]
 
     step, nan_run = 0, 0
     if resume_dir is not None:
@@ -272,16 +317,17 @@ def train(argv: list[str] | None = None) -> int:
 
     loader_args = dict(pad_id=tokenizer.pad_token_id, max_seq_len=cfg.data.max_seq_len,
                        feature_shape=feature_shape, num_workers=cfg.data.num_workers,
-                       pin_memory=torch.cuda.is_available(), image_pad_id=vlm.pad_ids["image"],
+                       pin_memory=torch.cuda.is_available(), pad_ids=vlm.pad_ids,
                        device=engine.device, move=to_device)   # on CUDA: copied a batch ahead, side stream
-    stream = iter(BatchStream(sampler, samples, cache.__getitem__, **loader_args))
+    lookups = feature_lookups(cfg, cache)
+    stream = iter(BatchStream(sampler, samples, lookups, **loader_args))
     eval_stream = None
     if eval_samples:
         eval_sampler = make_sampler(cfg, eval_samples, env, seed=0)
 
         def whole_eval_set():  # the whole held-out set, from its start, every time
             eval_sampler.set_position(0, 0)
-            return BatchStream(eval_sampler, eval_samples, cache.__getitem__, max_epochs=1, **loader_args)
+            return BatchStream(eval_sampler, eval_samples, lookups, max_epochs=1, **loader_args)
         eval_stream = whole_eval_set
 
     metrics = MetricsLog(out_dir, enabled=env.rank == 0, total_steps=total_steps, start_step=step)
