@@ -181,3 +181,96 @@ def test_loader_over_a_cache_on_disk(tmp_path):
     r = measure_loader(tmp_path / "c", batches=3, micro_batch_size=2, num_workers=0)
     assert r["setup"]["shards"] == 6 and r["setup"]["max_open_shards"] == 6
     assert r["samples_per_s"] == pytest.approx(r["batches_per_s"] * 2)   # one image per sample, full rows
+
+
+# -- tiled images and video (issue 18) --------------------------------------------------------------
+
+def test_tiled_and_video_workloads_have_the_real_blocks(tokenizer):
+    """The workloads' samples are laid out by the contract's own block builders: a 2x2-tiled image is
+    5 views of T slots, a video Tf slots per sampled frame, and the lengths are those blocks'."""
+    import random
+
+    import torch
+
+    from vlm_dist.benchmark.workload import FeatureBank, MediaBlocks, builtin_shapes, make_samples, views_of
+    from vlm_dist.contract.media import IMAGE, block_ids
+    from vlm_dist.contract.tiling import block_length
+    from vlm_dist.contract.video import FrameSampling, video_block_ids
+
+    rng = random.Random(0)
+    tiled = builtin_shapes("tiled", 3, rng)
+    video = builtin_shapes("video", 3, rng, video_sampling=FrameSampling(num_frames=4, max_fps=1.0))
+    assert all(s.grid == (2, 2) and s.image_views == 5 and s.video_frames == 0 for s in tiled)
+    assert all(s.images == 0 and 1 <= s.video_frames <= 4 for s in video)
+    block, eos = block_ids(tokenizer, IMAGE, 3), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    samples = make_samples(tiled + video, block, eos, 100, 0, MediaBlocks(tokenizer, 3, 2))
+    image_pad, video_pad = (tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>"))
+    for shape, s in zip(tiled, samples[:3]):
+        assert s.input_ids.count(image_pad) == 5 * 3 and len(s.video_keys) == 0
+        assert len(s) == block_length(3, 2, 2) + shape.prompt + shape.answer
+    for shape, s in zip(video, samples[3:]):
+        assert s.input_ids.count(video_pad) == 2 * shape.video_frames and s.video_keys == [s.video_keys[0]]
+        assert len(s) == len(video_block_ids(tokenizer, shape.frame_times, 2)) + shape.prompt + shape.answer
+    views = views_of(tiled + video)
+    bank = FeatureBank((4, 8), torch.float32, num_views=views)
+    assert bank.views(samples[0].image_keys[0]).shape == (5, 4, 8)
+    assert bank.views(samples[3].video_keys[0]).shape == (video[0].video_frames, 4, 8)
+    assert torch.equal(bank.views(samples[0].image_keys[0])[0], bank[samples[0].image_keys[0]])   # view 0
+    with pytest.raises(ValueError, match="MediaBlocks"):
+        make_samples(tiled, block, eos, 100, 0)
+
+
+@pytest.mark.parametrize("lengths", ["tiled", "video"])
+def test_tiled_and_video_workloads_train_and_count_views(tmp_path, work_dir, lengths):
+    """A tiled or video run trains on the CPU, and its FLOPs count the connector once per view:
+    the image connector 5x per tiled image, the video connector once per frame."""
+    from vlm_dist.training import flops as F
+
+    out = tmp_path / "bench.json"
+    video = ["--model.video.num_frames=4", "--model.video.tokens_per_frame=2"] if lengths == "video" else []
+    assert bench.main(["--tiny", "--engine", "torch", "--steps", "1", "--warmup", "0", "--work-dir", str(work_dir),
+                       "--lengths", lengths, "--out", str(out), "--model.num_latents=4", "--data.max_seq_len=512",
+                       *video]) == 0
+    r = json.loads(out.read_text())
+    s = r["setup"]
+    assert s["lengths"] == lengths and r["tokens_per_step"] > 0
+    conn = s["connector"] if lengths == "tiled" else s["video_connector"]
+    views = r["image_views_per_sample"] if lengths == "tiled" else r["video_frames_per_sample"]
+    if lengths == "tiled":
+        assert (r["images_per_sample"], r["image_views_per_sample"], r["video_frames_per_sample"]) == (1.0, 5.0, 0.0)
+    else:
+        assert s["video_tokens"] == 2 and conn["num_latents"] == 2
+        assert r["image_views_per_sample"] == 0.0 and 1.0 <= r["video_frames_per_sample"] <= 4.0
+    per_view = F.connector_flops_per_image(conn, _patches(work_dir))["linear"]
+    connector_per_step = r["flops_breakdown_per_token"]["connector"] * r["tokens_per_step"]
+    assert connector_per_step == pytest.approx(per_view * views * r["samples_per_step"], rel=1e-9)
+
+
+def _patches(work_dir) -> int:
+    """Patches per view of the benchmark's tiny vision tower."""
+    from transformers import AutoConfig
+
+    from vlm_dist.training.flops import num_patches
+    return num_patches(AutoConfig.from_pretrained(work_dir / "tiny" / "siglip-tiny").vision_config)
+
+
+def test_full_size_stand_in_tokenizes_media_text_like_qwen(tokenizer, tmp_path, small_configs):
+    """The full-size run has no tokenizer, only Qwen3's ids: the "\\n" of tiled blocks and the frame
+    timestamps are one byte-level token per character, with the ids the Qwen-style tiny tokenizer
+    (byte-level BPE, digits split) gives; and a full-size video run trains on them."""
+    from vlm_dist.benchmark.workload import Qwen3SpecialIds
+    from vlm_dist.contract.video import TIMESTAMP_FORMAT
+
+    stand_in = Qwen3SpecialIds()
+    for text in ["\n"] + [TIMESTAMP_FORMAT.format(t) for t in (0.0, 0.25, 7.5, 12.5, 59.9, 123.4)]:
+        assert stand_in(text)["input_ids"] == tokenizer(text, add_special_tokens=False,
+                                                        split_special_tokens=True)["input_ids"], text
+    with pytest.raises(ValueError, match="media-block text"):
+        stand_in("hello")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--engine", "torch", "--steps", "1", "--warmup", "0", "--work-dir", str(tmp_path / "w"),
+                       "--out", str(out), "--data.max_seq_len=1024", "--train.micro_batch_size=1",
+                       "--model.num_latents=8", "--lengths", "video", *small_configs]) == 0
+    r = json.loads(out.read_text())
+    assert r["tiny"] is False and r["setup"]["video_tokens"] == 16      # model.video's default tokens_per_frame
+    assert 1.0 <= r["video_frames_per_sample"] <= 8.0 and r["tokens_per_s_per_gpu"] > 0

@@ -21,7 +21,7 @@ def tiny_vision_config():
 
 TINY_CONNECTOR = dict(vision_dim=6, llm_dim=8, kind="resampler", num_latents=2, depth=1, heads=2,
                       resampler_dim=None, use_layernorm=True)
-SAMPLES = [F.SampleShape(length=5, supervised=2, images=1), F.SampleShape(length=3, supervised=1, images=0)]
+SAMPLES = [F.SampleShape(length=5, supervised=2, image_views=1), F.SampleShape(length=3, supervised=1, image_views=0)]
 
 
 def test_hand_computation_on_a_tiny_config():
@@ -40,7 +40,7 @@ def test_hand_computation_on_a_tiny_config():
     conn_attention = 3 * 2 * 2 * 2 * (4 + 2) * 6
 
     f = F.step_flops(tiny_llm_config(), tiny_vision_config(), TINY_CONNECTOR, SAMPLES, "frozen")
-    assert (f.tokens, f.supervised, f.samples, f.images) == (tokens, supervised, 2, 1)
+    assert (f.tokens, f.supervised, f.samples, f.image_views, f.video_frames) == (tokens, supervised, 2, 1, 0)
     assert f.body == 4 * n_body * tokens
     assert f.lm_head == 4 * n_head * supervised
     assert f.attention == 3 * attn_forward
@@ -156,3 +156,93 @@ def test_counts_match_torch_flop_counter(tiny_models, tokenizer, mode):
     assert padding > 0
     per_token_linears = (f.body + f.lora) // f.tokens
     assert counted == f.body + f.lora + f.lm_head + f.recompute + f.connector + per_token_linears * padding
+
+
+# -- views: tiled images and video frames (issue 18) ------------------------------------------------
+
+def test_a_tiled_image_costs_the_connector_once_per_view():
+    """A 2x2 grid is 5 views (thumbnail + 4 tiles): 5x an untiled image's connector work; the LLM
+    side only sees the longer block's tokens."""
+    from vlm_dist.contract.tiling import TilingSpec, plan_tiling
+
+    spec = TilingSpec(tile_size=16, tokens_per_tile=2, token_budget=64, grids=((2, 2),))
+    tiling = plan_tiling(32, 32, spec)
+    assert (tiling.rows, tiling.cols, tiling.num_views) == (2, 2, 5)
+    block = tiling.block_length(2)                   # start + 5 x 2 pads + 3 "\n" + end
+    assert block == 2 + 2 * 5 + 3
+    llm, vis = tiny_llm_config(), tiny_vision_config()
+    untiled = F.step_flops(llm, vis, TINY_CONNECTOR, [F.SampleShape(4 + 6, 2, image_views=1)])
+    tiled = F.step_flops(llm, vis, TINY_CONNECTOR, [F.SampleShape(block + 6, 2, image_views=tiling.num_views)])
+    assert tiled.image_views == 5
+    assert tiled.connector == 5 * untiled.connector
+    assert tiled.connector_attention == 5 * untiled.connector_attention
+    assert tiled.body == untiled.body * (block + 6) / (4 + 6)       # per token, views do not matter
+
+
+def test_video_frames_run_the_video_connector():
+    """Frames cost the VIDEO connector's work (its own latent count), not the image connector's."""
+    llm, vis = tiny_llm_config(), tiny_vision_config()
+    video_conn = dict(TINY_CONNECTOR, num_latents=1)
+    # one latent, 4 patches, width 6, everything trains: the same terms as the hand computation above
+    per_frame = (6 * 1 * 6 * 6 + 6 * (4 + 1) * 6 * 12 + 6 * 1 * 6 * 6 + 6 * 1 * 2 * 6 * 24
+                 + 6 * 1 * 6 * 8 + 6 * 1 * 8 * 8)
+    per_frame_attention = 3 * 2 * 2 * 1 * (4 + 1) * 6
+    image_only = F.step_flops(llm, vis, TINY_CONNECTOR, [F.SampleShape(20, 3, image_views=1)])
+    mixed = F.step_flops(llm, vis, TINY_CONNECTOR, [F.SampleShape(20, 3, image_views=1, video_frames=4)],
+                         video_connector_config=video_conn)
+    assert (mixed.image_views, mixed.video_frames) == (1, 4)
+    assert mixed.connector == image_only.connector + 4 * per_frame
+    assert mixed.connector_attention == image_only.connector_attention + 4 * per_frame_attention
+    assert (mixed.body, mixed.attention, mixed.lm_head) == (image_only.body, image_only.attention,
+                                                            image_only.lm_head)
+    with pytest.raises(ValueError, match="video_connector_config"):
+        F.step_flops(llm, vis, TINY_CONNECTOR, [F.SampleShape(20, 3, video_frames=2)])
+    with pytest.raises(ValueError, match="video_frames"):
+        F.step_flops(llm, vis, TINY_CONNECTOR, [F.SampleShape(20, 3, video_frames=-1)])
+
+
+def test_cache_build_flops_scale_with_views():
+    vis = tiny_vision_config()
+    one = F.vision_flops_per_image(vis)
+    assert F.cache_build_flops(vis, 1) == one
+    assert F.cache_build_flops(vis, 5 + 8) == 13 * one     # a 2x2-tiled image and an 8-frame video
+    with pytest.raises(ValueError, match="views"):
+        F.cache_build_flops(vis, -1)
+
+
+def test_tiled_and_video_counts_match_torch_flop_counter(tiny_models, tokenizer):
+    """The real VLM on one row holding a 2x2-tiled image (5 views), an untiled image and a 3-frame
+    video: every matmul with a weight, forward + backward, equals step_flops' count."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig
+
+    from vlm_dist.contract.prompt import IGNORE
+    from vlm_dist.contract.tiling import tile_block_ids
+    from vlm_dist.contract.video import video_block_ids
+    from vlm_dist.model.build import build_vlm, load_llm, set_trainable
+
+    torch.manual_seed(0)
+    llm = load_llm(tiny_models["llm"], "frozen", torch.float32, "sdpa")
+    vcfg = AutoConfig.from_pretrained(tiny_models["vision"]).vision_config
+    patches = F.num_patches(vcfg)
+    vlm = build_vlm(llm, tokenizer, vcfg.hidden_size, patches, dict(num_latents=4, depth=1, heads=2),
+                    torch.float32, video_tokens_per_frame=2)
+    set_trainable(vlm, "frozen")
+    ids = (tile_block_ids(tokenizer, 2, 2, 4) + tile_block_ids(tokenizer, 1, 1, 4)
+           + video_block_ids(tokenizer, [0.0, 0.5, 1.0], 2) + list(range(10, 22)))
+    answer = 5
+    targets = torch.full((1, len(ids)), IGNORE)
+    targets[0, len(ids) - answer - 1:-1] = torch.tensor(ids[-answer:])
+    media = {"image": {"features": torch.randn(5 + 1, patches, vcfg.hidden_size), "counts": torch.tensor([6])},
+             "video": {"features": torch.randn(3, patches, vcfg.hidden_size), "counts": torch.tensor([3])}}
+    input_ids = torch.tensor([ids])
+    with FlopCounterMode(display=False) as counter:
+        out = vlm(input_ids, torch.arange(len(ids))[None], targets, media)
+        out["loss_sum"].backward()
+    counted = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "attention" not in str(op))
+
+    f = F.step_flops(llm.config, vcfg, vlm.connectors["image"].config,
+                     [F.SampleShape(len(ids), answer, image_views=6, video_frames=3)], "frozen",
+                     video_connector_config=vlm.connectors["video"].config)
+    assert (f.image_views, f.video_frames) == (6, 3)
+    assert counted == f.body + f.lm_head + f.recompute + f.connector

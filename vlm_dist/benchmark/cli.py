@@ -18,8 +18,13 @@ answer) and random (P, D) features standing in for the cache. Without CUDA (and 
 default model configs), or with --tiny, the tiny models of vlm_dist.testing.tiny are used.
 
 Sample lengths come from a built-in model (stage1: one 66-token image block + prompt +
-caption, ~110 tokens; multi: a multi-image SFT shape) or, exactly, from a records file
-(--records FILE.jsonl --tokenizer DIR, encoded as training encodes them).
+caption, ~110 tokens; multi: a multi-image SFT shape; tiled: one AnyRes image on a 2x2 grid,
+5 views; video: one clip's sampled frames with their timestamps) or, exactly, from a records
+file (--records FILE.jsonl --tokenizer DIR, encoded as training encodes them). FLOPs count the
+connector once per view (thumbnail, tile or frame).
+
+    python launch/benchmark.py --lengths tiled --config launch/configs/stage2_sft.yaml
+    python launch/benchmark.py --lengths video --model.video.num_frames=8 --model.video.tokens_per_frame=16
 
 Variants are the run config's own flags (any --section.key=value of vlm_dist.config:
 --data.pack, --model.llm_mode, --train.micro_batch_size, --train.micro_batch_tokens,
@@ -44,6 +49,7 @@ import torch
 
 from vlm_dist.benchmark.measure import (add_utilisation, environment, measure_cache_pipeline, measure_loader,
                                         run_cache, run_train, write_random_cache)
+from vlm_dist.benchmark.workload import LENGTHS
 from vlm_dist.config import DEFAULT_CONFIG, REPO_ROOT
 from vlm_dist.training.flops import MODEL_CONFIGS
 
@@ -112,8 +118,10 @@ def parse_args(argv: list[str]):
     ap.add_argument("--tiny", action="store_true", help="tiny models (automatic without CUDA)")
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 10; tiny 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny 1)")
-    ap.add_argument("--lengths", choices=("stage1", "multi"), default=None,
-                    help="built-in length model (default: stage1 for the plain template, multi for chatml)")
+    ap.add_argument("--lengths", choices=LENGTHS, default=None,
+                    help="built-in length model (default: stage1 for the plain template, multi for chatml); "
+                         "tiled: one image on a 2x2 AnyRes grid (5 views); video: one clip's frames "
+                         "(model.video's sampling and tokens_per_frame; its defaults when null)")
     ap.add_argument("--records", default=None, help="take sample lengths from this records JSONL instead")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (needed with --records)")
     ap.add_argument("--max-records", type=int, default=20000, help="records read with --records")

@@ -19,7 +19,7 @@ import torch
 
 from vlm_dist.benchmark.cli import prepare
 from vlm_dist.benchmark.measure import environment
-from vlm_dist.benchmark.workload import FeatureBank, builtin_shapes, make_samples, model_paths
+from vlm_dist.benchmark.workload import FeatureBank, MediaBlocks, builtin_shapes, make_samples, model_paths, views_of
 from vlm_dist.contract.media import IMAGE, block_ids
 from vlm_dist.data.pack import collate
 from vlm_dist.training import flops as F
@@ -48,6 +48,10 @@ def check(argv: list[str]) -> tuple[dict, object]:
     vcfg = getattr(vcfg, "vision_config", vcfg)
     feature_shape = (F.num_patches(vcfg), vcfg.hidden_size)
     cfg.model.llm, cfg.model.init_from = models.llm, None
+    lengths = args.lengths or "stage1"
+    if lengths == "video" and cfg.model.video is None:
+        from vlm_dist.config.schema import VideoConfig
+        cfg.model.video = VideoConfig()       # a video connector, with model.video's defaults
     vlm = build_model(cfg, models.tokenizer, feature_shape, False, llm_weights=models.llm_weights).to(device)
     models.llm_weights = None         # the model holds the tensors now
     vlm.eval()          # no dropout (LoRA's): both sides must see the same function; gradients still flow
@@ -56,18 +60,23 @@ def check(argv: list[str]) -> tuple[dict, object]:
     tokenizer = models.tokenizer
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     block = block_ids(tokenizer, IMAGE, image_tokens)
-    shapes = builtin_shapes(args.lengths or "stage1", 6, random.Random(args.seed))
-    samples = make_samples(shapes, block, eos, min(block.start, block.pad, block.end, eos), args.seed)
-    bank = FeatureBank(feature_shape, getattr(torch, cfg.model.dtype))
+    from vlm_dist.config.media import frame_sampling
+    shapes = builtin_shapes(lengths, 6, random.Random(args.seed), video_sampling=frame_sampling(cfg.model))
+    samples = make_samples(shapes, block, eos, min(block.start, block.pad, block.end, eos), args.seed,
+                           MediaBlocks(tokenizer, image_tokens, vlm.num_tokens.get("video")))
+    bank = FeatureBank(feature_shape, getattr(torch, cfg.model.dtype), num_views=views_of(shapes))
+    # every view of a tiled image and of a video (tiled blocks and frames are what packing must keep apart)
+    lookups = {kind: bank.views for kind in vlm.connectors}
+    pads = {kind: vlm.pad_ids[kind] for kind in lookups}
     rows = [samples[:3], samples[3:]]
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
 
-    loss_packed, grads_packed = loss_and_grads(vlm, collate(rows, bank, eos, width, feature_shape=feature_shape),
-                                               device)
+    loss_packed, grads_packed = loss_and_grads(
+        vlm, collate(rows, lookups, eos, width, feature_shape=feature_shape, pad_ids=pads), device)
     loss_alone, grads_alone = 0.0, [torch.zeros_like(g) for g in grads_packed]
     for s in samples:
-        loss, grads = loss_and_grads(vlm, collate([[s]], bank, eos, width, feature_shape=feature_shape,
-                                                  pad_to_multiple=1), device)
+        loss, grads = loss_and_grads(vlm, collate([[s]], lookups, eos, width, feature_shape=feature_shape,
+                                                  pad_to_multiple=1, pad_ids=pads), device)
         loss_alone += loss
         grads_alone = [a + g for a, g in zip(grads_alone, grads)]
     diff = torch.cat([(p - a).flatten() for p, a in zip(grads_packed, grads_alone)])
@@ -79,7 +88,9 @@ def check(argv: list[str]) -> tuple[dict, object]:
         grad_rel_err=(diff.norm() / ref.norm()).item(), tolerance=tolerance,
         setup=dict(attn_implementation=cfg.model.attn_implementation, llm_mode=cfg.model.llm_mode,
                    dtype=cfg.model.dtype, samples=len(samples), rows=len(rows), row_width=width,
-                   image_tokens=image_tokens),
+                   image_tokens=image_tokens, lengths=lengths,
+                   views=sum(v for s in samples for k in s.image_keys + s.video_keys
+                             for v in [bank.num_views.get(k, 1)])),
         tiny=args.tiny, environment=environment(device))
     result["ok"] = result["loss_rel_err"] <= tolerance and result["grad_rel_err"] <= tolerance
     return result, args

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vlm_dist.benchmark.workload import FeatureBank, model_paths, plan_samples
+from vlm_dist.benchmark.workload import FeatureBank, model_paths, plan_samples, workload_lengths
 from vlm_dist.config.schema import ADAPTER_MODES
 from vlm_dist.contract.prompt import IGNORE
 from vlm_dist.training import flops as F
@@ -92,6 +92,11 @@ def run_train(cfg, args, device) -> dict:
     vcfg = getattr(vcfg, "vision_config", vcfg)
     feature_shape = (F.num_patches(vcfg), vcfg.hidden_size)
     m.llm, m.init_from = models.llm, None           # random weights; a fresh connector
+    if workload_lengths(cfg, args) == "video" and m.video is None:
+        from vlm_dist.config.schema import VideoConfig
+        m.video = VideoConfig()     # the video workload needs a video connector: model.video's defaults
+        if dist.is_main():
+            print(f"[benchmark] --lengths video: model.video was null, using {m.video}")
     ds_config = None if args.engine == "torch" else build_ds_config(args.deepspeed, cfg, world)
     zero_stage = None if ds_config is None else ds_config["zero_optimization"]["stage"]
     # the ZeRO stage decides whether Liger's fused cross-entropy may take lm_head.weight (not under ZeRO-3)
@@ -107,13 +112,19 @@ def run_train(cfg, args, device) -> dict:
         engine = dist.ds_initialize(vlm, None, ds_config, optimizer=build_optimizer(vlm, cfg, ds_config))[0]
     vlm.train()
 
-    image_tokens = vlm.num_tokens["image"]
+    image_tokens, video_tokens = vlm.num_tokens["image"], vlm.num_tokens.get("video")
     n_micro = (args.warmup + args.steps) * t.grad_accum
-    samples, micro, pad_id, lengths = plan_samples(cfg, args, tokenizer, image_tokens, n_micro, world, rank)
+    samples, micro, pad_id, lengths, views = plan_samples(cfg, args, tokenizer, image_tokens, n_micro, world,
+                                                          rank, video_tokens)
     workers = min(d.num_workers, 1) if device.type == "cpu" else d.num_workers
-    loader = build_loader(micro, samples, FeatureBank(feature_shape, getattr(torch, m.dtype)), pad_id=pad_id,
+    bank = FeatureBank(feature_shape, getattr(torch, m.dtype), num_views=views)
+    # as training's feature_lookups: every view of a tiled image and of a video, else view 0
+    lookups = {"image": bank.views if any(views[k] > 1 for s in samples for k in s.image_keys) else bank}
+    if "video" in vlm.connectors:
+        lookups["video"] = bank.views
+    loader = build_loader(micro, samples, lookups, pad_id=pad_id,
                           max_seq_len=d.max_seq_len, feature_shape=feature_shape, num_workers=workers,
-                          pin_memory=device.type == "cuda", image_pad_id=vlm.pad_ids["image"])
+                          pin_memory=device.type == "cuda", pad_ids={k: vlm.pad_ids[k] for k in lookups})
 
     # -- warm up, then time whole optimizer steps; host syncs only at the window's ends
     it = iter(loader)
@@ -141,11 +152,16 @@ def run_train(cfg, args, device) -> dict:
 
     # FLOPs of exactly the samples that ran in the timed window (filler rows carry no work worth counting)
     timed = [samples[i] for mb in micro[args.warmup * t.grad_accum:] for i in mb.indices]
-    shapes = [F.SampleShape(len(s), sum(1 for x in s.labels[1:] if x != IGNORE), len(s.image_keys)) for s in timed]
+    shapes = [F.SampleShape(len(s), sum(1 for x in s.labels[1:] if x != IGNORE),
+                            image_views=sum(views[k] for k in s.image_keys),
+                            video_frames=sum(views[k] for k in s.video_keys)) for s in timed]
     assert sum(s.length for s in shapes) == tokens, "timed tokens and planned samples disagree"
     llm_config = vlm.llm.get_base_model().config if hasattr(vlm.llm, "get_base_model") else vlm.llm.config
+    video_connector = vlm.connectors["video"].config if "video" in vlm.connectors else None
     fl = F.step_flops(llm_config, vcfg, vlm.connectors["image"].config, shapes, m.llm_mode,
-                      F.LoraShape(cfg.lora.r, tuple(cfg.lora.target_modules)), m.gradient_checkpointing)
+                      F.LoraShape(cfg.lora.r, tuple(cfg.lora.target_modules)), m.gradient_checkpointing,
+                      video_connector_config=video_connector)
+    images = sum(len(s.image_keys) for s in timed)
 
     # one rank's view -> the job's: sums over ranks, the slowest rank's time
     elapsed = dist.all_reduce_max(elapsed)
@@ -165,7 +181,9 @@ def run_train(cfg, args, device) -> dict:
         tokens_per_step=tokens_all / world / args.steps,
         samples_per_step=samples_all / world / args.steps,
         supervised_fraction=fl.supervised / max(fl.tokens, 1),
-        images_per_sample=fl.images / max(fl.samples, 1),
+        images_per_sample=images / max(fl.samples, 1),
+        image_views_per_sample=fl.image_views / max(fl.samples, 1),     # thumbnails + tiles
+        video_frames_per_sample=fl.video_frames / max(fl.samples, 1),
         mean_sample_tokens=fl.tokens / max(fl.samples, 1),
         loader_stall_pct=100 * wait / elapsed,
         packing_efficiency=tokens_all / capacity_all,
@@ -176,6 +194,7 @@ def run_train(cfg, args, device) -> dict:
                    gradient_checkpointing=m.gradient_checkpointing, attn_implementation=m.attn_implementation,
                    dtype=m.dtype, template=d.template, lengths=lengths, connector=vlm.connectors["image"].config,
                    lora_r=cfg.lora.r if m.llm_mode in ADAPTER_MODES else None, image_tokens=image_tokens,
+                   video_tokens=video_tokens, video_connector=video_connector,
                    num_workers=workers, world_size=world, warmup_steps=args.warmup, timed_steps=args.steps),
     )
 
@@ -183,7 +202,8 @@ def run_train(cfg, args, device) -> dict:
 # ----------------------------------------------------------------------------- the cache builder
 
 def run_cache(args, device) -> dict:
-    """Images/s of the frozen SigLIP forward (what `vlm-cache build` spends its GPU time on)."""
+    """Images/s of the frozen SigLIP forward (what `vlm-cache build` spends its GPU time on). An image
+    here is one view: a 2x2-tiled image takes 5 of them, an 8-frame video 8."""
     from PIL import Image
 
     from vlm_dist.model.vision import VisionTower
@@ -205,7 +225,8 @@ def run_cache(args, device) -> dict:
     sync(device)
     elapsed = time.perf_counter() - start
     images_per_s = batch * args.steps / elapsed
-    flops = F.vision_flops_per_image(tower.model.config, args.feature_layer) * batch * args.steps
+    # each forward row is one view: an untiled image, or a tiled image's thumbnail or tile, or a frame
+    flops = F.cache_build_flops(tower.model.config, batch * args.steps, args.feature_layer)
 
     # CPU preprocessing (resize + normalise) of LLaVA-Pretrain-sized photos, one process
     rgb = [Image.fromarray((torch.rand(375, 500, 3) * 255).byte().numpy()) for _ in range(4 if args.tiny else 32)]

@@ -1,11 +1,15 @@
 """The benchmark's workload: synthetic samples with real layouts, and the models they run on.
 
 Sample lengths come from a built-in model (stage1: one 66-token image block + prompt +
-caption, ~110 tokens; multi: a multi-image SFT shape) or, exactly, from a records file
-(encoded as training encodes them). Token ids are random but laid out like real ones
-(image blocks, prompt, supervised answer); features are random (P, D) maps standing in
-for the cache. Models are the tiny ones of vlm_dist.testing.tiny, or full-size random-weight
-checkpoints written once from a config.json (nothing is downloaded).
+caption, ~110 tokens; multi: a multi-image SFT shape; tiled: one AnyRes image on a 2x2 grid,
+5 views; video: one clip's sampled frames) or, exactly, from a records file (encoded as
+training encodes them). Token ids are random but laid out like real ones (media blocks,
+prompt, supervised answer): a tiled image's block is contract.tiling.tile_block_ids (thumbnail
+and tiles, "\\n" after each line) and a video's is contract.video.video_block_ids (timestamp
+text and Tf slots per frame), so lengths, slots and views are the real ones. Features are
+random (P, D) maps standing in for the cache, one per view (`FeatureBank.views`). Models are
+the tiny ones of vlm_dist.testing.tiny, or full-size random-weight checkpoints written once
+from a config.json (nothing is downloaded).
 """
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ from pathlib import Path
 
 import torch
 
-from vlm_dist.contract.media import IMAGE, block_ids
+from vlm_dist.contract.media import IMAGE, VIDEO, block_ids
 from vlm_dist.contract.prompt import IGNORE, EncodedSample
+from vlm_dist.contract.tiling import tile_block_ids
+from vlm_dist.contract.video import FrameSampling, video_block_ids
 from vlm_dist.testing.tiny import QWEN3_SPECIAL_TOKENS
 
 QWEN3_FIRST_SPECIAL_ID = 151_643   # <|endoftext|>; Qwen3's added tokens follow in QWEN3_SPECIAL_TOKENS order
@@ -26,15 +32,33 @@ QWEN3_FIRST_SPECIAL_ID = 151_643   # <|endoftext|>; Qwen3's added tokens follow 
 
 # ----------------------------------------------------------------------------- sample lengths
 
+LENGTHS = ("stage1", "multi", "tiled", "video")
+TILED_GRID = (2, 2)        # the tiled workload's grid: thumbnail + 4 tiles = 5 views per image
+VIDEO_FPS = 30             # the video workload's clips: frames available = duration x 30
+
+
 @dataclass(frozen=True)
 class Shape:
     """What the benchmark needs of a sample: its token layout, not its text."""
-    prompt: int        # unsupervised text tokens (after the image blocks)
+    prompt: int        # unsupervised text tokens (after the media blocks)
     answer: int        # supervised tokens at the end (caption + <|endoftext|>, or assistant turns)
     images: int
+    grid: tuple[int, int] = (1, 1)          # every image's tile grid (rows, cols); (1, 1): untiled
+    frame_times: tuple[float, ...] = ()     # one video's sampled frames (seconds); (): no video
+
+    @property
+    def image_views(self) -> int:
+        """Image connector runs: 1 per untiled image, thumbnail + rows x cols tiles per tiled one."""
+        rows, cols = self.grid
+        return self.images * (1 if rows * cols == 1 else 1 + rows * cols)
+
+    @property
+    def video_frames(self) -> int:
+        return len(self.frame_times)
 
 
-def builtin_shapes(kind: str, n: int, rng: random.Random) -> list[Shape]:
+def builtin_shapes(kind: str, n: int, rng: random.Random,
+                   video_sampling: FrameSampling | None = None) -> list[Shape]:
     """Built-in length models (not measured from the datasets: use --records for that).
 
     stage1: LLaVA-Pretrain-like, one image; prompt 6-14 tokens + "\\n"; caption lognormal
@@ -42,8 +66,14 @@ def builtin_shapes(kind: str, n: int, rng: random.Random) -> list[Shape]:
             the figure `python -m vlm_dist.training.flops` uses by default.
     multi:  Mantis-like multi-image SFT: 2-6 images, chatml prompt 40-400 tokens, answer
             lognormal (median 60 tokens).
+    tiled:  LLaVA-NeXT-like SFT: one image on a 2x2 grid (5 views of T slots and 3 "\\n"),
+            chatml prompt 20-120 tokens, answer lognormal (median 40 tokens).
+    video:  LLaVA-Video-like QA: one clip of 3-60 s at 30 fps, frames picked by `video_sampling`
+            (model.video's; default 8 frames at most 2 per second) as the cache picks them,
+            chatml prompt 20-80 tokens, answer lognormal (median 30 tokens).
     """
     out = []
+    sampling = video_sampling or FrameSampling()
     for _ in range(n):
         if kind == "stage1":
             cap = min(200, max(4, round(rng.lognormvariate(math.log(28), 0.45))))
@@ -51,8 +81,17 @@ def builtin_shapes(kind: str, n: int, rng: random.Random) -> list[Shape]:
         elif kind == "multi":
             ans = min(1000, max(4, round(rng.lognormvariate(math.log(60), 0.8))))
             out.append(Shape(prompt=rng.randint(40, 400), answer=ans + 1, images=rng.randint(2, 6)))
+        elif kind == "tiled":
+            ans = min(300, max(4, round(rng.lognormvariate(math.log(40), 0.7))))
+            out.append(Shape(prompt=rng.randint(20, 120), answer=ans + 1, images=1, grid=TILED_GRID))
+        elif kind == "video":
+            ans = min(300, max(4, round(rng.lognormvariate(math.log(30), 0.7))))
+            duration = rng.uniform(3.0, 60.0)
+            available = max(1, round(duration * VIDEO_FPS))
+            times = tuple(round(i / VIDEO_FPS, 6) for i in sampling.indices(available, duration))
+            out.append(Shape(prompt=rng.randint(20, 80), answer=ans + 1, images=0, frame_times=times))
         else:
-            raise ValueError(f"--lengths must be stage1 or multi, got {kind!r}")
+            raise ValueError(f"--lengths must be one of {', '.join(LENGTHS)}, got {kind!r}")
     return out
 
 
@@ -84,14 +123,27 @@ def shapes_from_records(path: str, tokenizer_dir: str, template: str, image_toke
 
 class Qwen3SpecialIds:
     """Qwen3's special-token ids (<|endoftext|> = 151643, the others after it in order), standing in
-    for the tokenizer of a full-size run: the splice only needs these ids; text ids are random."""
+    for the tokenizer of a full-size run: the splice only needs these ids; text ids are random.
+
+    It also tokenizes the only text media blocks hold: the "\\n" line separator of tiled and video
+    blocks and frame timestamps such as "12.5s". Qwen's pre-tokenizer splits digits one by one and
+    "." and "s" stand alone there, so these strings are one byte-level token per character; the ids
+    are the byte tokens' (GPT-2's byte order, which Qwen's vocabulary starts with: "\\n" = 198)."""
     name_or_path = "qwen3-special-ids"
     unk_token_id = None
     pad_token_id = QWEN3_FIRST_SPECIAL_ID     # <|endoftext|>, Qwen3's pad token
+    TEXT_IDS = {"\n": 198, ".": 13, "s": 82, **{str(d): 15 + d for d in range(10)}}
 
     def __init__(self):
         self.ids = {t: QWEN3_FIRST_SPECIAL_ID + i for i, t in enumerate(QWEN3_SPECIAL_TOKENS)}
         self.tokens = {i: t for t, i in self.ids.items()}
+
+    def __call__(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = True) -> dict:
+        unknown = sorted(set(text) - set(self.TEXT_IDS))
+        if unknown:
+            raise ValueError(f"Qwen3SpecialIds tokenizes only media-block text ({sorted(self.TEXT_IDS)}), "
+                             f"not {unknown}")
+        return {"input_ids": [self.TEXT_IDS[c] for c in text]}
 
     def convert_tokens_to_ids(self, token):
         return self.ids.get(token)
@@ -100,33 +152,81 @@ class Qwen3SpecialIds:
         return self.tokens.get(i)
 
 
-def make_samples(shapes: list[Shape], block, eos: int, text_vocab: int, seed: int) -> list[EncodedSample]:
-    """Token sequences with the shapes' layout: image blocks, prompt, then the supervised answer."""
+@dataclass(frozen=True)
+class MediaBlocks:
+    """The real block builders for tiled images and videos in one tokenizer."""
+    tokenizer: object
+    image_tokens: int                # slots per image view (the image connector's tokens)
+    video_tokens: int | None = None  # slots per frame (the video connector's), None: no video
+
+    def image(self, grid: tuple[int, int]) -> list[int]:
+        return tile_block_ids(self.tokenizer, grid[0], grid[1], self.image_tokens)
+
+    def video(self, frame_times) -> list[int]:
+        if self.video_tokens is None:
+            raise ValueError("a video sample needs a video connector (model.video: tokens_per_frame)")
+        return video_block_ids(self.tokenizer, frame_times, self.video_tokens)
+
+
+def make_samples(shapes: list[Shape], block, eos: int, text_vocab: int, seed: int,
+                 media: MediaBlocks | None = None) -> list[EncodedSample]:
+    """Token sequences with the shapes' layout: image blocks, the video block, prompt, then the
+    supervised answer. `block` (BlockIds) makes untiled image blocks; tiled images and videos
+    need `media`. Keys: img{i}-{k} per image, vid{i}-0 for the video."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i, s in enumerate(shapes):
-        ids = block.block() * s.images
+        if (s.grid != (1, 1) or s.frame_times) and media is None:
+            raise ValueError(f"shape {s}: tiled images and videos need make_samples(..., media=MediaBlocks(...))")
+        ids = (media.image(s.grid) if s.grid != (1, 1) else block.block()) * s.images
+        keys = {IMAGE.name: [f"img{i}-{k}" for k in range(s.images)]}
+        if s.frame_times:
+            ids = ids + media.video(s.frame_times)
+            keys[VIDEO.name] = [f"vid{i}-0"]
         text = torch.randint(0, text_vocab, (s.prompt + s.answer,), generator=g).tolist()
         ids = ids + text[:-1] + [eos]
         labels = [IGNORE] * (len(ids) - s.answer) + ids[len(ids) - s.answer:]
-        out.append(EncodedSample(f"synthetic-{i}", ids, labels, {"image": [f"img{i}-{k}" for k in range(s.images)]}))
+        out.append(EncodedSample(f"synthetic-{i}", ids, labels, keys))
     return out
+
+
+def views_of(shapes: list[Shape]) -> dict[str, int]:
+    """{key: views} of make_samples' keys: feature rows per image (1 + tiles) and per video (frames)."""
+    views = {}
+    for i, s in enumerate(shapes):
+        per_image = s.image_views // max(s.images, 1)
+        views.update({f"img{i}-{k}": per_image for k in range(s.images)})
+        if s.frame_times:
+            views[f"vid{i}-0"] = s.video_frames
+    return views
 
 
 # ----------------------------------------------------------------------------- batches
 
 class FeatureBank:
     """features_lookup for the loader: a few random (P, D) maps made once per worker, reused
-    like cache pages, so the workers cost what collating real cached features costs."""
+    like cache pages, so the workers cost what collating real cached features costs.
 
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, n: int = 8):
+    Like the feature cache: `bank[key]`/`bank(key)` -> (P, D), the key's view 0; `bank.views(key)`
+    -> (V, P, D), its `num_views[key]` views (1 for a key not listed)."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, n: int = 8,
+                 num_views: dict[str, int] | None = None):
         self.shape, self.dtype, self.n, self.bank = shape, dtype, n, None
+        self.num_views = num_views or {}
 
     def __call__(self, key: str) -> torch.Tensor:
         if self.bank is None:
             g = torch.Generator().manual_seed(0)
             self.bank = [torch.randn(self.shape, generator=g).to(self.dtype) for _ in range(self.n)]
         return self.bank[hash(key) % self.n]
+
+    __getitem__ = __call__
+
+    def views(self, key: str) -> torch.Tensor:
+        first = self(key)
+        v = self.num_views.get(key, 1)
+        return torch.stack([self.bank[(hash(key) + j) % self.n] for j in range(v)]) if v > 1 else first[None]
 
 
 # ----------------------------------------------------------------------------- models
@@ -238,34 +338,45 @@ def _config_only(config_json: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def plan_samples(cfg, args, tokenizer, image_tokens: int, n_micro: int, world: int, rank: int):
-    """Synthetic samples and this rank's first n_micro micro-batches, planned by training's sampler."""
+def workload_lengths(cfg, args) -> str:
+    """The length model a run uses: --records, --lengths, or stage1 (plain template) / multi (chatml)."""
+    return args.records or args.lengths or ("stage1" if cfg.data.template == "plain" else "multi")
+
+
+def plan_samples(cfg, args, tokenizer, image_tokens: int, n_micro: int, world: int, rank: int,
+                 video_tokens: int | None = None):
+    """Synthetic samples and this rank's first n_micro micro-batches, planned by training's sampler.
+
+    Returns (samples, micro-batches, eos id, the length model's name, {key: views})."""
+    from vlm_dist.config.media import frame_sampling
     from vlm_dist.data.sampler import LengthGroupedSampler
 
     d = cfg.data
     block = block_ids(tokenizer, IMAGE, image_tokens)
+    media = MediaBlocks(tokenizer, image_tokens, video_tokens)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     rng = random.Random(args.seed)       # the same samples on every rank: the sampler plans globally
+    lengths = workload_lengths(cfg, args)
     if args.records:
         pool = shapes_from_records(args.records, args.tokenizer, d.template, image_tokens, d.max_seq_len,
                                    limit=args.max_records)
-        lengths = args.records
     else:
-        lengths = args.lengths or ("stage1" if d.template == "plain" else "multi")
         pool = None
     n = 64 * world * n_micro
     while True:
-        shapes = [rng.choice(pool) for _ in range(n)] if pool else builtin_shapes(lengths, n, rng)
-        too_long = [s for s in shapes if s.prompt + s.answer + s.images * (image_tokens + 2) > d.max_seq_len]
+        shapes = [rng.choice(pool) for _ in range(n)] if pool else \
+            builtin_shapes(lengths, n, rng, video_sampling=frame_sampling(cfg.model))
+        samples = make_samples(shapes, block, eos, min(block.start, block.pad, block.end, eos), args.seed, media)
+        too_long = [s for s in samples if len(s) > d.max_seq_len]
         if too_long:
-            raise ValueError(f"{len(too_long)} of {n} sampled lengths exceed --data.max_seq_len={d.max_seq_len}; "
-                             "raise it or use shorter samples")
-        samples = make_samples(shapes, block, eos, min(block.start, block.pad, block.end, eos), args.seed)
+            raise ValueError(f"{len(too_long)} of {n} sampled lengths exceed --data.max_seq_len={d.max_seq_len} "
+                             f"(the longest has {max(len(s) for s in too_long)} tokens); raise it or use "
+                             "shorter samples")
         sampler = LengthGroupedSampler.from_samples(
             samples, world_size=world, rank=rank, max_seq_len=d.max_seq_len,
             rows_per_micro=cfg.train.micro_batch_size, packing=d.pack,
             max_tokens_per_micro=cfg.train.micro_batch_tokens, seed=args.seed)   # as the training loop does
         micro = sampler.micro_batches(0)
         if len(micro) >= n_micro:
-            return samples, micro[:n_micro], eos, lengths
+            return samples, micro[:n_micro], eos, lengths, views_of(shapes)
         n *= 2

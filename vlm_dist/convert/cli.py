@@ -4,6 +4,8 @@ supervision check.
     vlm-convert llava-pretrain --input blip_laion_cc_sbu_558k.json --out stage1.jsonl --image-root LLaVA-Pretrain
     vlm-convert llava-instruct --input llava_v1_5_mix665k.json --out mix665k.jsonl --image-root playground/data
     vlm-convert mantis --input nlvr2/train-*.parquet --out nlvr2.jsonl --image-root mantis_images
+    vlm-convert llava-video --input LLaVA-Video-178K/0_30_s_academic_v0_1/*_qa_processed.json --out video.jsonl \
+        --image-root LLaVA-Video-178K
     vlm-convert jsonl --input mine.jsonl --out mine.records.jsonl --image-root imgs --key-map conversations=messages
     vlm-convert stage1 --input stage1.jsonl --out stage1.clean.jsonl --tokenizer Qwen3-8B-Base --dedup near \\
         --multi-image-fraction 0.05
@@ -28,11 +30,13 @@ from vlm_dist.convert.side_files import write_side_files
 
 
 def convert(fmt_name: str, inputs: list[Path], out: Path, opts: ConvertOptions,
-            key_map: str | None = None, limit: int | None = None) -> tuple[ConvertStats, list[dict]]:
+            key_map: str | None = None, limit: int | None = None,
+            seed: int = 0) -> tuple[ConvertStats, list[dict]]:
     """Convert input files of one format into `out`; return the counts and the dropped list.
 
-    Records keep input order (inputs in the order given). A record that breaks a
-    rule is dropped and listed, never fatal; a broken flag or unreadable file is.
+    Records keep input order (inputs in the order given; a mixture file's entries in its
+    order, `seed` fixing its random draws). A record that breaks a rule is dropped and
+    listed, never fatal; a broken flag or unreadable file is.
     """
     from tqdm import tqdm
 
@@ -46,20 +50,28 @@ def convert(fmt_name: str, inputs: list[Path], out: Path, opts: ConvertOptions,
         if not Path(path).is_file():
             raise ConvertError(f"--input {path}: no such file")
 
+    def parts():
+        """(file, its (source, row) pairs): each input, or each file a mixture input lists."""
+        for path in map(Path, inputs):
+            if fmt.mixture is not None and fmt.mixture[0](path):
+                yield from fmt.mixture[1](path, seed)
+            else:
+                yield path, fmt.rows(path)
+
     def records():
         index = 0
-        for path in inputs:
-            path = Path(path)
+        for path, rows in parts():
             src = opts.images_from or (path.parent if fmt.images_from_input_dir else opts.image_root)
             resolve = ImageResolver(opts.image_root, src, stats)
-            for source, row in tqdm(fmt.rows(path), desc=path.name, unit=" rec", disable=None):
+            resolve_video = ImageResolver(opts.image_root, src, stats, kind="video") if fmt.videos else None
+            for source, row in tqdm(rows, desc=path.name, unit=" rec", disable=None):
                 if limit is not None and stats.read >= limit:
                     return
                 stats.read += 1
                 try:
                     if isinstance(row, Drop):
                         raise row
-                    record = normalize(parse(row), index, opts, resolve, stats)
+                    record = normalize(parse(row), index, opts, resolve, stats, resolve_video)
                 except Drop as d:
                     stats.dropped[d.reason] += 1
                     rid = row.get("id") if isinstance(row, dict) else None
@@ -83,13 +95,16 @@ def _add_convert_parser(sub, name: str, help: str):
                    help="folder the output image paths are relative to (the feature cache's image root); "
                         "default: the first input file's folder")
     p.add_argument("--images-from", type=Path, default=None,
-                   help="folder relative image paths in the input start from; default: the input file's "
-                        "folder for mantis, --image-root for the others")
+                   help="folder relative image (and video) paths in the input start from; default: the input "
+                        "file's folder for mantis and llava-video, --image-root for the others")
     p.add_argument("--id-prefix", default="", help="prepended to every record id (e.g. 'nlvr2/')")
     p.add_argument("--limit", type=int, default=None, help="read only the first N input records")
+    if FORMATS[name].mixture is not None:
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of a mixture file's random:N draws (same seed, same records)")
     if name == "jsonl":
         p.add_argument("--key-map", default=None,
-                       help="FIELD=KEY,... for fields id, images, conversations, role, content")
+                       help="FIELD=KEY,... for fields id, images, videos, conversations, role, content")
     p.add_argument("--role-map", default="",
                    help="extra RAW=ROLE,... role names (ROLE one of system, user, assistant)")
     return p
@@ -110,7 +125,8 @@ def run_convert(args) -> int:
     opts = ConvertOptions(image_root=image_root, images_from=args.images_from,
                           id_prefix=args.id_prefix, role_map=_role_map(args.role_map))
     stats, dropped = convert(args.format, args.input, args.out, opts,
-                             key_map=getattr(args, "key_map", None), limit=args.limit)
+                             key_map=getattr(args, "key_map", None), limit=args.limit,
+                             seed=getattr(args, "seed", 0))
     summary = {**stats.to_dict(), "inputs": [str(p) for p in args.input], "out": str(args.out),
                "image_root": str(Path(image_root).resolve())}
     dropped_path, stats_path = write_side_files(args.out, summary, dropped)

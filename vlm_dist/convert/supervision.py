@@ -10,6 +10,14 @@ listed in `<stem>.duplicates.jsonl`.
 
     vlm-convert check --records stage1.jsonl --tokenizer Qwen3-8B-Base --template plain --image-tokens 64 \\
         --max-seq-len 2048 [--truncate] [--workers 16]
+    vlm-convert check --records video.jsonl --tokenizer Qwen3-8B-Base --template chatml --image-tokens 64 \\
+        --video-tokens 16 --feature-cache data/cache/video [--tiled] --max-seq-len 4096
+
+Tiled images and videos: a block's length depends on the image's grid and the video's sampled
+frames, which the feature cache records per key. With --feature-cache the records are laid out
+from its layouts as training lays them out (vlm_dist.data.samples.reference_layouts; --tiled
+when model.tiling is set); without it every image is one view and every video counts as one
+frame, so video lengths are a lower bound.
 """
 from __future__ import annotations
 
@@ -27,6 +35,12 @@ def add_parser(sub):
     p.add_argument("--tokenizer", required=True, help="tokenizer folder (AutoTokenizer.from_pretrained)")
     p.add_argument("--template", required=True, choices=TEMPLATES, help="plain (stage 1) or chatml (SFT)")
     p.add_argument("--image-tokens", type=int, default=64, help="pad slots per image (the resampler's N)")
+    p.add_argument("--video-tokens", type=int, default=None,
+                   help="pad slots per video frame (model.video.tokens_per_frame); default: --image-tokens")
+    p.add_argument("--feature-cache", type=Path, default=None,
+                   help="a built feature cache: lay out tiled images and videos' frames from its layouts")
+    p.add_argument("--tiled", action="store_true",
+                   help="with --feature-cache: images take the cache's tiling (a run with model.tiling set)")
     p.add_argument("--max-seq-len", type=int, required=True)
     p.add_argument("--truncate", action="store_true",
                    help="cut over-long records at max_seq_len instead of failing (never inside an image block)")
@@ -39,10 +53,22 @@ def run_cli(args) -> int:
     from vlm_dist.data.lengths import (check_supervision, duplicate_ids, format_summary, summarize,
                                        tokenize_records)
 
+    from vlm_dist.convert.formats.common import ConvertError
+
+    if args.tiled and args.feature_cache is None:
+        raise ConvertError("--tiled takes the tilings from a feature cache: add --feature-cache DIR")
+    tokens = args.image_tokens if args.video_tokens is None else \
+        {"image": args.image_tokens, "video": args.video_tokens}
+    layouts = None
+    if args.feature_cache is not None:
+        from vlm_dist.data.samples import read_index, reference_layouts
+        if not Path(args.feature_cache).is_dir():
+            raise ConvertError(f"--feature-cache {args.feature_cache}: no such directory")
+        layouts = reference_layouts(args.feature_cache, read_index(args.feature_cache), args.tiled)
     failed = 0
     for path in args.records:
-        table = tokenize_records(path, args.tokenizer, args.template, args.image_tokens, args.max_seq_len,
-                                 args.truncate, args.cache_dir, args.workers)
+        table = tokenize_records(path, args.tokenizer, args.template, tokens, args.max_seq_len,
+                                 args.truncate, args.cache_dir, args.workers, layouts=layouts)
         summary = summarize(table)
         problems = table.problems()
         side_path(path, "supervision.json").write_text(

@@ -2,7 +2,7 @@
 
     from vlm_dist.training.flops import SampleShape, step_flops, mfu
     f = step_flops(llm_config, vision_config, connector_config,
-                   [SampleShape(length=110, supervised=32, images=1)] * 4096, llm_mode="frozen")
+                   [SampleShape(length=110, supervised=32, image_views=1)] * 4096, llm_mode="frozen")
     print(f.total / f.tokens / 1e9, "GFLOP/token;", mfu(f.total, step_seconds, 989e12))
 
 `python -m vlm_dist.training.flops` prints the breakdown for Qwen3-8B-Base + SigLIP-so400m at a
@@ -31,18 +31,31 @@ gradient and 2nkm for the weight gradient. Counted per linear layer and per toke
   2 x 2 x heads x head_dim x L(L+1)/2, backward twice that (Q, K and V are
   activations that need gradients in every mode). GQA shares K/V but not the work.
 - Connector (trainable): 6 x the weights of each matmul per row it processes:
-  per image the resampler's kv projection sees P patches + N latents, q/out/MLP see
+  per view the resampler's kv projection sees P patches + N latents, q/out/MLP see
   N latents, the projector sees N tokens (P with the MLP connector); plus the
   resampler's cross-attention N x (P + N) (non-causal), x3 for backward.
   The first matmul on the features skips its input gradient (4x) when no trainable
   LayerNorm precedes it. A frozen connector costs its forward only.
+- Views (issue 18): the connector runs once per VIEW, one (P, D) feature row of the
+  cache, not once per image. An untiled image is 1 view; an AnyRes-tiled image is
+  1 + tiles views (the thumbnail, then rows x cols tiles: contract.tiling, `Tiling.num_views`),
+  so a 2x2 grid costs the image connector 5x an untiled image; a video is one view per
+  sampled frame (contract.video, `VideoLayout.num_views`) through the VIDEO connector
+  (its own latents, Tf per frame: `video_connector_config`), so `SampleShape` counts
+  `image_views` and `video_frames` separately. The views' extra pad slots, the tiled block's
+  "\\n" separators and a video's timestamp text are ordinary tokens of `length`: the LLM
+  side needs no special case. Untiled data (image_views = images, no frames) gives exactly
+  the numbers it gave before views existed.
 - Not counted: the vision tower (features are cached), embeddings (a lookup),
   norms, activations, softmax, RoPE, the optimizer; padding tokens (they are waste,
   so padding shows up as lower MFU, and packing efficiency says how much).
 - Activation (gradient) checkpointing reruns each decoder layer's forward: counted
   in `recompute` (hardware FLOPs, for HFU), not in the model FLOPs.
 
-The feature-cache builder's work is SigLIP's forward only: `vision_flops_per_image`.
+The feature-cache builder's work is SigLIP's forward only, once per view:
+`vision_flops_per_image` is one view (an untiled image, a thumbnail, a tile or a frame all
+are tower-sized), and `cache_build_flops(vision_config, views)` multiplies it by the views
+a cache holds (`vlm-cache info` shows views per image and frames per video).
 """
 from __future__ import annotations
 
@@ -89,9 +102,10 @@ def mfu(flops: float, seconds: float, peak_flops: float) -> float:
 @dataclass(frozen=True)
 class SampleShape:
     """One sample as the step sees it."""
-    length: int        # tokens, text + image blocks
-    supervised: int    # positions with a target (where logits are computed)
-    images: int = 0    # images (each runs through the connector once)
+    length: int            # tokens, text + media blocks (pad slots, separators, timestamps)
+    supervised: int        # positions with a target (where logits are computed)
+    image_views: int = 0   # image connector runs: 1 per untiled image, 1 + tiles per tiled image
+    video_frames: int = 0  # video connector runs: one per sampled frame
 
 
 @dataclass
@@ -107,7 +121,8 @@ class StepFlops:
     tokens: int = 0
     supervised: int = 0
     samples: int = 0
-    images: int = 0
+    image_views: int = 0      # image connector runs (thumbnails + tiles)
+    video_frames: int = 0     # video connector runs (sampled frames)
 
     @property
     def total(self) -> float:
@@ -201,8 +216,16 @@ def connector_flops_per_image(connector_config: dict, patches: int, trainable: b
 
 # -- the vision tower (the feature-cache builder, forward only) --------------------------------------
 
+def cache_build_flops(vision_config, views: int, feature_layer: int = -2) -> float:
+    """Forward FLOPs of building the cache rows of `views` views (untiled images count 1 each,
+    tiled ones 1 + tiles, videos their sampled frames): each view is one tower-sized image."""
+    if views < 0:
+        raise ValueError(f"views must be >= 0, got {views}")
+    return views * vision_flops_per_image(vision_config, feature_layer)
+
+
 def vision_flops_per_image(vision_config, feature_layer: int = -2) -> float:
-    """Forward FLOPs of one image through SigLIP up to `feature_layer` (layers above it are dropped).
+    """Forward FLOPs of one image (one view) through SigLIP up to `feature_layer` (layers above it are dropped).
 
     Patch embedding (a conv = a matmul over 3 x p x p pixels per patch), then per layer
     q, k, v, o (4 D^2) and the MLP (2 D I) per patch, and full (non-causal) attention
@@ -227,10 +250,12 @@ class LoraShape:
 def step_flops(llm_config, vision_config, connector_config: dict, samples: Iterable[SampleShape],
                llm_mode: str = "frozen", lora: LoraShape | None = None,
                gradient_checkpointing: bool = False, train_connector: bool = True,
-               patches: int | None = None) -> StepFlops:
+               patches: int | None = None, video_connector_config: dict | None = None) -> StepFlops:
     """FLOPs of one optimizer step (one rank) over `samples`, by the rules in the module docstring.
 
-    `patches` overrides the per-image patch count derived from `vision_config`
+    `connector_config` is the image connector's (it runs once per image view);
+    `video_connector_config` the video connector's (once per frame), needed when a sample
+    has frames. `patches` overrides the per-view patch count derived from `vision_config`
     (e.g. a cache built with pooling).
     """
     if llm_mode not in LLM_MODES:
@@ -243,25 +268,33 @@ def step_flops(llm_config, vision_config, connector_config: dict, samples: Itera
     attn_width = llm_config.num_attention_heads * llm_config.head_dim
     layers = llm_config.num_hidden_layers
     patches = num_patches(vision_config) if patches is None else patches
-    per_image = connector_flops_per_image(connector_config, patches, train_connector)
+    per_view = connector_flops_per_image(connector_config, patches, train_connector)
 
     f = StepFlops()
     attn_pairs = 0      # sum over samples of L(L+1)/2 (causal query-key pairs)
     for s in samples:
-        if s.length <= 0 or not 0 <= s.supervised <= s.length or s.images < 0:
-            raise ValueError(f"bad sample shape {s}: need length > 0, 0 <= supervised <= length, images >= 0")
+        if s.length <= 0 or not 0 <= s.supervised <= s.length or s.image_views < 0 or s.video_frames < 0:
+            raise ValueError(f"bad sample shape {s}: need length > 0, 0 <= supervised <= length, "
+                             "image_views >= 0, video_frames >= 0")
         f.tokens += s.length
         f.supervised += s.supervised
-        f.images += s.images
+        f.image_views += s.image_views
+        f.video_frames += s.video_frames
         f.samples += 1
         attn_pairs += s.length * (s.length + 1) // 2
+    per_frame = {"linear": 0.0, "attention": 0.0}
+    if f.video_frames:
+        if video_connector_config is None:
+            raise ValueError(f"{f.video_frames} video frame(s) in the samples but no video_connector_config "
+                             "(the video connector's Connector.config)")
+        per_frame = connector_flops_per_image(video_connector_config, patches, train_connector)
     attn_forward = layers * 2 * 2 * attn_width * attn_pairs     # QK^T and PV, 2 FLOPs per MAC
     f.body = body_factor * n_body * f.tokens
     f.lora = 6 * n_lora * f.tokens
     f.lm_head = head_factor * n_head * f.supervised
     f.attention = 3 * attn_forward
-    f.connector = per_image["linear"] * f.images
-    f.connector_attention = per_image["attention"] * f.images
+    f.connector = per_view["linear"] * f.image_views + per_frame["linear"] * f.video_frames
+    f.connector_attention = per_view["attention"] * f.image_views + per_frame["attention"] * f.video_frames
     f.recompute = 2 * n_head * f.supervised                       # vlm.py checkpoints each CE chunk
     if gradient_checkpointing:                                    # each decoder layer's forward again
         f.recompute += 2 * (n_body + n_lora) * f.tokens + attn_forward
@@ -284,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=110, help="tokens per sample")
     ap.add_argument("--supervised", type=int, default=32, help="supervised positions per sample")
     ap.add_argument("--images", type=int, default=1, help="images per sample")
+    ap.add_argument("--tiles", type=int, default=0,
+                    help="AnyRes tiles per image (0: untiled; a 2x2 grid: 4, so 5 views per image)")
+    ap.add_argument("--frames", type=int, default=0, help="sampled video frames per sample")
+    ap.add_argument("--frame-tokens", type=int, default=16, help="video connector tokens per frame")
     ap.add_argument("--num-latents", type=int, default=64)
     ap.add_argument("--resampler-depth", type=int, default=3)
     ap.add_argument("--resampler-heads", type=int, default=16)
@@ -293,12 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     conn = dict(vision_dim=vision.hidden_size, llm_dim=llm.hidden_size, kind="resampler",
                 num_latents=args.num_latents, depth=args.resampler_depth, heads=args.resampler_heads,
                 resampler_dim=None, use_layernorm=True)
-    sample = SampleShape(args.length, args.supervised, args.images)
+    # the video connector is the image connector with frame-token latents (model/build.py)
+    video_conn = dict(conn, num_latents=args.frame_tokens)
+    sample = SampleShape(args.length, args.supervised, args.images * (1 + args.tiles), args.frames)
     print(f"N (decoder linears) = {body_params(llm) / 1e9:.3f}B, lm_head = {lm_head_params(llm) / 1e9:.3f}B, "
           f"LoRA r={args.lora_r}: {lora_params(llm, args.lora_r) / 1e6:.1f}M")
-    print(f"sample: {sample}")
+    print(f"sample: {sample}; cache build: "
+          f"{cache_build_flops(vision, sample.image_views + sample.video_frames) / 1e12:.3f} TFLOP")
     for mode in LLM_MODES:
-        f = step_flops(llm, vision, conn, [sample], mode, LoraShape(args.lora_r))
+        f = step_flops(llm, vision, conn, [sample], mode, LoraShape(args.lora_r),
+                       video_connector_config=video_conn)
         parts = {k: round(v / f.tokens / 1e9, 3) for k, v in f.as_dict().items()
                  if k in COMPONENTS}
         print(f"{mode:>6}: {f.per_token() / 1e9:6.2f} GFLOP/token  {json.dumps(parts)}")

@@ -1,7 +1,7 @@
 """Shared converter machinery: raw rows -> contract records, with counted, listed drops.
 
-Each format module (llava.py, mantis.py, jsonl.py) only knows how to read its
-native rows and pull out an id, image references and (role, text) turns as a
+Each format module (llava.py, llava_video.py, mantis.py, jsonl.py) only knows how to read
+its native rows and pull out an id, image and video references and (role, text) turns as a
 `RawRecord`. Everything else is here, so all formats obey the same rules:
 
 - roles human/user -> user, gpt/assistant -> assistant, system -> system;
@@ -9,9 +9,10 @@ native rows and pull out an id, image references and (role, text) turns as a
   and counted as a repair, as LLaVA's own loader does;
 - a record with images but no `<image>` gets one `<image>\\n` per image at the
   start of its first user turn (counted as a repair); any other count mismatch
-  is dropped;
-- image references become paths relative to --image-root; a missing or empty
-  image file drops the record (reason "missing image" / "empty image file");
+  is dropped; videos likewise with `<video>` (the k-th `<video>` is videos[k]);
+- image and video references become paths relative to --image-root (one media root
+  for both, the feature cache's); a missing or empty file drops the record (reason
+  "missing image" / "empty image file", "missing video" / "empty video file");
 - embedded image bytes (Mantis parquet) are written once under
   <image-root>/sha256/<aa>/<sha256><ext>, named by their content;
 - duplicate ids get a "#2", "#3"... suffix (counted) so ids stay unique.
@@ -32,7 +33,8 @@ from typing import Any, Iterator
 
 from vlm_dist.errors import UserError
 from vlm_dist.contract.images import ImageError, resolve_under
-from vlm_dist.contract.records import IMAGE_PLACEHOLDER, RecordError, read_lines, read_text, validate_record
+from vlm_dist.contract.records import (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, RecordError, read_lines, read_text,
+                                       validate_record)
 from vlm_dist.fileio import write_bytes_atomic
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -64,6 +66,8 @@ class RawRecord:
     id: Any
     images: list            # str paths (relative to --images-from, or absolute) or EmbeddedImage
     turns: list[tuple[Any, Any]]  # (raw role, raw text)
+    videos: list = field(default_factory=list)   # str paths, resolved like images
+    source: str | None = None     # the subset a row says it comes from (LLaVA-Video's data_source)
 
 
 @dataclass
@@ -85,13 +89,17 @@ class ConvertStats:
     repaired: Counter = field(default_factory=Counter)
     images_written: int = 0
     images_reused: int = 0
+    kept_by_source: Counter = field(default_factory=Counter)   # formats whose rows name their subset
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "read": self.read, "kept": self.kept,
-                "dropped": sum(self.dropped.values()),
-                "dropped_by_reason": dict(sorted(self.dropped.items())),
-                "repaired": dict(sorted(self.repaired.items())),
-                "images_written": self.images_written, "images_reused": self.images_reused}
+        out = {"format": self.format, "read": self.read, "kept": self.kept,
+               "dropped": sum(self.dropped.values()),
+               "dropped_by_reason": dict(sorted(self.dropped.items())),
+               "repaired": dict(sorted(self.repaired.items())),
+               "images_written": self.images_written, "images_reused": self.images_reused}
+        if self.kept_by_source:
+            out["kept_by_source"] = dict(sorted(self.kept_by_source.items()))
+        return out
 
     def line(self) -> str:
         drops = ", ".join(f"{r} {n}" for r, n in sorted(self.dropped.items())) or "none"
@@ -100,6 +108,8 @@ class ConvertStats:
             text += "; repaired: " + ", ".join(f"{r} {n}" for r, n in sorted(self.repaired.items()))
         if self.images_written or self.images_reused:
             text += f"; embedded images written {self.images_written}, already present {self.images_reused}"
+        if self.kept_by_source:
+            text += "; kept by source: " + ", ".join(f"{k} {n}" for k, n in sorted(self.kept_by_source.items()))
         return text
 
 
@@ -135,7 +145,8 @@ def image_list(value) -> list:
 
 
 class ImageResolver:
-    """Turns input image references into paths relative to the image root, checking each once.
+    """Turns input image (or video: `kind`) references into paths relative to the image root,
+    checking each once.
 
     Paths are kept as given (a symlink inside the image tree stays a link name),
     but each is checked on its real path: a link that leads out of the image
@@ -143,11 +154,12 @@ class ImageResolver:
     rule the feature cache applies too).
     """
 
-    def __init__(self, image_root: Path, images_from: Path, stats: ConvertStats):
+    def __init__(self, image_root: Path, images_from: Path, stats: ConvertStats, kind: str = "image"):
         self.root = Path(os.path.realpath(image_root))
         self.src = os.path.realpath(images_from)
         self._prefix = os.path.join(str(self.root), "")
         self.stats = stats
+        self.kind = kind
         self._seen: dict[str, str | Drop] = {}
 
     def __call__(self, ref) -> str:
@@ -162,19 +174,20 @@ class ImageResolver:
 
     def _check(self, ref: str) -> str | Drop:
         path = os.path.normpath(os.path.join(self.src, ref))
+        kind = self.kind
         if not path.startswith(self._prefix):
-            raise ConvertError(f"image {ref!r} resolves to {path}, outside --image-root {self.root}; "
-                               "pass an --image-root that contains the images")
+            raise ConvertError(f"{kind} {ref!r} resolves to {path}, outside --image-root {self.root}; "
+                               f"pass an --image-root that contains the {kind}s")
         try:
             st = os.stat(resolve_under(self.root, path))
         except ImageError as e:                      # a symlink out of the image tree
-            return Drop("image outside image root", e.reason)
+            return Drop(f"{kind} outside image root", e.reason)
         except FileNotFoundError:
-            return Drop("missing image", path)
+            return Drop(f"missing {kind}", path)
         if not stat.S_ISREG(st.st_mode):
-            return Drop("missing image", f"{path} is not a file")
+            return Drop(f"missing {kind}", f"{path} is not a file")
         if st.st_size == 0:
-            return Drop("empty image file", path)
+            return Drop(f"empty {kind} file", path)
         return path[len(self._prefix):].replace(os.sep, "/")
 
     def _store(self, image: EmbeddedImage) -> str:
@@ -201,8 +214,10 @@ def _sniff_extension(data: bytes) -> str:
 
 
 def normalize(raw: RawRecord, index: int, opts: ConvertOptions, resolve: ImageResolver,
-              stats: ConvertStats) -> dict:
-    """Apply the shared rules to one RawRecord; return a contract record or raise Drop."""
+              stats: ConvertStats, resolve_video: ImageResolver | None = None) -> dict:
+    """Apply the shared rules to one RawRecord; return a contract record or raise Drop.
+
+    `resolve_video` resolves `raw.videos` (None: a format without videos; a video is then a Drop)."""
     rid = raw.id
     if rid is None or (isinstance(rid, str) and not rid.strip()):
         rid = f"row{index}"
@@ -232,28 +247,43 @@ def normalize(raw: RawRecord, index: int, opts: ConvertOptions, resolve: ImageRe
         raise Drop("no assistant turn")
     if any(t["role"] == "system" for t in turns[1:]):
         raise Drop("system turn not first")
-    if any(IMAGE_PLACEHOLDER in t["content"] for t in turns if t["role"] == "assistant"):
+    if any(ph in t["content"] for t in turns if t["role"] == "assistant"
+           for ph in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)):
         raise Drop("placeholder in assistant turn")
 
-    refs = raw.images
-    if opts.require_image and not refs:
+    if opts.require_image and not raw.images:
         raise Drop("no image", "this format is image-caption data")
-    n_ph = sum(t["content"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if raw.videos and resolve_video is None:
+        raise Drop("video not supported", "this format's converter reads no videos")
+    _match_placeholders(turns, raw.images, IMAGE_PLACEHOLDER, "image", stats)
+    _match_placeholders(turns, raw.videos, VIDEO_PLACEHOLDER, "video", stats)
+
+    images = [resolve(ref) for ref in raw.images]
+    record = {"id": rid, "images": images, "conversations": turns}
+    if raw.videos:      # only where there are videos: image-only outputs stay as they were
+        record = {"id": rid, "images": images, "videos": [resolve_video(ref) for ref in raw.videos],
+                  "conversations": turns}
+    try:
+        validate_record(record)
+    except RecordError as e:
+        raise Drop("contract violation", str(e)) from None
+    if raw.source is not None:
+        stats.kept_by_source[raw.source] += 1
+    return record
+
+
+def _match_placeholders(turns: list[dict], refs: list, placeholder: str, noun: str, stats: ConvertStats) -> None:
+    """One `placeholder` per item: none at all -> one per item at the start of the first user
+    turn (a counted repair); any other mismatch -> Drop."""
+    n_ph = sum(t["content"].count(placeholder) for t in turns)
     if refs and n_ph == 0:
         first_user = next((t for t in turns if t["role"] == "user"), None)
         if first_user is None:
-            raise Drop("placeholder/image count mismatch", f"{len(refs)} image(s), no user turn to hold them")
-        first_user["content"] = (IMAGE_PLACEHOLDER + "\n") * len(refs) + first_user["content"]
+            raise Drop(f"placeholder/{noun} count mismatch", f"{len(refs)} {noun}(s), no user turn to hold them")
+        first_user["content"] = (placeholder + "\n") * len(refs) + first_user["content"]
         stats.repaired["placeholders added"] += 1
     elif n_ph != len(refs):
-        raise Drop("placeholder/image count mismatch", f"{n_ph} {IMAGE_PLACEHOLDER} for {len(refs)} image(s)")
-
-    images = [resolve(ref) for ref in refs]
-    record = {"id": rid, "images": images, "conversations": turns}
-    try:
-        return validate_record(record)
-    except RecordError as e:
-        raise Drop("contract violation", str(e)) from None
+        raise Drop(f"placeholder/{noun} count mismatch", f"{n_ph} {placeholder} for {len(refs)} {noun}(s)")
 
 
 def unique_ids(records: Iterator[dict], stats: ConvertStats) -> Iterator[dict]:

@@ -1,10 +1,10 @@
 """Any JSON list / JSONL file shaped like the contract, with a key map for other names.
 
 The key map names, for each contract field, the key the input uses:
-`id`, `images` (a path or a list of paths), `conversations`, and in each turn
-`role` and `content`. Defaults accept the common spellings (images/image,
-conversations/conversation/messages, role/from, content/value/text). Extra role
-names map with --role-map.
+`id`, `images` (a path or a list of paths), `videos` (likewise; `<video>` placeholders),
+`conversations`, and in each turn `role` and `content`. Defaults accept the common
+spellings (images/image, videos/video, conversations/conversation/messages, role/from,
+content/value/text). Extra role names map with --role-map.
 
     vlm-convert jsonl --input mine.jsonl --out records.jsonl --image-root imgs \\
         --key-map conversations=messages,content=text --role-map bot=assistant
@@ -16,6 +16,7 @@ from vlm_dist.convert.formats.common import ConvertError, Drop, RawRecord, image
 DEFAULT_KEYS = {
     "id": ("id",),
     "images": ("images", "image"),
+    "videos": ("videos", "video"),
     "conversations": ("conversations", "conversation", "messages"),
     "role": ("role", "from"),
     "content": ("content", "value", "text"),
@@ -46,6 +47,10 @@ def make_parser(keys: dict[str, tuple[str, ...]]):
         if not isinstance(convs, list):
             raise Drop("no conversation", f"none of the keys {keys['conversations']} holds a list")
         rid = first(row, "id")
+        videos = first(row, "videos")
+        videos = [] if videos is None or videos == "" else videos if isinstance(videos, list) else [videos]
+        if not all(isinstance(v, str) and v for v in videos):
+            raise Drop("malformed video reference", f"video entry {first(row, 'videos')!r} is not a path")
         return RawRecord(id=None if rid is None else str(rid), images=image_list(first(row, "images")),
-                         turns=[turn_fields(t, keys["role"], keys["content"]) for t in convs])
+                         turns=[turn_fields(t, keys["role"], keys["content"]) for t in convs], videos=videos)
     return parse
