@@ -84,11 +84,21 @@ def _read(path: str, limit: int | None, need_answer: bool = False) -> list[dict]
     return recs
 
 
+ONLINE_MEMO = 32    # online-encoded items kept (features + layout), oldest dropped first
+
+
 class Features:
-    """Record -> (M, P, D) features: from the cache, or online from image files."""
+    """Record -> features: from the cache, or online from image (and video) files.
+
+    An untiled image-only export reads one (P, D) view per image (the cache's view 0). A tiled or
+    video export (`media_aware`) reads every view of an item and its layout, as training did: from
+    the cache (`views`, `layout`: the build's own tiles and frames), or online from files under
+    --image-root (Generator.encode_media: the same tiling and frame sampling)."""
 
     def __init__(self, generator, cache=None, image_root: str | None = None):
         self.gen, self.cache, self.root = generator, cache, image_root
+        self.media_aware = generator.tiling is not None or "video" in generator.media_tokens
+        self._online: dict[tuple[str, str], tuple] = {}    # (kind, ref) -> (views, layout)
 
     def lookup(self, ref: str):
         if self.cache is not None:
@@ -101,8 +111,46 @@ class Features:
         from vlm_dist.contract.images import read_under
         return self.gen.tower.decode(read_under(self.root, ref), name=os.path.join(self.root, ref))
 
+    def _video(self, ref: str):
+        """A video under --image-root only, its frames sampled as the training cache sampled them."""
+        from vlm_dist.contract.images import read_under
+        from vlm_dist.contract.video import DEFAULT_MAX_VIDEO_BYTES
+        return self.gen.decode_video(read_under(self.root, ref, max_bytes=DEFAULT_MAX_VIDEO_BYTES),
+                                     name=os.path.join(self.root, ref))
+
+    def item(self, kind: str, ref: str):
+        """(views (V, P, D), layout) of one image or video of a record (media_aware exports)."""
+        if self.cache is not None:
+            key = self.cache.resolve(ref)
+            if kind == "image" and self.gen.tiling is None:   # an untiled export reads view 0 only
+                return self.cache[key][None], None
+            return self.cache.views(key), self.cache.layout(key)
+        if (kind, ref) not in self._online:
+            media, layouts = (self.gen.encode_media(images=[self._image(ref)]) if kind == "image"
+                              else self.gen.encode_media(videos=[self._video(ref)]))
+            if len(self._online) >= ONLINE_MEMO:       # a record's items are asked for twice: keep a few
+                del self._online[next(iter(self._online))]
+            self._online[(kind, ref)] = (media[kind]["features"], layouts[kind][0])
+        return self._online[(kind, ref)]
+
+    def views_lookup(self) -> dict:
+        """{kind: reference -> (V, P, D)} for data.pack.collate (loss sets)."""
+        return {kind: (lambda ref, kind=kind: self.item(kind, ref)[0]) for kind in self.gen.media_tokens}
+
+    def layouts(self, record: dict) -> dict:
+        """The record's items' layouts per kind, in order (PromptEncoder.encode's `layouts`)."""
+        return {kind: [self.item(kind, ref)[1] for ref in record.get(field) or []]
+                for kind, field in (("image", "images"), ("video", "videos")) if record.get(field)}
+
     def __call__(self, record: dict):
         import torch
+        if self.media_aware:
+            media = {}
+            for kind, field in (("image", "images"), ("video", "videos")):
+                if record.get(field):
+                    views = [self.item(kind, ref)[0] for ref in record[field]]
+                    media[kind] = {"features": torch.cat(views), "counts": torch.tensor([sum(len(v) for v in views)])}
+            return media, self.layouts(record)
         if not record["images"]:
             return None
         if self.cache is not None:
@@ -115,11 +163,15 @@ class Features:
             self.gen.tower.feature_shape(self.gen.cfg.pool)
 
 
-def open_cache(path: str, tower, pool: int):
-    """The cache, refused if its encoder differs from the export's tower (then features would too)."""
+def open_cache(path: str, tower, pool: int, cfg=None):
+    """The cache, refused if its encoder differs from the export's tower (then features would too),
+    or, for a tiled or video export (`cfg`), if its tiling or frame sampling differs from training's."""
     from vlm_dist.cache.reader import FeatureCache, fingerprint_differences
     cache = FeatureCache(path)
-    diffs = fingerprint_differences(cache.fingerprint, tower.fingerprint(pool))
+    tiling = cfg.tiling_spec if cfg is not None else None
+    sampling = cfg.video_sampling if cfg is not None and cache.video_sampling is not None else None
+    diffs = fingerprint_differences(cache.fingerprint, tower.fingerprint(pool, tiling=tiling,
+                                                                         video_sampling=sampling))
     if diffs:
         raise EvalInputError(f"cache {path} was built with another encoder than the export's "
                          f"vision tower:\n  " + "\n  ".join(diffs))
@@ -171,7 +223,7 @@ class EvalContext:
             from vlm_dist.cache.reader import fingerprint_field, read_manifest
             tower.draft_to = fingerprint_field(read_manifest(args.cache)["fingerprint"], "jpeg_draft_to")
         self.gen = Generator(self.vlm, self.tokenizer, self.cfg, tower)
-        cache = open_cache(args.cache, tower, self.cfg.pool) if args.cache else None
+        cache = open_cache(args.cache, tower, self.cfg.pool, self.cfg) if args.cache else None
         self.feats = Features(self.gen, cache, args.image_root)
         self.settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
 
@@ -187,9 +239,12 @@ class EvalContext:
 
     def loss(self, records: list[dict], feature_lookup, vlm=None) -> dict:
         """Loss and perplexity over `records`, computed for this rank's share and merged."""
+        aware = self.feats.media_aware and feature_lookup is not None
         part = ev.loss_sums(self.vlm if vlm is None else vlm, self.tokenizer, self.cfg.template,
-                            self.cfg.num_media_tokens, ev.shard(records, self.rank, self.world),
-                            feature_lookup, self.feats.shape, self.args.batch_size, self.args.max_seq_len)
+                            self.gen.media_tokens, ev.shard(records, self.rank, self.world),
+                            self.feats.views_lookup() if aware else feature_lookup, self.feats.shape,
+                            self.args.batch_size, self.args.max_seq_len,
+                            layouts=self.feats.layouts if aware else None)
         return ev.merge_loss(ev.gather(part))
 
 

@@ -276,15 +276,20 @@ def gather_lists(items: list) -> list:
 
 
 # -- model-driven runs -----------------------------------------------------------------------
-FeatureFn = Callable[[dict], "torch.Tensor | None"]   # record -> (M, P, D) features of its images
+# record -> (M, P, D) features of its images, or (media, layouts) as Generator.encode_media gives
+# them (a tiled or video export: each item's views and layout, as training built them)
+FeatureFn = Callable[[dict], "torch.Tensor | tuple[dict, dict] | None"]
 
 
 @torch.no_grad()
-def loss_sums(vlm, tokenizer, template: str, num_media_tokens: int, records: Sequence[dict],
-              feature_lookup: Callable[[str], torch.Tensor] | None, feature_shape=(1, 1),
-              batch_size: int = 8, max_seq_len: int | None = None) -> dict:
+def loss_sums(vlm, tokenizer, template: str, num_media_tokens: int | dict, records: Sequence[dict],
+              feature_lookup, feature_shape=(1, 1), batch_size: int = 8, max_seq_len: int | None = None,
+              layouts: Callable[[dict], dict | None] | None = None) -> dict:
     """Summed next-token loss over supervised tokens of `records` (this rank's share).
 
+    `feature_lookup`: reference -> (P, D) image features, or {kind: reference -> (V, P, D)} views
+    (a tiled or video export), as data.pack.collate takes them; `layouts`: record -> its items'
+    layouts (PromptEncoder.encode's), so the blocks are training's.
     Returns {"loss_sum", "tokens", "samples", "skipped": {reason: [ids]}}. Samples that
     cannot be encoded (too long, nothing supervised) are listed, never silently dropped.
     """
@@ -293,7 +298,7 @@ def loss_sums(vlm, tokenizer, template: str, num_media_tokens: int, records: Seq
     samples, skipped = [], {}
     for r in records:
         try:
-            samples.append(enc.encode(r, max_seq_len=max_seq_len))
+            samples.append(enc.encode(r, max_seq_len=max_seq_len, layouts=layouts(r) if layouts else None))
         except SampleError as e:
             skipped.setdefault(e.reason, []).append(r["id"])
     device = next(vlm.parameters()).device
@@ -303,10 +308,10 @@ def loss_sums(vlm, tokenizer, template: str, num_media_tokens: int, records: Seq
         rows = [[s] for s in samples[i:i + batch_size]]
         batch = collate(rows, feature_lookup or _no_images, pad, max(len(s) for s in samples[i:i + batch_size]),
                         feature_shape=tuple(feature_shape), pad_to_multiple=1)
-        feats = batch["media"]["image"]
+        media = {kind: {"features": m["features"].to(device), "counts": m["counts"]}
+                 for kind, m in batch["media"].items()}
         out = vlm(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                  targets=batch["targets"].to(device), sample_ids=batch["sample_ids"],
-                  media={"image": {"features": feats["features"].to(device), "counts": feats["counts"]}})
+                  targets=batch["targets"].to(device), sample_ids=batch["sample_ids"], media=media)
         loss_sum += float(out["loss_sum"])
         tokens += int(out["num_supervised"])
     return {"loss_sum": loss_sum, "tokens": tokens, "samples": len(samples), "skipped": skipped}
@@ -333,7 +338,12 @@ def merge_loss(parts: Sequence[dict]) -> dict:
 def generate_replies(generator, records: Sequence[dict], features: FeatureFn, settings) -> list[str]:
     """The model's reply to each record's prompt (the conversation before its last assistant turn)."""
     from vlm_dist.inference.generate import prompt_turns
-    return [generator.generate(prompt_turns(r["conversations"]), features(r), settings) for r in records]
+    replies = []
+    for r in records:
+        feats = features(r)
+        feats, layouts = feats if isinstance(feats, tuple) else (feats, None)
+        replies.append(generator.generate(prompt_turns(r["conversations"]), feats, settings, layouts=layouts))
+    return replies
 
 
 # -- POPE: yes/no object probes ---------------------------------------------------------------

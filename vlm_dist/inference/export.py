@@ -17,6 +17,12 @@ An export directory (written by the trainer, vlm_dist.training.checkpoint.write_
     llm/                                           a full LLM + tokenizer (llm_mode full, or merged)
     vlm_config.json                                ExportConfig below
 
+A tiled model records its TilingSpec ("tiling": the spec's fingerprint) and a video model its
+frame sampling and tokens per frame ("video"; its connector_config.json has a "video" entry):
+load_export rebuilds the video connector and every online path (vlm-generate, vlm-serve, the
+lmms-eval model) tiles images and samples frames exactly as the training cache did
+(`cfg.tiling_spec`, `cfg.video_sampling`). Exports without these keys load as before.
+
 A merged export has `llm/` (LoRA merged into the weights with PEFT's
 merge_and_unload, saved with save_pretrained, plus the tokenizer), no adapter,
 "merged": true, "llm": "llm" (relative paths resolve against the export
@@ -38,6 +44,8 @@ from pathlib import Path
 import torch
 
 from vlm_dist.config.schema import ADAPTER_MODES
+from vlm_dist.contract.tiling import TilingError, TilingSpec
+from vlm_dist.contract.video import FrameSampling, VideoError
 from vlm_dist.errors import UserError
 from vlm_dist.fileio import fsync_dir
 from vlm_dist.model.build import (CONNECTOR_CONFIG, CONNECTOR_FILE, build_vlm, load_connectors, load_llm,
@@ -80,6 +88,13 @@ class ExportConfig:
     """True for a merge_export output: llm/ holds the merged LLM, there is no adapter."""
     base_llm: str | None = None
     """The LLM the merged or full-mode weights started from (for the text regression baseline)."""
+    tiling: dict | None = None
+    """The AnyRes tiling the model trained with (TilingSpec.fingerprint(), as the training cache's
+    fingerprint records it); None: one untiled view per image."""
+    video: dict | None = None
+    """The video settings the model trained with: {"num_frames", "max_fps", "tokens_per_frame"}
+    (the cache's FrameSampling and the video connector's tokens per frame; media_fields writes it);
+    None: no video connector."""
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "ExportConfig":
@@ -101,11 +116,75 @@ class ExportConfig:
         except (TypeError, ValueError) as e:
             raise ExportError(f"{where}: {e}") from e
         cfg = cls(**kwargs)
+        cfg._check_media(where)
         cfg.extra = {k: v for k, v in d.items() if k not in names}  # kept and rewritten on merge
         return cfg
 
     def to_dict(self) -> dict:
         return dict(getattr(self, "extra", {}), **asdict(self))
+
+    # -- tiles and video -----------------------------------------------------------------------
+    @property
+    def tiling_spec(self) -> TilingSpec | None:
+        """The TilingSpec images are tiled with (None: untiled)."""
+        return None if self.tiling is None else TilingSpec.from_dict(self.tiling)
+
+    @property
+    def video_sampling(self) -> FrameSampling | None:
+        """The FrameSampling videos are decoded with (None: a model without video)."""
+        if self.video is None:
+            return None
+        return FrameSampling(**{k: self.video[k] for k in ("num_frames", "max_fps", "version") if k in self.video})
+
+    @property
+    def video_tokens_per_frame(self) -> int | None:
+        return None if self.video is None else self.video["tokens_per_frame"]
+
+    @property
+    def media_tokens(self) -> dict[str, int]:
+        """Pad slots per view of each kind, as PromptEncoder takes them."""
+        out = {"image": self.num_media_tokens}
+        if self.video is not None:
+            out["video"] = self.video["tokens_per_frame"]
+        return out
+
+    def _check_media(self, where: str) -> None:
+        """The tiling and video entries parse, and agree with the token count."""
+        try:
+            if self.tiling is not None:
+                spec = self.tiling_spec
+                if spec.tokens_per_tile != self.num_media_tokens:
+                    raise TilingError(f"tiling.tokens_per_tile={spec.tokens_per_tile} but "
+                                      f"num_media_tokens={self.num_media_tokens}")
+            if self.video is not None:
+                if not isinstance(self.video, dict):
+                    raise VideoError("video", f"must be an object, got {self.video!r}")
+                unknown = set(self.video) - VIDEO_KEYS
+                if unknown:
+                    raise VideoError("video", f"unknown key(s) {sorted(unknown)} (known: {sorted(VIDEO_KEYS)})")
+                tpf = self.video.get("tokens_per_frame")
+                if isinstance(tpf, bool) or not isinstance(tpf, int) or tpf < 1:
+                    raise VideoError("video", f"tokens_per_frame must be a positive integer, got {tpf!r}")
+                if "num_frames" not in self.video:
+                    raise VideoError("video", "num_frames is missing")
+                self.video_sampling            # FrameSampling checks num_frames, max_fps, version
+        except (TilingError, VideoError) as e:
+            raise ExportError(f"{where}: {e}") from e
+
+
+VIDEO_KEYS = {"num_frames", "max_fps", "version", "rule", "tokens_per_frame", "token_budget"}
+
+
+def media_fields(tiling: TilingSpec | None, video_sampling: FrameSampling | None,
+                 video_tokens_per_frame: int | None, video_token_budget: int | None = None) -> dict:
+    """The "tiling" and "video" entries of vlm_config.json (the trainer adds them to its export):
+    the TilingSpec the model trained with, and the FrameSampling + tokens per frame of its videos."""
+    video = None
+    if video_tokens_per_frame is not None:
+        sampling = video_sampling or FrameSampling()
+        video = {**sampling.fingerprint(), "tokens_per_frame": video_tokens_per_frame,
+                 "token_budget": video_token_budget}
+    return {"tiling": None if tiling is None else tiling.fingerprint(), "video": video}
 
 
 def read_export_config(export_dir: str | os.PathLike) -> ExportConfig:
@@ -233,11 +312,20 @@ def load_vision_tower(cfg: ExportConfig, export_dir: str | os.PathLike, device="
 
 def build_from_export(llm, tokenizer, export_dir: str | os.PathLike, cfg: ExportConfig,
                       num_patches: int, dtype: torch.dtype) -> VisionLanguageModel:
-    """Attach the exported connector to a loaded LLM; checks the visual token count."""
-    conn_cfg = dict(read_connector_config(export_dir)["image"])
+    """Attach the exported connectors (image, and video when it has one) to a loaded LLM; checks
+    the visual token counts."""
+    connectors = read_connector_config(export_dir)
+    conn_cfg = dict(connectors["image"])
     vision_dim, num_tokens = conn_cfg.pop("vision_dim"), conn_cfg.pop("num_tokens")
     conn_cfg.pop("llm_dim")
-    vlm = build_vlm(llm, tokenizer, vision_dim, num_patches, connector=conn_cfg, dtype=dtype)
+    video_tokens = connectors["video"]["num_tokens"] if "video" in connectors else None
+    if video_tokens != cfg.video_tokens_per_frame:
+        raise ExportError(f"{export_dir}: {CONNECTOR_CONFIG} has "
+                          + (f"a video connector of {video_tokens} tokens per frame" if video_tokens
+                             else "no video connector")
+                          + f" but {EXPORT_CONFIG} says video={cfg.video!r}")
+    vlm = build_vlm(llm, tokenizer, vision_dim, num_patches, connector=conn_cfg, dtype=dtype,
+                    video_tokens_per_frame=video_tokens)
     try:
         load_connectors(vlm, export_dir)
     except ValueError as e:   # names the file: weights that do not fit connector_config.json
@@ -263,6 +351,11 @@ def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu
     dtype = resolve_dtype(dtype) if dtype is not None else _default_dtype(device)
     tokenizer = load_tokenizer(cfg, export_dir)
     tower = load_vision_tower(cfg, export_dir, device, vision_dtype) if with_vision else None
+    if tower is not None and cfg.tiling is not None:
+        try:
+            tower.check_tiling(cfg.tiling_spec)
+        except TilingError as e:
+            raise ExportError(f"{export_dir / EXPORT_CONFIG}: {e}") from e
     num_patches = tower.feature_shape(cfg.pool)[0] if tower is not None else _patches_from_config(cfg, export_dir)
     llm = load_llm_from_export(export_dir, cfg, dtype)
     vlm = build_from_export(llm, tokenizer, export_dir, cfg, num_patches, dtype)

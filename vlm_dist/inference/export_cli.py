@@ -4,7 +4,10 @@
     vlm-export hf EXPORT OUT [--dtype bf16] [--native | --remote-code]
                                                    a transformers model directory: LlavaForConditionalGeneration
                                                    (no custom code) for the MLP connector without LayerNorm,
-                                                   else a custom-code model (trust_remote_code=True)
+                                                   else a custom-code model (trust_remote_code=True);
+                                                   a model trained with tiles or video is refused (no
+                                                   transformers class has its layout: use the export
+                                                   itself, or merge, with vlm-generate/vlm-serve/lmms-eval)
 
 OUT must lie outside the export and its training run, and be new, empty or an earlier output of the
 same command; it is built beside OUT, read back, then swapped in. Mistakes are one line on stderr.

@@ -27,7 +27,9 @@ feature_layer=-2 is hidden_states[-2] in both. tests/test_export_hf.py checks to
 
 What LLaVA cannot express is refused, naming the setting: a LayerNorm before the projector or the
 Perceiver resampler (the custom-code export, vlm_dist.inference.export_remote, writes those; it is
-what `export_hf` picks for them), features pooled 2x2 (`pool`), SigLIP2 NaFlex towers.
+what `export_hf` picks for them), features pooled 2x2 (`pool`), SigLIP2 NaFlex towers; a model
+trained with tiles or video is refused by both kinds (export_remote.check_expressible: no
+transformers class has its block layout; its own export directory carries it).
 
 How the HF path differs from vlm-generate's, for the same conversation:
 - The processor tokenizes the rendered template in one piece with special tokens parsed: a user

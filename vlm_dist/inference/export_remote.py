@@ -25,7 +25,8 @@ The processor expands each image's `<|image_pad|>` to exactly `num_media_tokens`
 did (JPEG draft size cfg.jpeg_draft_to, EXIF rotation, alpha on white). Features are the tower's
 hidden_states[feature_layer] (no post-layernorm), computed in the dtype the training cache was
 (cfg.vision_dtype: the tower keeps it whatever dtype the model is loaded in). What the export cannot
-express is refused, naming the setting: cached features pooled 2x2 (`pool`), SigLIP2 NaFlex towers.
+express is refused, naming the setting: cached features pooled 2x2 (`pool`), SigLIP2 NaFlex towers,
+and a tiled or video model (its blocks have no stock class; the export directory itself carries them).
 tests/test_export_remote.py checks greedy tokens and logits against vlm-generate.
 """
 from __future__ import annotations
@@ -54,6 +55,16 @@ def check_expressible(export_dir: str | os.PathLike) -> ExportConfig:
 
     cfg = read_export_config(export_dir)
     where = Path(export_dir) / EXPORT_CONFIG
+    media = [m for m, on in (("tiled images (tiling: AnyRes thumbnail + tiles with row separators)",
+                              cfg.tiling is not None),
+                             ("video (a video connector, frames with timestamps)", cfg.video is not None)) if on]
+    if media:
+        raise ExportError(f"{where}: this model was trained with {' and '.join(media)}; no transformers "
+                          "class has this layout (LlavaNext learns an image_newline vector and unpads "
+                          "its tiles) and the custom-code export carries untiled images only, so "
+                          "`vlm-export hf` refuses it (--native and --remote-code alike). Use the export "
+                          "directory itself, or `vlm-export merge`: vlm-generate, vlm-serve and the "
+                          "lmms-eval model (--model vlm_dist) load it with tiles and video")
     if cfg.pool != 1:
         raise ExportError(f"{where}: pool={cfg.pool} (the training features were average-pooled "
                           f"{cfg.pool}x{cfg.pool} over the patch grid): the transformers export does not "

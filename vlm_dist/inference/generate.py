@@ -1,12 +1,19 @@
-"""From images and a conversation to generated text: features, prompt, generate, decode.
+"""From images, videos and a conversation to generated text: features, prompt, generate, decode.
 
     vlm, tokenizer, tower, cfg = load_export("runs/sft/export")
     gen = Generator(vlm, tokenizer, cfg, tower)
     text = gen.generate(conversations, gen.encode_images([img1, img2]), GenerationSettings())
+    media, layouts = gen.encode_media(images=[img1], videos=[gen.decode_video("clip.mp4")])
+    text = gen.generate(conversations, media, GenerationSettings(), layouts=layouts)
 
-Features come either online (`encode_images`: the export's vision tower, its
+Features come either online (`encode_media` / `encode_images`: the export's vision tower, its
 image processor, its dtype and pooling, as `vlm-cache build` encodes them) or
-from a feature cache (`cached_features`). The prompt is the conversation up to
+from a feature cache (`cached_features`). A tiled export's images are tiled as its training
+cache tiled them (`vision.image_views` with cfg.tiling_spec: thumbnail, then tiles row-major)
+and a video's frames are sampled with cfg.video_sampling (`decode_video`); `encode_media`
+returns each item's layout (Tiling / VideoLayout), and the prompt built with those layouts
+has exactly the block training built for the same record (PromptEncoder.block).
+`encode_images` is the untiled path: one view per image (what an untiled export reads). The prompt is the conversation up to
 the reply to generate, in the export's template, ending with the assistant
 prefix for chatml. Generation stops at <|im_end|> or <|endoftext|>.
 Used by vlm-generate and vlm-eval; vlm-serve calls `generate_batch` (several prompts given as
@@ -20,6 +27,7 @@ from typing import Sequence
 import torch
 
 from vlm_dist.contract.prompt import PromptEncoder
+from vlm_dist.errors import UserError
 from vlm_dist.model.vlm import unwrap_llm
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -73,26 +81,119 @@ def prompt_turns(conversations: list[dict]) -> list[dict]:
     return list(conversations if last is None else conversations[:last])
 
 
+class MediaUnsupported(UserError, ValueError):
+    """Media this export was not trained for (a video for a model without a video connector)."""
+
+
+def media_batch(rows: Sequence, device) -> dict | None:
+    """Per-row features -> the VLM's `media` ({kind: {"features", "counts"}}), rows in order.
+
+    A row is None (no media), an (M, P, D) tensor (untiled image views, one per image) or a
+    {kind: (V, P, D) tensor} / encode_media's {kind: {"features", "counts"}} dict."""
+    per_kind: dict[str, list] = {}
+    for row, item in enumerate(rows):
+        if item is None:
+            continue
+        if isinstance(item, torch.Tensor):
+            item = {"image": item}
+        for kind, feats in item.items():
+            feats = feats["features"] if isinstance(feats, dict) else feats
+            per_kind.setdefault(kind, [None] * len(rows))[row] = feats
+    media = {}
+    for kind, feats in per_kind.items():
+        present = [f for f in feats if f is not None and f.shape[0]]
+        if not present:
+            continue
+        media[kind] = {"features": torch.cat(present).to(device),
+                       "counts": torch.tensor([0 if f is None else f.shape[0] for f in feats], device=device)}
+    return media or None
+
+
 class Generator:
     """One loaded model (from load_export) turned into text-in, text-out generation."""
 
     def __init__(self, vlm, tokenizer, cfg, tower=None):
         self.vlm, self.tokenizer, self.cfg, self.tower = vlm, tokenizer, cfg, tower
-        self.encoder = PromptEncoder(tokenizer, cfg.template, cfg.num_media_tokens)
+        self.encoder = PromptEncoder(tokenizer, cfg.template, self.media_tokens)
+        self.tiling = cfg.tiling_spec                  # TilingSpec | None: images tiled as in training
+        self.video_sampling = cfg.video_sampling       # FrameSampling | None: frames sampled as in training
         self.stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[-1]
+
+    @property
+    def media_tokens(self) -> dict[str, int]:
+        """Pad slots per view of each kind this model has a connector for."""
+        return dict(self.vlm.num_tokens)
 
     @property
     def device(self) -> torch.device:
         return next(self.vlm.parameters()).device
 
-    def encode_images(self, images: Sequence) -> torch.Tensor:
-        """RGB PIL images -> (M, P, D) features, exactly as the cache computes them."""
+    def _need_tower(self):
         if self.tower is None:
             raise ValueError("this Generator has no vision tower; load the export with with_vision=True")
+        return self.tower
+
+    def encode_images(self, images: Sequence) -> torch.Tensor:
+        """RGB PIL images -> (M, P, D) features, exactly as the cache computes them: one untiled
+        view per image (for a tiled export use `encode_media`, which tiles and gives the layouts)."""
+        tower = self._need_tower()
         if not images:
-            return torch.empty(0, *self.tower.feature_shape(self.cfg.pool), dtype=self.tower.dtype)
-        return self.tower(self.tower.preprocess(list(images)), pool=self.cfg.pool)
+            return torch.empty(0, *tower.feature_shape(self.cfg.pool), dtype=tower.dtype)
+        return tower(tower.preprocess(list(images)), pool=self.cfg.pool)
+
+    # -- tiles and videos --------------------------------------------------------------------
+    def decode_video(self, source, name: str | None = None, max_bytes: int | None = None,
+                     max_pixels: int | None = None):
+        """A video path or bytes -> contract.video.Video, its frames sampled as the training cache
+        sampled them (cfg.video_sampling); MediaUnsupported for a model without video."""
+        if self.video_sampling is None or "video" not in self.vlm.num_tokens:
+            raise MediaUnsupported(f"{name or 'video'}: this export has no video connector (it was not "
+                                   "trained with model.video); it takes images only")
+        from vlm_dist.contract.video import DEFAULT_MAX_VIDEO_BYTES
+        return self._need_tower().decode_video(source, self.video_sampling, name=name,
+                                               max_bytes=max_bytes or DEFAULT_MAX_VIDEO_BYTES,
+                                               max_pixels=max_pixels)
+
+    def media_views(self, images: Sequence = (), videos: Sequence = ()) -> tuple[dict, dict]:
+        """Decoded images (RGB PIL) and videos (contract.video.Video) -> (views, layouts): per kind,
+        each item's views (an image: itself, or its thumbnail + tiles when the export is tiled; a
+        video: its frames) and layouts (Tiling | None; VideoLayout) in order. CPU only."""
+        from vlm_dist.contract.video import VideoLayout
+        from vlm_dist.model.vision import image_views
+
+        views, layouts = {}, {}
+        if images:
+            tiled = [image_views(img, self.tiling) for img in images]
+            views["image"] = [v for _, v in tiled]
+            layouts["image"] = [t for t, _ in tiled]
+        if videos:
+            if "video" not in self.vlm.num_tokens:
+                raise MediaUnsupported("this export has no video connector (it was not trained with "
+                                       "model.video); it takes images only")
+            views["video"] = [list(v.frames) for v in videos]
+            layouts["video"] = [VideoLayout.of(v) for v in videos]
+        return views, layouts
+
+    def encode_views(self, views: dict) -> dict:
+        """media_views' views -> {kind: {"features": (sum of views, P, D), "counts": (1,)}}: one
+        prompt's media, each kind's views concatenated in item order (tower.encode_views: the
+        cache's exact preprocessing)."""
+        tower = self._need_tower()
+        media = {}
+        for kind, items in views.items():
+            flat = [v for item in items for v in item]
+            if flat:
+                media[kind] = {"features": tower.encode_views(flat, pool=self.cfg.pool),
+                               "counts": torch.tensor([len(flat)])}
+        return media
+
+    def encode_media(self, images: Sequence = (), videos: Sequence = ()) -> tuple[dict, dict]:
+        """RGB PIL images and decoded videos (`decode_video`) -> (media, layouts) for one prompt:
+        media {kind: {"features", "counts"}}, layouts {kind: [per item]} for `generate(...,
+        layouts=)` / `prompt_ids`, so block and features are the ones training built."""
+        views, layouts = self.media_views(images, videos)
+        return self.encode_views(views), layouts
 
     @staticmethod
     def cached_features(cache, refs: Sequence[str]) -> torch.Tensor:
@@ -101,23 +202,38 @@ class Generator:
             return torch.empty(0, *cache.feature_shape)
         return torch.stack([cache.features_for(r) for r in refs])
 
-    def prompt_ids(self, conversations: list[dict]) -> tuple[list[int], int]:
-        ids, counts = self.encoder.encode_prompt(conversations)
+    def prompt_ids(self, conversations: list[dict], layouts: dict | None = None) -> tuple[list[int], int]:
+        """(ids, number of <image> placeholders); `layouts` as encode_media returns them."""
+        ids, counts = self.encoder.encode_prompt(conversations, layouts=layouts)
         return ids, counts["image"]
 
+    def check_items(self, conversations: list[dict], features, layouts: dict | None) -> list[int]:
+        """The prompt's ids, once every placeholder has its item (and a tiled export its tiles)."""
+        from vlm_dist.contract.media import MEDIA_KINDS
+        if isinstance(features, torch.Tensor) or features is None:
+            given = {"image": 0 if features is None else features.shape[0]}
+        else:
+            given = {k: int(v["counts"].sum()) if isinstance(v, dict) else v.shape[0] for k, v in features.items()}
+        for kind, mk in MEDIA_KINDS.items():
+            n = sum(t["content"].count(mk.placeholder) for t in conversations)
+            items = len(layouts[kind]) if layouts and kind in layouts else given.get(kind, 0)
+            if n != items:
+                raise ValueError(f"the prompt has {n} {mk.placeholder} placeholder(s) but {items} {kind}(s) "
+                                 f"were given; every {mk.placeholder} needs exactly one {kind}, in order")
+        if self.tiling is not None and given.get("image") and not (layouts and "image" in layouts):
+            raise ValueError("this export is tiled: encode the images with encode_media(images) and pass "
+                             "its layouts, so each image gets its thumbnail and tiles as in training")
+        ids, _ = self.encoder.encode_prompt(conversations, layouts=layouts)
+        return ids
+
     @torch.no_grad()
-    def generate_ids(self, conversations: list[dict], features: torch.Tensor | None,
-                     settings: GenerationSettings, streamer=None) -> list[int]:
-        """New token ids for the prompt (conversation without the reply) and its images' features."""
-        ids, n_images = self.prompt_ids(conversations)
-        n_feats = 0 if features is None else features.shape[0]
-        if n_images != n_feats:
-            raise ValueError(f"the prompt has {n_images} <image> placeholder(s) but {n_feats} image(s) "
-                             "were given; every <image> needs exactly one image, in order")
-        media = None
-        if n_feats:
-            media = {"image": {"features": features.to(self.device),
-                               "counts": torch.tensor([n_feats], device=self.device)}}
+    def generate_ids(self, conversations: list[dict], features, settings: GenerationSettings,
+                     streamer=None, layouts: dict | None = None) -> list[int]:
+        """New token ids for the prompt (conversation without the reply) and its media: `features`
+        an (M, P, D) tensor of untiled images (encode_images), or encode_media's media with its
+        `layouts`."""
+        ids = self.check_items(conversations, features, layouts)
+        media = media_batch([features], self.device)
         sampling = None
         if settings.do_sample:
             from transformers import LogitsProcessorList
@@ -134,15 +250,16 @@ class Generator:
                 return new[:i]
         return new
 
-    def generate(self, conversations: list[dict], features: torch.Tensor | None,
-                 settings: GenerationSettings | None = None, streamer=None) -> str:
-        ids = self.generate_ids(conversations, features, settings or GenerationSettings(), streamer)
+    def generate(self, conversations: list[dict], features, settings: GenerationSettings | None = None,
+                 streamer=None, layouts: dict | None = None) -> str:
+        ids = self.generate_ids(conversations, features, settings or GenerationSettings(), streamer, layouts)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     @torch.no_grad()
-    def generate_batch(self, prompts: Sequence[Sequence[int]], features: Sequence[torch.Tensor | None],
+    def generate_batch(self, prompts: Sequence[Sequence[int]], features: Sequence,
                        settings: GenerationSettings, streamer=None, stopping_criteria=None) -> torch.Tensor:
-        """(B, T_new) new token ids for B prompts (token ids) and their images' (M_b, P, D) features.
+        """(B, T_new) new token ids for B prompts (token ids, built with their layouts) and their media:
+        per row None, an (M_b, P, D) tensor of untiled image features, or encode_media's media.
 
         The prompts are left-padded into one batch (transformers derives the positions from the
         attention mask, so each row sees its own tokens at positions 0..n-1, as alone). One row
@@ -163,12 +280,7 @@ class Generator:
             ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[row, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        feats = [f for f in features if f is not None and f.shape[0]]
-        media = None
-        if feats:
-            counts = [0 if f is None else f.shape[0] for f in features]
-            media = {"image": {"features": torch.cat(feats).to(self.device),
-                               "counts": torch.tensor(counts, device=self.device)}}
+        media = media_batch(features, self.device)
         sampling = None
         if settings.do_sample:
             from transformers import LogitsProcessorList

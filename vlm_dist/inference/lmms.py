@@ -22,7 +22,12 @@ one `<image>` marker per image keeps them, the k-th marker taking the k-th image
 marker count disagrees with its images is warned about, by task and doc, and its markers are
 removed so the images go in front). Other markers, such as MMMU's "<image 1>", stay text.
 PIL images from the harness go straight to the vision tower; bytes and file paths are decoded by
-`tower.decode`, as vlm-generate decodes them. The context is one user turn in the export's template.
+`tower.decode`, as vlm-generate decodes them. A tiled export tiles them as its training cache did.
+Video tasks pass video file paths as visuals (a path with a video suffix, VIDEO_SUFFIXES): for a
+model trained with video they are decoded by `Generator.decode_video` (the training cache's frame
+sampling) and placed like images, as `<video>` (in front, or at the context's own `<video>`
+markers); a model without a video connector refuses them, naming the task and doc.
+The context is one user turn in the export's template.
 
 generate_until: requests sorted by context length (longest first, like lmms-eval's models),
 grouped by generation settings, run `batch_size` at a time (left-padded), each cut at its first
@@ -52,6 +57,8 @@ from vlm_dist.errors import UserError
 MODEL_ID = "vlm_dist"
 CLASS_NAME = "VlmDistLmms"
 DEFAULT_MAX_NEW_TOKENS = 128    # when a task sets none (lmms-eval's Qwen models' default)
+# what lmms-eval's video models treat as a video visual (paths; the files are decoded with PyAV)
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp")
 
 
 class LmmsEvalError(UserError, ValueError):
@@ -162,11 +169,15 @@ class VlmDistModel:
     def _doc(self, task, split, doc_id):
         return self.task_dict[task][split][doc_id]
 
-    def _images(self, visuals, where: str) -> list:
-        """The document's visuals as RGB PIL images, in order."""
+    def _visuals(self, visuals, where: str) -> tuple[list, list]:
+        """The document's visuals: (RGB PIL images, decoded videos), each kind in order."""
         from PIL import Image
-        out = []
+        out, videos = [], []
         for k, v in enumerate(_flatten(visuals)):
+            if isinstance(v, (str,)) or hasattr(v, "__fspath__"):
+                if str(v).lower().endswith(VIDEO_SUFFIXES):
+                    videos.append(self.gen.decode_video(str(v), name=f"{where} visual {k} ({v})"))
+                    continue
             if isinstance(v, Image.Image):   # as the cache decodes: EXIF upright, alpha on white, 16-bit scaled
                 from PIL import ImageOps
 
@@ -176,32 +187,36 @@ class VlmDistModel:
                 out.append(self.gen.tower.decode(v if isinstance(v, bytes) else str(v), name=f"{where} visual {k}"))
             else:
                 raise LmmsEvalError(f"{where}: visual {k} is a {type(v).__name__}; {MODEL_ID} takes images "
-                                    "(PIL images, image bytes or image file paths), not video or audio")
-        return out
+                                    "(PIL images, image bytes or image file paths) and video file paths "
+                                    f"({', '.join(VIDEO_SUFFIXES)}), not audio")
+        return out, videos
 
-    def _turns(self, context: str, n_images: int, where: str) -> list[dict]:
+    def _turns(self, context: str, n_images: int, where: str, n_videos: int = 0) -> list[dict]:
+        from vlm_dist.contract.media import VIDEO
         from vlm_dist.contract.records import IMAGE_PLACEHOLDER
         from vlm_dist.inference.generate_cli import build_conversation
-        markers = context.count(IMAGE_PLACEHOLDER)
-        if markers and markers != n_images:   # a benchmark's own text: do not stop a long run on it
-            from loguru import logger   # lmms-eval's logger (its dependency)
-            logger.warning(f"{where}: the context has {markers} {IMAGE_PLACEHOLDER} marker(s) but the document "
-                          f"has {n_images} image(s); markers removed, the images put in front")
-            context = context.replace(IMAGE_PLACEHOLDER, "")
-        return build_conversation(context, None, n_images)
+        for placeholder, n, what in ((IMAGE_PLACEHOLDER, n_images, "image"), (VIDEO.placeholder, n_videos, "video")):
+            markers = context.count(placeholder)
+            if markers and markers != n:   # a benchmark's own text: do not stop a long run on it
+                from loguru import logger   # lmms-eval's logger (its dependency)
+                logger.warning(f"{where}: the context has {markers} {placeholder} marker(s) but the document "
+                               f"has {n} {what}(s); markers removed, the {what}s put in front")
+                context = context.replace(placeholder, "")
+        return build_conversation(context, None, n_images, n_videos=n_videos)
 
     def _prompt(self, context: str, doc_to_visual, doc_id, task, split):
-        """(prompt ids, (M, P, D) image features) of one request."""
+        """(prompt ids, media) of one request: the blocks and features training would build
+        (tiles, video frames: Generator.encode_media)."""
         where = f"task {task} ({split}) doc {doc_id}"
-        images = self._images(doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual else None, where)
-        ids, _ = self.gen.prompt_ids(self._turns(context, len(images), where))
-        return ids, self.gen.encode_images(images)
+        images, videos = self._visuals(doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual else None,
+                                       where)
+        media, layouts = self.gen.encode_media(images, videos)
+        ids, _ = self.gen.prompt_ids(self._turns(context, len(images), where, len(videos)), layouts)
+        return ids, media
 
-    def _media(self, feats: list[torch.Tensor]) -> dict | None:
-        if not sum(f.shape[0] for f in feats):
-            return None
-        return {"image": {"features": torch.cat([f for f in feats if f.shape[0]]).to(self.device),
-                          "counts": torch.tensor([f.shape[0] for f in feats], device=self.device)}}
+    def _media(self, feats: list) -> dict | None:
+        from vlm_dist.inference.generate import media_batch
+        return media_batch(feats, self.device)
 
     # -- generation ----------------------------------------------------------------
     @torch.no_grad()
@@ -284,14 +299,14 @@ class VlmDistModel:
             if not cont_ids:
                 raise LmmsEvalError(f"{where}: empty continuation {continuation!r} to score")
             if split is None:
-                ctx_ids, feats = self.gen.prompt_ids(self._turns(context, 0, where))[0], self.gen.encode_images([])
+                ctx_ids, feats = self.gen.prompt_ids(self._turns(context, 0, where))[0], None
             else:
                 ctx_ids, feats = self._prompt(context, visual, doc_id, task, split)
             res.append(self._score(ctx_ids, cont_ids, feats))
             self.cache_hook.add_partial("loglikelihood", (context, continuation), res[-1])
         return [_survives_unwrap(r) for r in res]
 
-    def _score(self, ctx_ids: list[int], cont_ids: list[int], feats: torch.Tensor) -> tuple[float, bool]:
+    def _score(self, ctx_ids: list[int], cont_ids: list[int], feats) -> tuple[float, bool]:
         """(-sum of log p(continuation | context), greedy?) from one forward: lower is likelier,
         as lmms-eval's multiple_choice (argmin) expects."""
         vlm = self.gen.vlm

@@ -4,8 +4,10 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 A request is checked and turned into a Job here (content parts in order, each image_url an
-image slot at its place; images read by serve.media and decoded by the export's
-VisionTower.decode, the cache's decoder) before it is queued, so a bad request is refused at
+image slot at its place, each video_url -- vLLM's part name -- a video's; bytes read by
+serve.media and decoded by the export's VisionTower.decode / decode_video, the cache's decoders;
+a tiled export's images tiled and a video's frames sampled as its training cache did) before it
+is queued, so a bad request is refused at
 once with OpenAI's error JSON and never reaches the model. Replies come back whole, or as
 server-sent events (`chat.completion.chunk` objects, then `data: [DONE]`). A client that
 disconnects cancels its job: generation of its row stops and its queue slot is freed.
@@ -26,9 +28,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from vlm_dist.contract.images import ImageError
-from vlm_dist.serve.engine import IMAGE_PART, Engine, Job, SamplingParams, ServeConfig
+from vlm_dist.contract.video import VideoError
+from vlm_dist.serve.engine import IMAGE_PART, VIDEO_PART, Engine, Job, SamplingParams, ServeConfig
 from vlm_dist.serve.errors import RequestError
-from vlm_dist.serve.media import MediaLimits, read_image_url
+from vlm_dist.serve.media import MediaLimits, read_media_url
 
 log = logging.getLogger("vlm_dist.serve")
 
@@ -94,11 +97,12 @@ def sampling_params(body: dict) -> tuple[SamplingParams, int | None]:
     return params, max_tokens
 
 
-def parse_messages(messages) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Turns with content parts (text, IMAGE_PART) and the image URLs in order, with where each is."""
+def parse_messages(messages, with_videos: bool = False):
+    """Turns with content parts (text, IMAGE_PART, VIDEO_PART) and the image URLs in order, with
+    where each is; with_videos: (turns, image URLs, video URLs)."""
     if not isinstance(messages, list) or not messages:
         raise _bad("messages must be a non-empty list", param="messages")
-    turns, urls = [], []
+    turns, urls, video_urls = [], [], []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or msg["role"] not in ROLES:
@@ -125,13 +129,21 @@ def parse_messages(messages) -> tuple[list[dict], list[tuple[str, str]]]:
                 url = ref.get("url") if isinstance(ref, dict) else ref
                 urls.append((url, f"{at}.image_url"))
                 parts.append(IMAGE_PART)
+            elif kind == "video_url":
+                if role != "user":
+                    raise _bad(f"{at}: videos go in user messages, not {msg['role']}", param="messages")
+                ref = part.get("video_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                video_urls.append((url, f"{at}.video_url"))
+                parts.append(VIDEO_PART)
             else:
                 raise _bad(f"{at}: unsupported content part {str(part)[:80]}; this server takes "
-                           "{type: text, text} and {type: image_url, image_url: {url}}", param="messages")
+                           "{type: text, text}, {type: image_url, image_url: {url}} and "
+                           "{type: video_url, video_url: {url}}", param="messages")
         turns.append({"role": role, "content": parts})
     if turns[-1]["role"] != "user":
         raise _bad("the last message must be a user message (the reply to it is generated)", param="messages")
-    return turns, urls
+    return (turns, urls, video_urls) if with_videos else (turns, urls)
 
 
 class Handler:
@@ -141,6 +153,10 @@ class Handler:
         self.engine, self.config = engine, engine.config
         self.limits = MediaLimits(max_bytes=self.config.max_image_bytes, fetch_timeout=self.config.fetch_timeout,
                                   local_root=self.config.allowed_local_media_path)
+        self.video_limits = MediaLimits(max_bytes=self.config.max_video_bytes,
+                                        fetch_timeout=self.config.fetch_timeout,
+                                        local_root=self.config.allowed_local_media_path, kind="video",
+                                        flag="--max-video-bytes")
 
     def check_model(self, body: dict) -> None:
         model = body.get("model")
@@ -151,18 +167,39 @@ class Handler:
                                     f"{self.engine.model_name!r}", code="model_not_found", param="model")
 
     def job(self, body: dict, on_event) -> Job:
-        """Check a chat completion request (a JSON object), read and decode its images; the job to submit."""
+        """Check a chat completion request (a JSON object), read and decode its images and videos;
+        the job to submit."""
         self.check_model(body)
         params, max_tokens = sampling_params(body)
-        turns, urls = parse_messages(body.get("messages"))
+        turns, urls, video_urls = parse_messages(body.get("messages"), with_videos=True)
         limit = self.config.limit_mm_per_prompt
         if len(urls) > limit:
             raise _bad(f"{len(urls)} images in this request; at most {limit} are allowed "
                        "(--limit-mm-per-prompt)", param="messages", code="too_many_images")
-        images = [self.decode(*read_image_url(url, self.limits, where), where) for url, where in urls]
-        ids = self.engine.prompt_ids(turns)
+        if video_urls and "video" not in self.engine.generator.media_tokens:
+            raise _bad(f"{video_urls[0][1]}: this model takes no video (it has no video connector; "
+                       "it was not trained with model.video)", param="messages", code="video_unsupported")
+        if len(video_urls) > self.config.limit_video_per_prompt:
+            raise _bad(f"{len(video_urls)} videos in this request; at most {self.config.limit_video_per_prompt} "
+                       "are allowed (--limit-mm-per-prompt video=N)", param="messages", code="too_many_videos")
+        images = [self.decode(*read_media_url(url, self.limits, where), where) for url, where in urls]
+        videos = [self.decode_video(*read_media_url(url, self.video_limits, where), where)
+                  for url, where in video_urls]
+        views, layouts = self.engine.generator.media_views(images, videos)
+        ids = self.engine.prompt_ids(turns, layouts)
         params.max_tokens = self.engine.check_length(len(ids), max_tokens)
-        return Job(ids, images, params, on_event)
+        return Job(ids, views, params, on_event)
+
+    def decode_video(self, data: bytes, name: str, where: str):
+        try:
+            return self.engine.generator.decode_video(data, name=name, max_bytes=self.config.max_video_bytes,
+                                                      max_pixels=self.config.max_image_pixels)
+        except VideoError as e:
+            if e.reason.startswith("too large"):
+                raise RequestError(413, f"{where}: {e.reason} (--max-video-bytes)", code="video_too_large",
+                                   param="messages") from None
+            raise _bad(f"{where}: cannot use this video: {e.reason}", param="messages",
+                       code="invalid_video") from None
 
     def decode(self, data: bytes, name: str, where: str):
         try:
@@ -230,14 +267,17 @@ def create_app(model, config: ServeConfig | None = None, device: str | None = No
         return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "vlm_dist", "max_model_len": engine.max_model_len}]}
 
-    # images arrive base64-encoded (4/3 of their bytes), plus the text of the conversation
-    max_body = cfg.limit_mm_per_prompt * (cfg.max_image_bytes * 4 // 3 + 1024) + (8 << 20)
+    # images and videos arrive base64-encoded (4/3 of their bytes), plus the text of the conversation
+    max_body = (cfg.limit_mm_per_prompt * (cfg.max_image_bytes * 4 // 3 + 1024) + (8 << 20)
+                + (cfg.limit_video_per_prompt * (cfg.max_video_bytes * 4 // 3 + 1024)
+                   if "video" in engine.generator.media_tokens else 0))
 
     async def read_body(request: Request) -> dict:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_body:
             raise RequestError(413, f"request body of {declared} bytes; at most {max_body} are read "
-                                    "(--limit-mm-per-prompt images of --max-image-bytes, plus text)",
+                                    "(--limit-mm-per-prompt images of --max-image-bytes and videos of "
+                                    "--max-video-bytes, plus text)",
                                code="request_too_large")
         chunks, size = [], 0
         async for chunk in request.stream():

@@ -1,12 +1,15 @@
 """The model worker: one thread owns the model, takes jobs from a bounded queue, batches greedy ones.
 
     engine = Engine.from_export("runs/sft/export", ServeConfig(max_queue=32))
-    job = engine.new_job(turns, images, SamplingParams(max_tokens=64, temperature=0.0), on_event)
+    job = Job(engine.prompt_ids(turns, layouts), views, SamplingParams(max_tokens=64), on_event)
     engine.submit(job)            # RequestError(503) when the queue is full; events arrive on on_event
 
 A job is one chat completion: prompt token ids (built here from content parts, so text is always
-text: a typed `<image>` or `<|image_pad|>` never becomes an image slot), its decoded images, and
-sampling settings. The worker takes the oldest job; if it is greedy (temperature 0) it also takes
+text: a typed `<image>` or `<|image_pad|>` never becomes an image slot), its decoded media as
+views (Generator.media_views: an image, or a tiled export's thumbnail + tiles; a video's sampled
+frames), and sampling settings. The blocks are PromptEncoder.block with each item's layout, so a
+served prompt has exactly the tokens training gave the same record; the worker encodes the views
+with the tower (the cache's preprocessing). The worker takes the oldest job; if it is greedy (temperature 0) it also takes
 every other waiting greedy job, up to `max_batch`, and generates them together, left-padded
 (Generator.generate_batch). A sampled job runs alone: its seeded RNG is its own. Each row stops on
 its own -- a stop token ("stop"), a stop string ("stop"), its max_tokens ("length"), or its client
@@ -25,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from vlm_dist.contract.media import IMAGE
+from vlm_dist.contract.media import IMAGE, VIDEO
 from vlm_dist.contract.prompt import PromptEncoder
 from vlm_dist.serve.errors import RequestError
 
@@ -33,27 +36,34 @@ log = logging.getLogger("vlm_dist.serve")
 
 IMAGE_PART = object()
 """Marks an image's position in a turn's content parts (the rest are text strings)."""
+VIDEO_PART = object()
+"""Marks a video's position in a turn's content parts."""
+PART_KINDS = {id(IMAGE_PART): IMAGE.name, id(VIDEO_PART): VIDEO.name}
 
 
 class PartsPromptEncoder(PromptEncoder):
-    """PromptEncoder whose turn content is a list of parts: text strings and IMAGE_PART.
+    """PromptEncoder whose turn content is a list of parts: text strings, IMAGE_PART and VIDEO_PART.
 
-    Each IMAGE_PART becomes the image block; text is only ever tokenized as text (with
-    split_special_tokens), so an `<image>` a user types stays the characters `<image>`.
-    Text pieces are tokenized one by one, as PromptEncoder tokenizes the text between
-    placeholders: "Image 1: <image>\\nWhat?" and the parts ["Image 1: ", IMAGE_PART, "\\nWhat?"]
-    give the same ids.
+    Each media part becomes its kind's block for the k-th item's layout (PromptEncoder.block:
+    a tiled image's thumbnail + tiles, a video's frames with their timestamps); text is only
+    ever tokenized as text (with split_special_tokens), so an `<image>` a user types stays the
+    characters `<image>`. Text pieces are tokenized one by one, as PromptEncoder tokenizes the
+    text between placeholders: "Image 1: <image>\\nWhat?" and the parts ["Image 1: ", IMAGE_PART,
+    "\\nWhat?"] give the same ids.
     """
 
-    def _content(self, parts: list) -> tuple[list[int], list[str]]:
-        ids, kinds = [], []
+    def _content(self, parts: list, layouts: dict, kinds: list[str]) -> list[int]:
+        ids = []
         for part in parts:
-            if part is IMAGE_PART:
-                ids += self.blocks[IMAGE.name].block()
-                kinds.append(IMAGE.name)
+            kind = PART_KINDS.get(id(part)) if not isinstance(part, str) else None
+            if kind is not None:
+                k = kinds.count(kind)
+                items = layouts.get(kind) or []
+                ids += self.block(kind, items[k] if k < len(items) else None)
+                kinds.append(kind)
             else:
                 ids += self._text(part)
-        return ids, kinds
+        return ids
 
 
 @dataclass
@@ -64,8 +74,12 @@ class ServeConfig:
     """Required as `Authorization: Bearer KEY` on /v1/*; None: no key needed."""
     limit_mm_per_prompt: int = 8
     """Most images in one request (all turns together)."""
+    limit_video_per_prompt: int = 1
+    """Most videos in one request (all turns together)."""
     max_image_bytes: int = 20 << 20
     """Largest image in bytes (data: URL decoded, fetched or local)."""
+    max_video_bytes: int = 100 << 20
+    """Largest video in bytes (data: URL decoded, fetched or local)."""
     max_image_pixels: int = 40_000_000
     """Largest image in pixels (width x height), checked before its pixels are decoded."""
     allowed_local_media_path: str | None = None
@@ -105,9 +119,13 @@ class SamplingParams:
 class Job:
     """One chat completion in the engine; `text`, `finish_reason`, token counts once done."""
 
-    def __init__(self, prompt_ids: list[int], images: list, params: SamplingParams,
+    def __init__(self, prompt_ids: list[int], views: dict, params: SamplingParams,
                  on_event: Callable[[tuple], None]):
-        self.prompt_ids, self.images, self.params, self.on_event = prompt_ids, images, params, on_event
+        """`views`: {kind: [each item's RGB views]} (Generator.media_views), {} without media; a
+        plain list is images, one view each (untiled)."""
+        if isinstance(views, list):
+            views = {"image": [[img] for img in views]} if views else {}
+        self.prompt_ids, self.views, self.params, self.on_event = prompt_ids, views, params, on_event
         self.tokens: list[int] = []
         self.text, self.emitted = "", 0
         self.finish_reason: str | None = None
@@ -184,7 +202,7 @@ class Engine:
         self.generator, self.config, self.model_name = generator, config, model_name
         self.tower = generator.tower
         self.encoder = PartsPromptEncoder(generator.tokenizer, generator.cfg.template,
-                                          generator.cfg.num_media_tokens)
+                                          generator.media_tokens)
         self.max_model_len = config.max_model_len or unwrap_llm(generator.vlm.llm).config.max_position_embeddings
         self.tokenizer_lock = threading.Lock()   # a fast tokenizer's Rust state is not shared safely
         self._pending: deque[Job] = deque()
@@ -209,15 +227,16 @@ class Engine:
         return cls(Generator(vlm, tokenizer, cfg, tower), config, config.served_model_name or str(export_dir))
 
     # -- request side ---------------------------------------------------------------------------
-    def prompt_ids(self, turns: list[dict]) -> list[int]:
-        """Token ids of the prompt for turns whose content is a list of parts (see PartsPromptEncoder)."""
+    def prompt_ids(self, turns: list[dict], layouts: dict | None = None) -> list[int]:
+        """Token ids of the prompt for turns whose content is a list of parts (see PartsPromptEncoder),
+        each media part's block made with its layout (Generator.media_views)."""
         chars = sum(len(part) for t in turns for part in t["content"] if isinstance(part, str))
         if chars > MAX_CHARS_PER_TOKEN * self.max_model_len:
             raise RequestError(400, f"the prompt's text is {chars} characters: far more than this model's "
                                     f"{self.max_model_len} tokens (--max-model-len) can hold",
                                code="context_length_exceeded", param="messages")
         with self.tokenizer_lock:
-            ids, _ = self.encoder.encode_prompt(turns)
+            ids, _ = self.encoder.encode_prompt(turns, layouts=layouts)
         return ids
 
     def check_length(self, n_prompt: int, max_tokens: int | None) -> int:
@@ -342,7 +361,7 @@ class Engine:
         from vlm_dist.inference.generate import GenerationSettings
 
         gen = self.generator
-        feats = [gen.encode_images(job.images) if job.images else None for job in batch]
+        feats = [gen.encode_views(job.views) if job.views else None for job in batch]
         p = batch[0].params
         settings = GenerationSettings(max_new_tokens=max(job.params.max_tokens for job in batch),
                                       do_sample=not p.greedy, temperature=p.temperature or 1.0,

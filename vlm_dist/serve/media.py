@@ -1,10 +1,14 @@
-"""image_url -> image bytes: data: URLs, http(s) fetched with a timeout and a byte cap, file:// under one root.
+"""image_url / video_url -> media bytes: data: URLs, http(s) fetched with a timeout and a byte cap,
+file:// under one root.
 
     data, name = read_image_url(url, MediaLimits(max_bytes=20 << 20, local_root="/data/images"),
                                 where="messages[1].content[0].image_url")
+    data, name = read_media_url(url, MediaLimits(max_bytes=100 << 20, kind="video",
+                                flag="--max-video-bytes"), where="messages[1].content[1].video_url")
 
-Only the bytes are produced here; they are decoded by the export's `VisionTower.decode`, as the
-feature cache decodes, so served features equal cached ones. Every refusal is a RequestError
+Only the bytes are produced here; they are decoded by the export's `VisionTower.decode` (images)
+or `VisionTower.decode_video` (videos), as the feature cache decodes, so served features equal
+cached ones. Images and videos follow the same rules, each kind with its own byte cap. Every refusal is a RequestError
 naming the message part: 400 for a malformed URL, bad base64, a failed fetch or a path outside
 the allowed root, 413 for more bytes than the cap. A fetch streams the body and stops reading
 at the cap; redirects are followed only to http(s) (httpx speaks no other scheme), at most 3.
@@ -30,12 +34,23 @@ class MediaLimits:
     """Seconds for an http(s) image fetch (connect, and each read)."""
     local_root: str | None = None
     """The only directory file:// URLs may read under (--allowed-local-media-path); None: no file://."""
+    kind: str = "image"
+    """What the bytes are (image, video): named in errors and error codes."""
+    flag: str = "--max-image-bytes"
+    """The server flag that sets max_bytes, named in a 413."""
 
 
 def read_image_url(url: str, limits: MediaLimits, where: str) -> tuple[bytes, str]:
     """The image bytes behind `url` and a short name for errors; RequestError (4xx) if refused."""
+    return read_media_url(url, limits, where)
+
+
+def read_media_url(url: str, limits: MediaLimits, where: str) -> tuple[bytes, str]:
+    """The bytes behind `url` (an image or a video: limits.kind) and a short name for errors;
+    RequestError (4xx) if refused."""
+    kind = limits.kind
     if not isinstance(url, str) or not url:
-        raise RequestError(400, f"{where}: image_url.url must be a non-empty string", param="messages")
+        raise RequestError(400, f"{where}: {kind}_url.url must be a non-empty string", param="messages")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         return _data_url(url, limits, where), f"{where} (data: URL)"
@@ -43,13 +58,13 @@ def read_image_url(url: str, limits: MediaLimits, where: str) -> tuple[bytes, st
         return _fetch(url, limits, where), url
     if scheme == "file":
         return _local(url, limits, where), url
-    raise RequestError(400, f"{where}: unsupported image URL {url[:60]!r}; use a data: URL (base64), "
+    raise RequestError(400, f"{where}: unsupported {kind} URL {url[:60]!r}; use a data: URL (base64), "
                             "http(s):// or file:// (with --allowed-local-media-path)", param="messages")
 
 
 def too_large(where: str, size: str, limits: MediaLimits) -> RequestError:
-    return RequestError(413, f"{where}: image too large ({size} bytes; the server's limit is "
-                             f"{limits.max_bytes} bytes, --max-image-bytes)", code="image_too_large",
+    return RequestError(413, f"{where}: {limits.kind} too large ({size} bytes; the server's limit is "
+                             f"{limits.max_bytes} bytes, {limits.flag})", code=f"{limits.kind}_too_large",
                         param="messages")
 
 
@@ -85,11 +100,11 @@ def _fetch(url: str, limits: MediaLimits, where: str) -> bytes:
             with client.stream("GET", url) as r:
                 if r.status_code != 200:
                     raise RequestError(400, f"{where}: fetching {url} answered HTTP {r.status_code}",
-                                       code="image_fetch_failed", param="messages")
+                                       code=f"{limits.kind}_fetch_failed", param="messages")
                 encoding = r.headers.get("content-encoding", "identity").strip().lower()
                 if encoding not in ("", "identity"):
                     raise RequestError(400, f"{where}: {url} was sent with Content-Encoding {encoding!r}; "
-                                            "images are fetched uncompressed only", code="image_fetch_failed",
+                                            f"{limits.kind}s are fetched uncompressed only", code=f"{limits.kind}_fetch_failed",
                                        param="messages")
                 declared = r.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > limits.max_bytes:
@@ -100,14 +115,14 @@ def _fetch(url: str, limits: MediaLimits, where: str) -> bytes:
                         raise too_large(where, f"more than {limits.max_bytes}", limits)
                     if time.monotonic() > deadline:
                         raise RequestError(400, f"{where}: fetching {url} took longer than "
-                                                f"{3 * limits.fetch_timeout:g} s", code="image_fetch_failed",
+                                                f"{3 * limits.fetch_timeout:g} s", code=f"{limits.kind}_fetch_failed",
                                            param="messages")
                     chunks.append(chunk)
     except RequestError:
         raise
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:   # InvalidURL, IDNA/Unicode errors: a bad URL
         raise RequestError(400, f"{where}: cannot fetch {url!r}: {type(e).__name__}: {e}",
-                           code="image_fetch_failed", param="messages") from None
+                           code=f"{limits.kind}_fetch_failed", param="messages") from None
     return b"".join(chunks)
 
 

@@ -49,14 +49,17 @@ class UIError(UserError):
 # Chat history (Gradio's message dicts) -> OpenAI messages
 
 def image_part(path: str) -> dict:
-    """An `image_url` content part holding the file's bytes as a base64 data: URL.
+    """An `image_url` content part holding the file's bytes as a base64 data: URL, or a
+    `video_url` part (vLLM's name) for a video file (a video/* type by its name).
 
     The bytes are sent as they are; the server decodes them with the same code as the training
-    cache, and a file it cannot decode comes back as its error message.
+    cache, and a file it cannot decode (or a video for a model trained without) comes back as its
+    error message.
     """
     mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
+    kind = "video_url" if mime.startswith("video/") else "image_url"
+    return {"type": kind, kind: {"url": f"data:{mime};base64,{data}"}}
 
 
 def _file_path(item) -> str | None:
@@ -218,8 +221,8 @@ def build_app(chat: Chat, temperature: float = 0.0, max_tokens: int = 256, syste
     import gradio as gr
 
     textbox = gr.MultimodalTextbox(
-        file_types=["image"], file_count="multiple", sources=["upload"],
-        placeholder="Drop images here (several are fine), then ask about them",
+        file_types=["image", "video"], file_count="multiple", sources=["upload"],
+        placeholder="Drop images (or a video) here, then ask about them",
     )
     settings = [
         gr.Textbox(value=system, label="System prompt"),
