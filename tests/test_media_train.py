@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlm_dist.cache.reader import FeatureCache
+from vlm_dist.fileio import sha256_file
+
 from vlm_dist.contract.prompt import IGNORE, PromptEncoder
 from vlm_dist.contract.tiling import TilingSpec, plan_tiling
 from vlm_dist.contract.video import VideoLayout
@@ -368,6 +371,20 @@ def test_one_training_step_on_tiles_and_video(media_cache, tmp_path):
     dropped = [json.loads(line) for line in (out / "dropped.jsonl").read_text().splitlines()]
     assert [(d["id"], d["reason"]) for d in dropped] == [("broken", "video_failed")]
     exported = json.loads((out / "export" / "vlm_config.json").read_text())
-    assert exported["tiling"]["tokens_per_tile"] == T and exported["video_sampling"]["num_frames"] == 3
+    assert exported["tiling"]["tokens_per_tile"] == T and exported["video"]["num_frames"] == 3
     weights = load_file(out / "export" / "connector.safetensors")
     assert any(k.startswith("video.") for k in weights) and any(k.startswith("image.") for k in weights)
+    # the trained export generates from the same video, decoded online as the cache decoded it
+    from vlm_dist.inference.export import load_export
+    from vlm_dist.inference.generate import GenerationSettings, Generator
+    vlm, tok, tower, ecfg = load_export(out / "export", "cpu", torch.float32)
+    gen = Generator(vlm, tok, ecfg, tower)
+    video = gen.decode_video(str(media_cache["root"] / "data" / "clip.mp4"))
+    cache = FeatureCache(media_cache["cache"])
+    key = sha256_file(media_cache["root"] / "data" / "clip.mp4")
+    assert list(video.timestamps) == cache.layout(key)["timestamps"]
+    media, layouts = gen.encode_media([], [video])
+    torch.testing.assert_close(media["video"]["features"], cache.views(key).float(), rtol=0, atol=0)
+    turns = [{"role": "user", "content": "<video> when does it turn blue?"}]
+    text = gen.generate(turns, media, GenerationSettings(max_new_tokens=4), layouts=layouts)
+    assert isinstance(text, str)

@@ -275,6 +275,8 @@ def train(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from vlm_dist.cache.reader import check_cache_for_training
+    from vlm_dist.contract.tiling import TilingSpec
+    from vlm_dist.inference.export import media_fields
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.llm)
     # one rank loads the fp32 tower and hashes its weights
@@ -299,11 +301,11 @@ def train(argv: list[str] | None = None) -> int:
                   "jpeg_draft_to": cache.jpeg_draft_to,   # online decoding must match the cache's
                   "template": cfg.data.template,
                   "num_media_tokens": num_tokens, "dtype": cfg.model.dtype}
-    if "tiling" in expected:      # how images were tiled and videos sampled: generation must do the same
-        vlm_config["tiling"] = expected["tiling"]
-    if "video_sampling" in expected:
-        vlm_config["video_sampling"] = expected["video_sampling"]
-        vlm_config["video_tokens_per_frame"] = vlm.num_tokens["video"]
+    # how images were tiled and videos sampled: generation, serving and evaluation do the same
+    vlm_config.update(media_fields(
+        TilingSpec.from_dict(expected["tiling"]) if "tiling" in expected else None,
+        frame_sampling(cfg.model), vlm.num_tokens.get("video"),
+        cfg.model.video.token_budget if cfg.model.video is not None else None))
 
     step, nan_run = 0, 0
     if resume_dir is not None:
