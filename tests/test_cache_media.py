@@ -350,3 +350,15 @@ def test_jpeg_draft_keeps_two_tiles_and_warns_for_larger_grids(tower):
     warning = draft_warning(tower, many)
     assert "grids 3x3, 3x4, 3x5, 4x3, 4x4, 5x3 span more than 2 tiles" in warning
     assert "--no-jpeg-draft" in warning
+
+
+def test_view0_is_the_untiled_view_whatever_the_tiling_filter(data, tower):
+    """The thumbnail view is made by the tower's own resize, not spec.resample: with a filter
+    the processor does not use, view 0 still equals the untiled image's features."""
+    from vlm_dist.contract.tiling import TilingSpec
+    spec = TilingSpec(tile_size=tower.image_size, tokens_per_tile=4, grids=((1, 2), (2, 2)), resample="nearest")
+    for ref in IMAGES:
+        img = tower.decode(data["media"] / ref, name=ref)
+        tiling, views = image_views(img, spec)
+        assert torch.equal(tower.encode_views(views)[0], tower.encode_views([img])[0])
+        assert all(v.size == (tower.image_size,) * 2 for v in views[1:])

@@ -97,15 +97,21 @@ def builtin_shapes(kind: str, n: int, rng: random.Random,
 
 def shapes_from_records(path: str, tokenizer_dir: str, template: str, image_tokens: int,
                         max_seq_len: int, limit: int) -> list[Shape]:
-    """Exact lengths of the first `limit` records, encoded as training encodes them."""
+    """Exact lengths of the first `limit` records, encoded as training encodes untiled images.
+
+    Records with videos are refused (a video's block needs its cached frame layout: use
+    `--lengths video`); tiled data is measured untiled here (`--lengths tiled` for AnyRes)."""
     from transformers import AutoTokenizer
 
     from vlm_dist.contract.prompt import PromptEncoder, SampleError
-    from vlm_dist.contract.records import read_records
+    from vlm_dist.contract.records import RecordError, read_records
 
     enc = PromptEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), template, image_tokens)
     out, skipped = [], 0
     for rec in read_records(path):
+        if rec.get("videos"):
+            raise RecordError(f"--records {path}: record {rec['id']!r} has videos; their lengths need the "
+                              "cache's frame layouts, which the benchmark does not read: use --lengths video")
         try:
             s = enc.encode(rec, max_seq_len, truncate=True, validate=False)
         except SampleError:

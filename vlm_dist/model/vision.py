@@ -112,11 +112,16 @@ def normalisation_table(processor) -> torch.Tensor:
 
 def image_views(img: Image.Image, spec: TilingSpec | None) -> tuple[Tiling | None, list[Image.Image]]:
     """An RGB image -> (its Tiling, its views): (None, [img]) untiled; tiled, the thumbnail
-    first, then the tiles row-major (contract.tiling.tile_image; a 1x1 grid is one view)."""
+    first, then the tiles row-major (contract.tiling.tile_image; a 1x1 grid is one view).
+
+    The thumbnail view is the image itself: the tower's own preprocessing resizes it to the
+    tile side, exactly as it does an untiled image, so view 0 is the untiled view bit for bit
+    whatever the processor's filter and `spec.resample` (tile_image's thumbnail uses the
+    latter). The tiles are already tile-sized, which that preprocessing leaves unchanged."""
     if spec is None:
         return None, [img]
-    tiling, thumbnail, tiles = tile_image(img, spec)
-    return tiling, [thumbnail] + tiles
+    tiling, _, tiles = tile_image(img, spec)
+    return tiling, [img] + tiles
 
 
 class VisionTower(nn.Module):
