@@ -64,7 +64,7 @@ class Row:
 
 def gpu_matrix(attentions: tuple[str, ...], kernels: tuple[str | None, ...], timeout_s: float) -> list[Row]:
     """What one H100 runs in ~8 minutes: stage 1 for each attention backend with and without fused
-    kernels, stage-3 LoRA and QLoRA, the cache builder, and packed-vs-alone for each backend (kernels
+    kernels, stage-3 LoRA and QLoRA, a tiled and a video workload, the cache builder, and packed-vs-alone for each backend (kernels
     on). Short timed windows (5 steps after 2): a check that each configuration runs and what it
     roughly costs; BENCHMARKS.md's headline figures come from longer runs of the same commands."""
     short = ("--steps", "5", "--warmup", "2")
@@ -77,6 +77,12 @@ def gpu_matrix(attentions: tuple[str, ...], kernels: tuple[str | None, ...], tim
         rows.append(Row(f"stage3 {mode}", "train", 3, mode, None, None,
                         ("--config", STAGE3, f"--model.llm_mode={mode}", "--model.init_from=null") + short,
                         timeout_s, ("deepspeed",) + needs))
+    # AnyRes (one image on a 2x2 grid: 5 views) and video (8 frames of 16 tokens): the connector runs per view
+    rows.append(Row("stage1 tiled 2x2", "train", 1, "frozen", None, None,
+                    ("--config", STAGE1, "--lengths", "tiled") + short, timeout_s, ("deepspeed",)))
+    rows.append(Row("stage1 video 8 frames", "train", 1, "frozen", None, None,
+                    ("--config", STAGE1, "--lengths", "video", "--model.video.num_frames=8",
+                     "--model.video.tokens_per_frame=16") + short, timeout_s, ("deepspeed",)))
     rows.append(Row("cache builder", "cache", None, None, None, None, ("--engine", "torch") + short, timeout_s))
     # full size, kernels on: Qwen3-8B's real heads (GQA, head_dim 128) through each backend
     on = next((k for k in kernels if k not in (None, "none")), None)

@@ -214,15 +214,16 @@ class Generator:
             given = {"image": 0 if features is None else features.shape[0]}
         else:
             given = {k: int(v["counts"].sum()) if isinstance(v, dict) else v.shape[0] for k, v in features.items()}
+        # before counting: without layouts a tiled image's views would count as images
+        if self.tiling is not None and given.get("image") and not (layouts and "image" in layouts):
+            raise ValueError("this export is tiled: encode the images with encode_media(images) and pass "
+                             "its layouts, so each image gets its thumbnail and tiles as in training")
         for kind, mk in MEDIA_KINDS.items():
             n = sum(t["content"].count(mk.placeholder) for t in conversations)
             items = len(layouts[kind]) if layouts and kind in layouts else given.get(kind, 0)
             if n != items:
                 raise ValueError(f"the prompt has {n} {mk.placeholder} placeholder(s) but {items} {kind}(s) "
                                  f"were given; every {mk.placeholder} needs exactly one {kind}, in order")
-        if self.tiling is not None and given.get("image") and not (layouts and "image" in layouts):
-            raise ValueError("this export is tiled: encode the images with encode_media(images) and pass "
-                             "its layouts, so each image gets its thumbnail and tiles as in training")
         ids, _ = self.encoder.encode_prompt(conversations, layouts=layouts)
         return ids
 
