@@ -10,9 +10,11 @@
 3. builds the feature cache with `vlm-cache build`;
 4. trains stage 1 (connector only) and then a LoRA SFT stage with the real
    `deepspeed launch/train.py` on the devices present (2 CPU ranks on a CPU machine);
-5. evaluates before and after with `vlm-eval` (POPE included), and writes results.json
-   and report/ (`vlm-eval report`: report.md, which_image.png, pope.png, loss.png,
-   captions.png) under --out.
+5. evaluates before and after with `vlm-eval` (POPE included);
+6. trains and evaluates what only the new media kinds can show (vlm_dist.demo.media_stage):
+   a small detail with and without AnyRes tiles, "when does X appear" on short clips;
+7. writes results.json and report/ (`vlm-eval report`: report.md, which_image.png, pope.png,
+   loss.png, captions.png, and the media table) under --out.
 """
 from __future__ import annotations
 
@@ -105,7 +107,10 @@ def launcher() -> tuple[list[str], dict]:
     return ["deepspeed", "--num_gpus", "2"], {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
-def train(stage: str, out: Path, models: dict, data: Path, cache: Path, extra: dict, logs: Path) -> Path:
+def train(stage: str, out: Path, models: dict, data: Path, cache: Path, extra: dict, logs: Path,
+          log_name: str | None = None) -> Path:
+    """One `deepspeed launch/train.py` run of launch/configs/{stage}.yaml with the demo's settings
+    and `extra` overrides; its log is logs/{log_name or stage}.log. Returns its export."""
     cmd, env = launcher()
     cfg = {
         "model.llm": models["llm"], "model.vision": models["vision"], "model.dtype": "float32",
@@ -118,7 +123,7 @@ def train(stage: str, out: Path, models: dict, data: Path, cache: Path, extra: d
     args = ["--master_port", str(29400 + (os.getpid() % 500)), REPO_ROOT / "launch" / "train.py",
             "--deepspeed", REPO_ROOT / "ds_configs" / "zero2.json",
             "--config", REPO_ROOT / "launch" / "configs" / f"{stage}.yaml"] + [f"--{k}={v}" for k, v in cfg.items()]
-    run(cmd + args, logs / f"{stage}.log", env)
+    run(cmd + args, logs / f"{log_name or stage}.log", env)
     return out / "export"
 
 
@@ -156,22 +161,24 @@ def pretrained_models(out: Path, data: Path, data_config: dict) -> dict[str, str
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    p.add_argument("--skip-media", action="store_true",
+                   help="leave out stage 7 (tiles and video, vlm_dist.demo.media_stage)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    print("[1/6] synthetic dataset", flush=True)
+    print("[1/7] synthetic dataset", flush=True)
     from vlm_dist.demo.data import generate
     data = out / "data"
     summary = generate(data)
     print(f"  {summary['files']}", flush=True)
 
-    print("[2/6] tiny models (SigLIP, Qwen3, tokenizer)", flush=True)
+    print("[2/7] tiny models (SigLIP, Qwen3, tokenizer)", flush=True)
     models = pretrained_models(out, data, summary["config"])
 
-    print("[3/6] feature cache (vlm-cache build)", flush=True)
+    print("[3/7] feature cache (vlm-cache build)", flush=True)
     cache = out / "cache"
     run([sys.executable, "-m", "preprocess.cache_cli", "build", "--records", data / "stage1_train.jsonl",
          data / "sft_train.jsonl", data / "heldout_loss.jsonl", "--image-root", data,
@@ -180,23 +187,30 @@ def main(argv=None) -> int:
 
     for stage in ("stage1", "stage2"):                # every run trains afresh (no resume)
         shutil.rmtree(out / stage, ignore_errors=True)
-    print("[4/6] stage 1: connector alignment (LLM frozen)", flush=True)
+    print("[4/7] stage 1: connector alignment (LLM frozen)", flush=True)
     s1 = train("stage1_align", out / "stage1", models, data, cache, {
         "data.records": data / "stage1_train.jsonl", "train.max_steps": STAGE1["steps"],
         "train.lr_connector": STAGE1["lr"]}, logs)
 
-    print("[5/6] stage 2: LoRA SFT (captions, describe-in-order, which-image, POPE yes/no)", flush=True)
+    print("[5/7] stage 2: LoRA SFT (captions, describe-in-order, which-image, POPE yes/no)", flush=True)
     s2 = train("stage2_sft", out / "stage2", models, data, cache, {
         "data.records": data / "sft_train.jsonl", "model.init_from": s1, "model.llm_mode": "lora",
         "lora.r": STAGE2["lora_r"], "lora.alpha": 2 * STAGE2["lora_r"], "lora.dropout": 0.0,
         "train.max_steps": STAGE2["steps"], "train.lr_connector": STAGE2["lr_connector"],
         "train.lr_adapters": STAGE2["lr_adapters"]}, logs)
 
-    print("[6/6] evaluation before / after (vlm-eval)", flush=True)
+    print("[6/7] evaluation before / after (vlm-eval)", flush=True)
     from vlm_dist.demo.report import before_export, evaluate, write_report
     before = before_export(out / "before", models, s1)
     results = {name: evaluate(export, data, cache, out / f"eval_{name}", logs, run)
                for name, export in (("before", before), ("after", s2))}
+
+    if not args.skip_media:
+        print("[7/7] media: a small detail with and without AnyRes tiles; 'when' on short clips", flush=True)
+        from vlm_dist.demo.media_stage import media_stage
+        t_media = time.perf_counter()
+        results["media"] = media_stage(out, models, s1, NUM_LATENTS, train, run, logs)
+        results["media"]["seconds"] = round(time.perf_counter() - t_media, 1)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     write_report(out, results, [out / "stage1", out / "stage2"], data)
     return 0

@@ -258,7 +258,7 @@ def captions_task(ctx: EvalContext, path: str):
     refs = [r["conversations"][-1]["content"] for r in recs]
     metrics = ev.caption_metrics({r["id"]: p for r, p in zip(recs, preds)},
                                  {r["id"]: [ref] for r, ref in zip(recs, refs)})
-    rows = [{"id": r["id"], "images": r["images"], "reference": ref, "prediction": p,
+    rows = [{"id": r["id"], "images": r.get("images", []), "videos": r.get("videos", []), "reference": ref, "prediction": p,
              "exact": ev.normalize_text(p) == ev.normalize_text(ref)} for r, p, ref in zip(recs, preds, refs)]
     report = (f"# Caption report\n\nmodel `{ctx.args.model}`, {len(rows)} images; exact match "
               f"{metrics['accuracy']:.3f}, BLEU-4 {metrics['bleu_4']:.3f}, CIDEr {metrics['cider']:.3f}\n\n"
@@ -282,7 +282,7 @@ def probes_task(ctx: EvalContext, path: str):
     picked = [ev.parse_image_choice(p, len(r["images"])) for r, p in zip(asked, preds)]
     metrics = dict(ev.score_choices(picked, [int(r["answer"]) for r in asked], [len(r["images"]) for r in asked]),
                    permuted=not ctx.args.no_permute, records=len(recs))
-    return metrics, {"probes.jsonl": [{"id": r["id"], "images": r["images"], "answer": int(r["answer"]),
+    return metrics, {"probes.jsonl": [{"id": r["id"], "images": r.get("images", []), "answer": int(r["answer"]),
                                        "prediction": p, "picked": c} for r, p, c in zip(asked, preds, picked)]}
 
 
@@ -317,7 +317,7 @@ def pope_task(ctx: EvalContext, path: str):
     parsed = [ev.parse_yes_no(p) for p in preds]
     answers = [str(r["answer"]).lower() for r in recs]
     return ev.score_pope(parsed, answers, [r["pope_setting"] for r in recs]), {
-        "pope.jsonl": [{"id": r["id"], "images": r["images"], "setting": r["pope_setting"], "answer": a,
+        "pope.jsonl": [{"id": r["id"], "images": r.get("images", []), "setting": r["pope_setting"], "answer": a,
                         "prediction": p, "parsed": y} for r, a, p, y in zip(recs, answers, preds, parsed)]}
 
 
