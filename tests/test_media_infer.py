@@ -23,6 +23,8 @@ from vlm_dist.contract.video import FrameSampling, VideoLayout
 from vlm_dist.inference.export import ExportError, load_export, media_fields, read_export_config
 from vlm_dist.inference.generate import GenerationSettings, Generator
 
+from test_serve import start   # uvicorn serving an app on a free port in a thread
+
 SPEC = TilingSpec(tile_size=32, tokens_per_tile=4, grids=((1, 2), (2, 1), (2, 2)))
 SAMPLING = FrameSampling(num_frames=4, max_fps=8.0)
 TPF = 3           # video tokens per frame
@@ -241,27 +243,6 @@ def test_vlm_generate_cli_with_a_tiled_image_and_a_video(media_export, gen, clip
     assert "cut.mp4" in capsys.readouterr().err
     assert main(["--model", media_export, "--video", str(clip), "--prompt", "<video><video>"]) == 2
     assert "2 <video> placeholder(s) but 1 --video" in capsys.readouterr().err
-
-
-def start(app):
-    """uvicorn serving `app` on a free port in a daemon thread (as tests/test_serve.py does)."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,10 @@ def sampling_params(body: dict) -> tuple[SamplingParams, int | None]:
     return params, max_tokens
 
 
+# content part type -> (what the error calls it, its marker in the parsed turns)
+MEDIA_PARTS = {"image_url": ("images", IMAGE_PART), "video_url": ("videos", VIDEO_PART)}
+
+
 def parse_messages(messages, with_videos: bool = False):
     """Turns with content parts (text, IMAGE_PART, VIDEO_PART) and the image URLs in order, with
     where each is; with_videos: (turns, image URLs, video URLs)."""
@@ -122,20 +126,14 @@ def parse_messages(messages, with_videos: bool = False):
                     parts[-1] += part["text"]          # adjacent text parts are one text
                 else:
                     parts.append(part["text"])
-            elif kind == "image_url":
+            elif kind in MEDIA_PARTS:
+                noun, marker, found = MEDIA_PARTS[kind] + ((urls, video_urls)[kind == "video_url"],)
                 if role != "user":
-                    raise _bad(f"{at}: images go in user messages, not {msg['role']}", param="messages")
-                ref = part.get("image_url")
+                    raise _bad(f"{at}: {noun} go in user messages, not {msg['role']}", param="messages")
+                ref = part.get(kind)
                 url = ref.get("url") if isinstance(ref, dict) else ref
-                urls.append((url, f"{at}.image_url"))
-                parts.append(IMAGE_PART)
-            elif kind == "video_url":
-                if role != "user":
-                    raise _bad(f"{at}: videos go in user messages, not {msg['role']}", param="messages")
-                ref = part.get("video_url")
-                url = ref.get("url") if isinstance(ref, dict) else ref
-                video_urls.append((url, f"{at}.video_url"))
-                parts.append(VIDEO_PART)
+                found.append((url, f"{at}.{kind}"))
+                parts.append(marker)
             else:
                 raise _bad(f"{at}: unsupported content part {str(part)[:80]}; this server takes "
                            "{type: text, text}, {type: image_url, image_url: {url}} and "
