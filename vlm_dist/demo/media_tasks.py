@@ -3,17 +3,22 @@
     from vlm_dist.demo.media_tasks import MediaTaskConfig, generate_media
     summary = generate_media("demo_out/media_data", MediaTaskConfig())
 
-Small detail ("What colour is the small dot?"): a 128 x 128 canvas of mid-grey clutter,
-40 rectangles whose RGB channels each stray up to `chroma` levels from their grey, and one
-3 x 3 px dot of a demo colour (red, green, blue, yellow) placed wholly inside one cell of
-the 4 x 4 grid. Why these numbers (measured with the tiny tower's own resize, see
-tests/test_demo_media.py): the untiled view squeezes 128 px into the tower's 32, so the dot
-becomes about half a pixel of washed-out colour, no stronger than the clutter's own tint;
-the most saturated thumbnail pixel names the dot's colour about as often as chance (0.27
-over 200 images at chroma 64; 0.40 at chroma 45, 0.90 at chroma 25, 1.00 in grey clutter:
-why the clutter is coloured). A 4 x 4 grid of 32 px tiles sees the canvas at full
-resolution, the dot 3 px of full colour (1.00 by the same rule); a 2 x 2 grid halves it
-(0.95). The pixels are there; the demo's tiny tower does not encode them (media_stage).
+Small detail ("What shape is the small object?" -> "A circle." / "A square." / "A triangle."):
+a 128 x 128 white canvas with one circle, square or triangle of a random demo colour, drawn as
+data.draw draws the demo's shapes (radius 4.2-7.0 px: the 4.8-6.4 the tiny tower was pretrained
+on in its 32 px view, +-25% so the amount of colour does not give the shape away) wholly inside
+one cell of the 4 x 4 grid, where data.draw puts a shape in a 32 px view (left or right half,
+near the middle). A 4 x 4 grid of 32 px tiles shows that cell at 1:1, i.e. the tower's
+pretraining distribution; the untiled view squeezes 128 px into 32 and the shape into a blob
+2-5 px across. Measured 2026-11-27 (2-core CPU box; the demo's pretrained tiny SigLIP, frozen
+features of layer -2; probe = shared per-patch MLP, max over patches, 336 training / 150 held-out
+images, chance 1/3): thumbnail 0.59 held out, 4 x 4 tiles 0.89 (circle 0.76, square 0.98,
+triangle 0.92). The same shape placed anywhere in its cell (not the pretraining's spots): 0.51
+vs 0.73. A 64 px canvas with 2 x 2 tiles (the thumbnail only halves the shape) does not separate
+them: 0.84 vs 0.89 (0.47 vs 0.75 placed anywhere). On pixels (tests/test_demo_media.py), how much
+of its box the ink fills names the shape in every tile and in half the thumbnails (0.50).
+The first version of this task (a 3 px dot's colour in coloured clutter) stayed at chance with
+tiles and without: the tiny tower does not encode a 3 px dot (media_stage).
 
 When ("When does the red square appear?"): clips of `clip_frames` frames at `clip_fps`
 (8 at 2 fps: 4 s, every frame sampled by FrameSampling(8, 2.0)), 32 x 32 px, mpeg4 in MP4
@@ -25,7 +30,7 @@ balanced (n // frames each), so a model that always names one time scores 1 / fr
 
 Files under `out` (keys are paths relative to `out`, the image root for `vlm-cache build`):
 
-    detail_train.jsonl, detail_heldout.jsonl   "answer": colour, "dot": {colour, box}
+    detail_train.jsonl, detail_heldout.jsonl   "answer": shape, "object": {shape, colour, box}
     when_train.jsonl, when_heldout.jsonl       "answer": 1-based frame position, "frames": colours
     media.json                                  counts, answers per colour / position, config
 
@@ -43,9 +48,9 @@ from PIL import Image, ImageDraw
 
 from vlm_dist.contract.records import write_records
 from vlm_dist.contract.video import TIMESTAMP_FORMAT
-from vlm_dist.demo.data import COLOURS
+from vlm_dist.demo.data import COLOURS, SHAPES
 
-DETAIL_PROMPT = "What colour is the small dot?"
+DETAIL_PROMPT = "What shape is the small object?"
 WHEN_PROMPT = "When does the red square appear?"
 TARGET = "red"
 DISTRACTORS = tuple(c for c in COLOURS if c != TARGET)
@@ -55,12 +60,10 @@ DISTRACTORS = tuple(c for c in COLOURS if c != TARGET)
 class MediaTaskConfig:
     seed: int = 0
     detail_size: int = 128          # canvas side in px: 4x the tiny tower's 32 px input
-    dot: int = 3                    # dot side in px
-    dot_grid: int = 4               # the dot lies wholly inside one cell of this grid (the tiles)
-    clutter: int = 40               # grey rectangles behind the dot
-    chroma: int = 64                # most a clutter channel strays from its grey level
-    train_detail: int = 320         # multiples of 4: every colour equally often
-    heldout_detail: int = 64
+    detail_grid: int = 4            # the object lies wholly inside one cell of this grid (the tiles)
+    radius: tuple[float, float] = (4.2, 7.0)   # px: the pretraining's 4.8-6.4 in the tower's view, +-25%
+    train_detail: int = 336         # multiples of 3: every shape equally often
+    heldout_detail: int = 72
     clip_frames: int = 8
     clip_fps: int = 2
     clip_size: int = 32
@@ -68,15 +71,15 @@ class MediaTaskConfig:
     heldout_clips: int = 64
 
     def __post_init__(self):
-        for key, mult in (("train_detail", len(COLOURS)), ("heldout_detail", len(COLOURS)),
+        for key, mult in (("train_detail", len(SHAPES)), ("heldout_detail", len(SHAPES)),
                           ("train_clips", self.clip_frames), ("heldout_clips", self.clip_frames)):
             n = getattr(self, key)
             if n < mult or n % mult:
                 raise ValueError(f"{key}={n}: must be a positive multiple of {mult} so every answer "
                                  "occurs equally often")
-        if self.detail_size % self.dot_grid or self.detail_size // self.dot_grid < self.dot + 2:
-            raise ValueError(f"detail_size={self.detail_size} must split into {self.dot_grid} cells "
-                             f"wider than the {self.dot} px dot")
+        if self.detail_size % self.detail_grid or self.detail_size // self.detail_grid < 2 * self.radius[1] + 2:
+            raise ValueError(f"detail_size={self.detail_size} must split into {self.detail_grid} cells "
+                             f"wider than the object (radius up to {self.radius[1]} px)")
 
 
 def _balanced(values: list, n: int, rng: random.Random) -> list:
@@ -86,46 +89,51 @@ def _balanced(values: list, n: int, rng: random.Random) -> list:
 
 
 # -- small detail ---------------------------------------------------------------------------------
-def draw_detail(colour: str, rng: random.Random, cfg: MediaTaskConfig) -> tuple[Image.Image, list[int]]:
-    """The clutter canvas with one dot of `colour`; returns (image, dot box [x0, y0, x1, y1))."""
+def draw_detail(shape: str, colour: str, rng: random.Random, cfg: MediaTaskConfig) -> tuple[Image.Image, list[float]]:
+    """A white canvas with one small `shape` of `colour`, drawn as data.draw draws the demo's shapes
+    (box of half side r around the centre), wholly inside one grid cell; returns (image, box)."""
     size = cfg.detail_size
-    img = Image.new("RGB", (size, size), (128, 128, 128))
+    img = Image.new("RGB", (size, size), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    for _ in range(cfg.clutter):
-        x, y = rng.randrange(size), rng.randrange(size)
-        w, h = rng.randint(3, 16), rng.randint(3, 16)
-        grey = rng.randint(80, 176)
-        fill = tuple(max(0, min(255, grey + rng.randint(-cfg.chroma, cfg.chroma))) for _ in range(3))
-        d.rectangle([x, y, x + w - 1, y + h - 1], fill=fill)
-    cell = size // cfg.dot_grid
-    cx, cy = rng.randrange(cfg.dot_grid), rng.randrange(cfg.dot_grid)
-    # one pixel of margin inside the cell: the dot never touches a tile edge
-    x0 = cx * cell + rng.randint(1, cell - cfg.dot - 1)
-    y0 = cy * cell + rng.randint(1, cell - cfg.dot - 1)
-    d.rectangle([x0, y0, x0 + cfg.dot - 1, y0 + cfg.dot - 1], fill=COLOURS[colour])
-    return img, [x0, y0, x0 + cfg.dot, y0 + cfg.dot]
+    cell = size // cfg.detail_grid
+    r = rng.uniform(*cfg.radius)
+    # inside the cell where data.draw puts a shape in the tower's 32 px view: left or right half,
+    # vertically near the middle (the pretraining's layout), never across a tile edge
+    cx = rng.randrange(cfg.detail_grid) * cell + rng.choice((0.25, 0.75)) * cell + rng.uniform(-0.04, 0.04) * cell
+    cy = rng.randrange(cfg.detail_grid) * cell + cell / 2 + rng.uniform(-0.125, 0.125) * cell
+    cx = min(max(cx, (cx // cell) * cell + r + 1), (cx // cell + 1) * cell - r - 1)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    fill = COLOURS[colour]
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img, [round(v, 2) for v in box]
 
 
-def detail_answer_text(colour: str) -> str:
-    return f"{colour.capitalize()}."
+def detail_answer_text(shape: str) -> str:
+    return f"A {shape}."
 
 
-def detail_record(rid: str, key: str, colour: str, box: list[int]) -> dict:
-    return {"id": rid, "images": [key], "task": "detail", "answer": colour,
-            "dot": {"colour": colour, "box": box},
+def detail_record(rid: str, key: str, shape: str, colour: str, box: list[float]) -> dict:
+    return {"id": rid, "images": [key], "task": "detail", "answer": shape,
+            "object": {"shape": shape, "colour": colour, "box": box},
             # the question first, as in the demo's other probes: the LLM reads the views knowing what to find
             "conversations": [{"role": "user", "content": f"{DETAIL_PROMPT}\n<image>"},
-                              {"role": "assistant", "content": detail_answer_text(colour)}]}
+                              {"role": "assistant", "content": detail_answer_text(shape)}]}
 
 
 def _detail_split(out: Path, split: str, n: int, rng: random.Random, cfg: MediaTaskConfig) -> list[dict]:
     (out / "detail").mkdir(parents=True, exist_ok=True)
     recs = []
-    for i, colour in enumerate(_balanced(list(COLOURS), n, rng)):
-        img, box = draw_detail(colour, rng, cfg)
+    for i, shape in enumerate(_balanced(list(SHAPES), n, rng)):
+        colour = rng.choice(list(COLOURS))
+        img, box = draw_detail(shape, colour, rng, cfg)
         key = f"detail/{split}_{i:05d}.png"
         img.save(out / key, format="PNG", optimize=False)
-        recs.append(detail_record(f"detail-{split}-{i:05d}", key, colour, box))
+        recs.append(detail_record(f"detail-{split}-{i:05d}", key, shape, colour, box))
     return recs
 
 
@@ -222,8 +230,8 @@ def _counts(records: list[dict]) -> dict[str, int]:
 
 
 # -- the tiny LLM's reading corpus for these tasks -------------------------------------------------
-def view_of_dot(record: dict, layout: dict | None) -> int:
-    """Which view of a detail record's image holds the dot's centre: 0 (the thumbnail, untiled),
+def view_of_object(record: dict, layout: dict | None) -> int:
+    """Which view of a detail record's image holds the object's centre: 0 (the thumbnail, untiled),
     else 1 + the tile index (row-major) under the image's Tiling (a cache's `layout(key)`)."""
     from vlm_dist.contract.tiling import Tiling
     if layout is None:
@@ -231,19 +239,19 @@ def view_of_dot(record: dict, layout: dict | None) -> int:
     t = Tiling.from_dict({k: v for k, v in layout.items() if k != "kind"})
     if not t.num_tiles:
         return 0
-    x0, y0, x1, y1 = record["dot"]["box"]
+    x0, y0, x1, y1 = record["object"]["box"]
     w, h = t.image_size
     cx = t.offset[0] + (x0 + x1) / 2 * t.resized_size[0] / w
     cy = t.offset[1] + (y0 + y1) / 2 * t.resized_size[1] / h
     for i, (left, top, right, bottom) in enumerate(t.tile_boxes()):
         if left <= cx < right and top <= cy < bottom:
             return 1 + i
-    raise ValueError(f"record {record['id']}: the dot's centre ({cx:.1f}, {cy:.1f}) is on no tile")
+    raise ValueError(f"record {record['id']}: the object's centre ({cx:.1f}, {cy:.1f}) is on no tile")
 
 
 def reading_example(record: dict, encoder, tokenizer, layouts: dict) -> tuple[list[int], list[int]]:
     """(input ids, labels) of one media record with what its views show written as words into the
-    first slots of those views' runs: the dot's colour in the view holding the dot (a detail
+    first slots of those views' runs: the object's shape in the view holding it (a detail
     record), each frame's square colour in that frame's run (a when record). As the demo's
     reading_corpus does for its images: a stand-in for an LLM that arrives able to read its
     context; what training then shows is whether the connector can put those words there from
@@ -252,7 +260,7 @@ def reading_example(record: dict, encoder, tokenizer, layouts: dict) -> tuple[li
     sample = encoder.encode(record, layouts=layouts)
     ids = list(sample.input_ids)
     if record["task"] == "detail":
-        kind, runs = IMAGE, {view_of_dot(record, layouts["image"][0]): record["dot"]["colour"]}
+        kind, runs = IMAGE, {view_of_object(record, layouts["image"][0]): record["object"]["shape"]}
     else:
         kind, runs = VIDEO, dict(enumerate(record["frames"]))
     per_view = encoder.blocks[kind.name].num_tokens

@@ -32,13 +32,13 @@ which real data does not carry, and never sees a pixel. What the VLM stages show
 grounding: the connector learns to turn SigLIP features into what the LLM reads there.
 """
 
-MEDIA_INTRO = """What only the new media kinds can show (vlm_dist.demo.media_tasks, media_stage): "What colour
-is the small dot?" about a 3 px dot in coloured clutter on a 128 px image, which the tower's one
-32 px view shrinks below its clutter, and "When does the red square appear?" about 8-frame clips
-(2 fps) where one frame shows a red square, answered with the time the video block shows. Both
-runs train the same records for the same {steps} steps from the stage-1 export with LoRA; "tiles"
-reads each image as its thumbnail plus 2 x 2 tiles, "untiled" the thumbnail alone (view 0 of the
-same cache). Stage 7 took {seconds:.0f} s.
+MEDIA_INTRO = """What only the new media kinds can show (vlm_dist.demo.media_tasks, media_stage): "What shape
+is the small object?" about one circle, square or triangle 8-14 px across on a 128 px image, which
+the tower's one 32 px view shrinks to a blob 2-5 px across, and "When does the red square appear?"
+about 8-frame clips (2 fps) where one frame shows a red square, answered with the time the video
+block shows. Both runs train the same records for the same {steps} steps from the stage-1 export
+with LoRA; "tiles" reads each image as its thumbnail plus 4 x 4 tiles of 32 px (the object at 1:1),
+"untiled" the thumbnail alone (view 0 of the same cache). Stage 7 took {seconds:.0f} s.
 """
 
 
