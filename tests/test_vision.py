@@ -154,8 +154,9 @@ def test_draft_size_is_twice_the_input_side_and_the_fingerprint_records_the_deco
 
 
 def test_views_fingerprint_and_tiling_checks(tiny_models):
-    """image_views: untiled is the image itself; tiled is thumbnail + tiles, encoded as the cache
-    encodes them; the fingerprint names tiling / video sampling only when given."""
+    """image_views: untiled is the image itself; tiled is the image (the tower's resize makes its
+    thumbnail view) + tiles, encoded as the cache encodes them; the fingerprint names tiling /
+    video sampling only when given."""
     from vlm_dist.contract.tiling import TilingError, TilingSpec, tile_image
     from vlm_dist.contract.video import FrameSampling
     from vlm_dist.model.vision import image_views
@@ -166,10 +167,11 @@ def test_views_fingerprint_and_tiling_checks(tiny_models):
     spec = tower.tiling_spec({"grids": [[1, 2], [2, 2]], "tokens_per_tile": 4})
     assert spec.tile_size == 32
     tiling, views = image_views(img, spec)
-    want_tiling, thumb, tiles = tile_image(img, spec)
+    want_tiling, _, tiles = tile_image(img, spec)
     assert tiling == want_tiling and (tiling.rows, tiling.cols) == (1, 2) and len(views) == 3
-    assert [v.tobytes() for v in views] == [thumb.tobytes()] + [t.tobytes() for t in tiles]
+    assert views[0] is img and [v.tobytes() for v in views[1:]] == [t.tobytes() for t in tiles]
     feats = tower.encode_views(views)
+    assert torch.equal(feats[0], tower.encode_views([img])[0])                 # the untiled view
     assert feats.shape == (3, 16, 32)
     assert torch.equal(feats, tower(tower.pixels_uint8(views)))
     assert torch.equal(feats[1], tower(tower.preprocess([tiles[0]]))[0])     # one crop alone
