@@ -54,21 +54,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vlm_dist.contract.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-from vlm_dist.convert.formats.common import (ConvertError, Drop, RawRecord, image_list, json_rows,
-                                             turn_fields)
+from vlm_dist.convert.formats import llava
+from vlm_dist.convert.formats.common import ConvertError, Drop, RawRecord, json_rows
 
 STRATEGIES = ("all", "first", "end", "random")
 
 
 def parse(row) -> RawRecord:
-    if not isinstance(row, dict):
-        raise Drop("malformed record", f"row is a {type(row).__name__}, not an object")
-    convs = row.get("conversations")
-    if not isinstance(convs, list):
-        raise Drop("no conversation", "missing 'conversations' list")
+    """A LLaVA row (llava.parse: id, images, turns) plus its video(s) and data_source."""
+    rec = llava.parse(row)
     videos = _video_list(row.get("video", row.get("videos")))
-    images = image_list(row.get("image", row.get("images")))
-    turns = [turn_fields(t) for t in convs]
+    images, turns = rec.images, rec.turns
     if videos:
         has_image_ph = any(isinstance(text, str) and IMAGE_PLACEHOLDER in text for _, text in turns)
         if images and has_image_ph:
@@ -78,8 +74,8 @@ def parse(row) -> RawRecord:
             turns = [(role, text.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER) if isinstance(text, str) else text)
                      for role, text in turns]
     source = row.get("data_source")
-    return RawRecord(id=None if row.get("id") is None else str(row["id"]), images=images, turns=turns,
-                     videos=videos, source=None if source is None else str(source))
+    return RawRecord(id=rec.id, images=images, turns=turns, videos=videos,
+                     source=None if source is None else str(source))
 
 
 def _video_list(value) -> list[str]:
